@@ -1,0 +1,157 @@
+//! `metauas bench`: median and p90 latency of the full forward (prompt + query) and of a
+//! query against a cached prompt, peak RSS, and optionally a per-op profile.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use metauas::graph::Graph;
+use metauas::model::{check_size, Engine, MemorySource};
+use metauas::synth::{synthetic_image, WeightRecipe};
+use metauas::Result;
+
+use super::Backend;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    /// Real weights; by default deterministic synthetic ones (time does not depend on values).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Timed iterations (after 2 warm-up runs).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Add a per-op table (time and GFLOP/s) of the query graph.
+    #[arg(long)]
+    profile: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    check_size(args.size)?;
+    let engine = match &args.weights {
+        Some(path) => Engine::from_file(path, args.size)?,
+        None => {
+            let recipe = WeightRecipe {
+                seed: 1,
+                gain_encoder: 1.0,
+                gain_alignment: 1.0,
+                gain_decoder: 1.0,
+                gain_head: 1.0,
+            };
+            Engine::new(&MemorySource::synthetic(&recipe), args.size)?
+        }
+    };
+    let prompt_img = synthetic_image(1, args.size, args.size, None);
+    let query_img = synthetic_image(
+        2,
+        args.size,
+        args.size,
+        Some((args.size / 3, args.size / 3, args.size / 8)),
+    );
+
+    let mut full = Vec::with_capacity(args.iters);
+    let mut cached = Vec::with_capacity(args.iters);
+    let prompt = engine.encode_prompt(&prompt_img)?;
+    for i in 0..args.iters + 2 {
+        let t = Instant::now();
+        let p = engine.encode_prompt(&prompt_img)?;
+        engine.segment(&p, &query_img)?;
+        let full_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        engine.segment(&prompt, &query_img)?;
+        let cached_ms = t.elapsed().as_secs_f64() * 1e3;
+        if i >= 2 {
+            full.push(full_ms);
+            cached.push(cached_ms);
+        }
+    }
+    let (full_med, full_p90) = (percentile(&full, 50.0), percentile(&full, 90.0));
+    let (cached_med, cached_p90) = (percentile(&cached, 50.0), percentile(&cached, 90.0));
+    let rss = peak_rss_mb();
+    if args.json {
+        let obj = serde_json::json!({
+            "full_ms": full_med, "cached_ms": cached_med,
+            "p90_full_ms": full_p90, "p90_cached_ms": cached_p90,
+            "peak_rss_mb": rss, "backend": "cpu", "size": args.size,
+            "threads": rayon::current_num_threads(), "iters": args.iters,
+        });
+        println!("{obj}");
+    } else {
+        println!(
+            "metauas bench: size {} backend cpu threads {} iters {}",
+            args.size,
+            rayon::current_num_threads(),
+            args.iters
+        );
+        println!("full forward (prompt + query): median {full_med:.2} ms, p90 {full_p90:.2} ms");
+        println!(
+            "query with cached prompt:      median {cached_med:.2} ms, p90 {cached_p90:.2} ms"
+        );
+        println!("peak RSS: {rss:.1} MB");
+    }
+    if args.profile {
+        profile(&engine, &prompt, &query_img, args.iters.max(1))?;
+    }
+    Ok(())
+}
+
+fn profile(
+    engine: &Engine,
+    prompt: &metauas::model::PromptFeatures,
+    query: &metauas::io::image::RgbImage8,
+    iters: usize,
+) -> Result<()> {
+    let g: &Graph = engine.query_graph();
+    let mut total = vec![0f64; g.nodes.len()];
+    for _ in 0..iters {
+        let mut times = Vec::with_capacity(g.nodes.len());
+        engine.segment_timed(prompt, query, Some(&mut times))?;
+        total.iter_mut().zip(&times).for_each(|(t, x)| *t += x);
+    }
+    let sum: f64 = total.iter().sum();
+    println!("\nper-op profile of the query graph (mean of {iters} runs)");
+    println!(
+        "{:<24} {:<16} {:>9} {:>7} {:>9}",
+        "node", "op", "ms", "%", "GFLOP/s"
+    );
+    for (node, t) in g.nodes.iter().zip(&total) {
+        let ms = t / iters as f64 * 1e3;
+        let flops = 2.0 * node.op.macs(g.values[node.output].shape, &g.values) as f64;
+        let gflops = flops / (ms * 1e-3) / 1e9;
+        println!(
+            "{:<24} {:<16} {:>9.3} {:>6.1}% {:>9.1}",
+            node.name,
+            node.op.kind(),
+            ms,
+            100.0 * t / sum,
+            gflops
+        );
+    }
+    Ok(())
+}
+
+fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+/// Peak resident set size (VmHWM) in MB; 0 where /proc is not available.
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -1,0 +1,178 @@
+//! CPU backend: executes a `Graph` with the rayon + SIMD kernels of `kernels`, on weights
+//! packed once when the backend is created, inside one reusable arena.
+
+pub mod kernels;
+
+use std::time::Instant;
+
+use crate::graph::{Graph, Op, ValueId};
+use crate::model::ModelWeights;
+use kernels::{PackedConv, PackedDepthwise, Scse, SqueezeExcite};
+
+enum PackedWeights {
+    Dense(PackedConv),
+    Depthwise(PackedDepthwise),
+}
+
+/// Model weights in the layouts the CPU kernels want.
+pub struct CpuBackend {
+    convs: Vec<(PackedWeights, Vec<f32>)>,
+    se: Vec<SqueezeExcite>,
+    scse: Vec<Scse>,
+}
+
+/// Time spent per node in one run (for `metauas bench --profile`).
+pub type NodeTimes = Vec<f64>;
+
+impl CpuBackend {
+    pub fn new(w: &ModelWeights) -> Self {
+        let convs = w
+            .convs
+            .iter()
+            .map(|c| {
+                let packed = if c.depthwise {
+                    PackedWeights::Depthwise(PackedDepthwise::pack(&c.weight, c.cout, c.kernel))
+                } else {
+                    PackedWeights::Dense(PackedConv::pack(&c.weight, c.cout, c.cin, c.kernel))
+                };
+                (packed, c.bias.clone())
+            })
+            .collect();
+        let se =
+            w.se.iter()
+                .map(|s| SqueezeExcite {
+                    channels: s.channels,
+                    squeeze: s.squeeze,
+                    reduce_w: s.reduce_w.clone(),
+                    reduce_b: s.reduce_b.clone(),
+                    expand_w: s.expand_w.clone(),
+                    expand_b: s.expand_b.clone(),
+                })
+                .collect();
+        let scse = w
+            .scse
+            .iter()
+            .map(|s| Scse {
+                channels: s.channels,
+                hidden: s.hidden,
+                cse1_w: s.cse1_w.clone(),
+                cse1_b: s.cse1_b.clone(),
+                cse3_w: s.cse3_w.clone(),
+                cse3_b: s.cse3_b.clone(),
+                sse_w: s.sse_w.clone(),
+                sse_b: s.sse_b,
+            })
+            .collect();
+        CpuBackend { convs, se, scse }
+    }
+
+    /// Runs `graph` in `arena` (resized to the plan once). `inputs` are copied in first, in
+    /// the order of `graph.inputs`. Outputs are read from the arena afterwards with `value`.
+    /// With `times`, each node's wall time in seconds is recorded.
+    pub fn run(
+        &self,
+        graph: &Graph,
+        arena: &mut Vec<f32>,
+        inputs: &[&[f32]],
+        mut times: Option<&mut NodeTimes>,
+    ) {
+        if arena.len() < graph.plan.arena_len {
+            arena.resize(graph.plan.arena_len, 0.0);
+        }
+        assert_eq!(inputs.len(), graph.inputs.len(), "input count");
+        for (&v, data) in graph.inputs.iter().zip(inputs) {
+            let off = graph.plan.offsets[v];
+            arena[off..off + data.len()].copy_from_slice(data);
+        }
+        let base = Arena {
+            ptr: arena.as_mut_ptr(),
+            graph,
+        };
+        for node in &graph.nodes {
+            let start = Instant::now();
+            self.run_node(&base, &node.op, node.output);
+            if let Some(t) = times.as_deref_mut() {
+                t.push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    fn run_node(&self, a: &Arena, op: &Op, out: ValueId) {
+        // SAFETY: the memory plan gives values alive at the same step disjoint arena ranges,
+        // and an op's inputs and output are all alive at its step.
+        let y = unsafe { a.slice_mut(out) };
+        match *op {
+            Op::Conv {
+                input,
+                conv,
+                ref geometry,
+                act,
+                residual,
+                ..
+            } => {
+                let x = unsafe { a.slice(input) };
+                let (packed, bias) = &self.convs[conv];
+                match packed {
+                    PackedWeights::Dense(w) => {
+                        let r = residual.map(|r| unsafe { a.slice(r) });
+                        kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
+                    }
+                    PackedWeights::Depthwise(w) => {
+                        kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)
+                    }
+                }
+            }
+            Op::SqueezeExcite { input, se } => {
+                let x = unsafe { a.slice(input) };
+                kernels::squeeze_excite_nhwc(
+                    x,
+                    a.graph.values[input].shape.pixels(),
+                    &self.se[se],
+                    y,
+                )
+            }
+            Op::Scse { input, scse } => {
+                let x = unsafe { a.slice(input) };
+                kernels::scse_nhwc(x, a.graph.values[input].shape.pixels(), &self.scse[scse], y)
+            }
+            Op::Align { fq, q, k, fp } => {
+                let sq = a.graph.values[q].shape;
+                let sf = a.graph.values[fq].shape;
+                let (fq, q, k, fp) = unsafe { (a.slice(fq), a.slice(q), a.slice(k), a.slice(fp)) };
+                kernels::soft_align_nhwc(fq, q, k, fp, sf.pixels(), sf.c, sq.c, y)
+            }
+            Op::UpsampleConcat { input, skip } => {
+                let s = a.graph.values[input].shape;
+                let x = unsafe { a.slice(input) };
+                let cs = skip.map_or(0, |k| a.graph.values[k].shape.c);
+                let skip = skip.map(|k| unsafe { a.slice(k) });
+                kernels::upsample2x_concat_nhwc(x, s.h, s.w, s.c, skip, cs, y)
+            }
+        }
+    }
+}
+
+/// Typed views of values inside the arena.
+struct Arena<'g> {
+    ptr: *mut f32,
+    graph: &'g Graph,
+}
+
+impl Arena<'_> {
+    unsafe fn slice(&self, v: ValueId) -> &[f32] {
+        let off = self.graph.plan.offsets[v];
+        std::slice::from_raw_parts(self.ptr.add(off), self.graph.values[v].shape.len())
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, v: ValueId) -> &mut [f32] {
+        let off = self.graph.plan.offsets[v];
+        std::slice::from_raw_parts_mut(self.ptr.add(off), self.graph.values[v].shape.len())
+    }
+}
+
+/// Reads a value out of an arena after `CpuBackend::run`.
+pub fn value<'a>(graph: &Graph, arena: &'a [f32], v: ValueId) -> &'a [f32] {
+    let off = graph.plan.offsets[v];
+    &arena[off..off + graph.values[v].shape.len()]
+}

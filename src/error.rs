@@ -1,0 +1,40 @@
+//! One error type for the whole crate: a single human-readable line that names the
+//! file (or entry, or request) and the problem. The CLI prints it as is.
+
+use std::fmt;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    msg: String,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Error { msg: msg.into() }
+    }
+
+    /// An error about a file: `"<path>: <problem>"`.
+    pub fn at(path: &Path, problem: impl fmt::Display) -> Self {
+        Error::new(format!("{}: {}", path.display(), problem))
+    }
+
+    /// Prefix the message with more context, e.g. the file it came from.
+    pub fn context(self, prefix: impl fmt::Display) -> Self {
+        Error::new(format!("{}: {}", prefix, self.msg))
+    }
+
+    pub fn message(&self) -> &str {
+        &self.msg
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,10 @@
+//! metauas: a from-scratch inference engine for MetaUAS (universal anomaly segmentation).
+
+pub mod cpu;
+pub mod error;
+pub mod graph;
+pub mod io;
+pub mod model;
+pub mod synth;
+
+pub use error::{Error, Result};

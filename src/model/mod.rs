@@ -1,0 +1,9 @@
+//! The MetaUAS model: architecture tables, weights (BN folded), the two subgraphs, the engine.
+
+pub mod arch;
+pub mod engine;
+pub mod graphs;
+pub mod weights;
+
+pub use engine::{check_size, AnomalyMap, Engine, PromptFeatures, Tap, MAX_SIZE};
+pub use weights::{MemorySource, ModelWeights, TensorSource};

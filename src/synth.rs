@@ -1,0 +1,447 @@
+//! Deterministic synthetic weights and images, following `docs/SYNTHETIC.md` to the bit.
+//! The PyTorch reference (`tools/reference`) implements the same document; the conformance
+//! fixtures depend on both sides producing identical values, so any change here must be
+//! made there too.
+
+use std::collections::HashSet;
+
+use rayon::prelude::*;
+
+use crate::io::image::RgbImage8;
+
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// The checkpoint's entries: `name \t (shape) \t dtype`, one a line.
+const STATE_DICT_TSV: &str = include_str!("../weights/metauas_state_dict.tsv");
+
+/// SplitMix64 in counter form: the i-th draw (i = 1, 2, ...) is `mix(state0 + i * GAMMA)`.
+#[derive(Clone, Debug)]
+pub struct SplitMix64 {
+    state0: u64,
+    /// Draws made so far.
+    drawn: u64,
+}
+
+impl SplitMix64 {
+    pub fn new(state0: u64) -> Self {
+        SplitMix64 { state0, drawn: 0 }
+    }
+
+    /// The i-th draw of the stream (i from 1), without advancing it.
+    pub fn draw_at(&self, i: u64) -> u64 {
+        mix(self.state0.wrapping_add(i.wrapping_mul(GAMMA)))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.drawn += 1;
+        self.draw_at(self.drawn)
+    }
+}
+
+fn mix(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(FNV_OFFSET, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+/// `((r >> 40) + 0.5) / 2^24`: in (0, 1), exact in float64.
+fn unit(r: u64) -> f64 {
+    ((r >> 40) as f64 + 0.5) / 16_777_216.0
+}
+
+/// `2 * unit(r) - 1`: in (-1, 1).
+fn sym(r: u64) -> f64 {
+    2.0 * unit(r) - 1.0
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WeightRecipe {
+    pub seed: u64,
+    pub gain_encoder: f64,
+    pub gain_alignment: f64,
+    pub gain_decoder: f64,
+    pub gain_head: f64,
+}
+
+/// All entries of the official state dict: name, shape, dtype string (`float32`, `int64`).
+pub fn official_entries() -> Vec<(String, Vec<usize>, String)> {
+    STATE_DICT_TSV
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let mut fields = line.split('\t');
+            let (name, shape, dtype) = match (fields.next(), fields.next(), fields.next()) {
+                (Some(n), Some(s), Some(d)) => (n, s, d),
+                _ => panic!("weights/metauas_state_dict.tsv: malformed line {line:?}"),
+            };
+            (
+                name.to_string(),
+                parse_shape(shape),
+                dtype.trim().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `(48, 3, 3, 3)`, `(48,)` or `()`.
+fn parse_shape(text: &str) -> Vec<usize> {
+    let inner = text
+        .trim()
+        .strip_prefix('(')
+        .and_then(|s| s.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("weights/metauas_state_dict.tsv: bad shape {text:?}"));
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|_| panic!("weights/metauas_state_dict.tsv: bad shape {text:?}"))
+        })
+        .collect()
+}
+
+pub enum SynthTensor {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+/// What an entry is, which decides its value formula (the table in `docs/SYNTHETIC.md`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Counter,
+    BnVar,
+    BnMean,
+    BnWeight,
+    BnBias,
+    /// `sym * gain * sqrt(3 / fan_in)`: the two factors after `sym`.
+    ConvWeight {
+        gain: f64,
+        fan_in: usize,
+    },
+    ConvBias,
+}
+
+fn kind_of(
+    name: &str,
+    shape: &[usize],
+    bn_prefixes: &HashSet<&str>,
+    recipe: &WeightRecipe,
+) -> Kind {
+    let parent = name.rsplit_once('.').map_or("", |(p, _)| p);
+    if name.ends_with("num_batches_tracked") {
+        Kind::Counter
+    } else if name.ends_with(".running_var") {
+        Kind::BnVar
+    } else if name.ends_with(".running_mean") {
+        Kind::BnMean
+    } else if name.ends_with(".weight") && bn_prefixes.contains(parent) {
+        Kind::BnWeight
+    } else if name.ends_with(".bias") && bn_prefixes.contains(parent) {
+        Kind::BnBias
+    } else if name.ends_with(".weight") {
+        Kind::ConvWeight {
+            gain: gain_for(name, recipe),
+            fan_in: shape.iter().skip(1).product(),
+        }
+    } else if name.ends_with(".bias") {
+        Kind::ConvBias
+    } else {
+        panic!("synthetic weights: no rule for entry {name}")
+    }
+}
+
+fn gain_for(name: &str, recipe: &WeightRecipe) -> f64 {
+    match name.split('.').next() {
+        Some("encoder") => recipe.gain_encoder,
+        Some("alignment") => recipe.gain_alignment,
+        Some("decoder") => recipe.gain_decoder,
+        Some("mask_head") => recipe.gain_head,
+        _ => panic!("synthetic weights: no gain for entry {name}"),
+    }
+}
+
+/// Value of one element from its draw, in float64 (left-to-right as in the spec).
+fn value(kind: Kind, r: u64) -> f64 {
+    match kind {
+        Kind::Counter => 0.0,
+        Kind::BnVar => 1.0 + 0.5 * sym(r),
+        Kind::BnMean | Kind::BnBias | Kind::ConvBias => 0.1 * sym(r),
+        Kind::BnWeight => 1.0 + 0.25 * sym(r),
+        Kind::ConvWeight { gain, fan_in } => sym(r) * gain * (3.0 / fan_in as f64).sqrt(),
+    }
+}
+
+/// Synthetic values for every official entry: counters are int64 zeros (shape `()`), the
+/// rest float32, each rounded once from its float64 value.
+pub fn synthetic_state_dict(recipe: &WeightRecipe) -> Vec<(String, Vec<usize>, SynthTensor)> {
+    let entries = official_entries();
+    let bn_prefixes: HashSet<&str> = entries
+        .iter()
+        .filter_map(|(name, _, _)| name.strip_suffix(".running_mean"))
+        .collect();
+    entries
+        .par_iter()
+        .map(|(name, shape, _)| {
+            let kind = kind_of(name, shape, &bn_prefixes, recipe);
+            let numel: usize = shape.iter().product();
+            let tensor = if kind == Kind::Counter {
+                SynthTensor::I64(vec![0; numel])
+            } else {
+                let stream = SplitMix64::new(fnv1a64(format!("{}:{name}", recipe.seed).as_bytes()));
+                SynthTensor::F32(
+                    (1..=numel as u64)
+                        .map(|i| value(kind, stream.draw_at(i)) as f32)
+                        .collect(),
+                )
+            };
+            (name.clone(), shape.clone(), tensor)
+        })
+        .collect()
+}
+
+/// The synthetic 8-bit RGB test image `image(seed, width, height, defect)` of the spec:
+/// a smooth pattern plus noise, with the optional square `defect = (x0, y0, side)` inverted.
+pub fn synthetic_image(
+    seed: u64,
+    width: usize,
+    height: usize,
+    defect: Option<(usize, usize, usize)>,
+) -> RgbImage8 {
+    let mut stream = SplitMix64::new(fnv1a64(format!("image:{seed}").as_bytes()));
+    let inside = |x: usize, y: usize| {
+        defect.is_some_and(|(x0, y0, side)| x >= x0 && x < x0 + side && y >= y0 && y < y0 + side)
+    };
+    let mut data = Vec::with_capacity(width * height * 3);
+    for y in 0..height as u64 {
+        for x in 0..width as u64 {
+            for c in 0..3u64 {
+                let r = stream.next_u64();
+                let smooth = (x * (3 + c) + y * (5 - c) + (x * y) / 16) % 512;
+                let tri = if smooth < 256 { smooth } else { 511 - smooth };
+                let v = ((tri * 3 + (r >> 56)) / 4) as u8;
+                data.push(if inside(x as usize, y as usize) {
+                    255 - v
+                } else {
+                    v
+                });
+            }
+        }
+    }
+    RgbImage8 {
+        width,
+        height,
+        data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe() -> WeightRecipe {
+        WeightRecipe {
+            seed: 7,
+            gain_encoder: 1.0,
+            gain_alignment: 2.5,
+            gain_decoder: 0.75,
+            gain_head: 1.5,
+        }
+    }
+
+    #[test]
+    fn fnv1a64_known_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn splitmix64_matches_the_reference_sequence() {
+        // Standard SplitMix64 seeded with 0 (Vigna's splitmix64.c): its outputs.
+        let mut g = SplitMix64::new(0);
+        assert_eq!(g.next_u64(), 0xe220a8397b1dcdaf);
+        assert_eq!(g.next_u64(), 0x6e789e6aa1b965f4);
+        assert_eq!(g.next_u64(), 0x06c45d188009454f);
+        // Counter form: random access agrees with sequential draws.
+        let h = SplitMix64::new(0);
+        assert_eq!(h.draw_at(3), 0x06c45d188009454f);
+        let mut s = SplitMix64::new(u64::MAX);
+        let seq: Vec<u64> = (0..5).map(|_| s.next_u64()).collect();
+        let direct: Vec<u64> = (1..=5)
+            .map(|i| SplitMix64::new(u64::MAX).draw_at(i))
+            .collect();
+        assert_eq!(seq, direct);
+    }
+
+    #[test]
+    fn unit_and_sym_stay_inside_open_intervals() {
+        assert_eq!(unit(0), 0.5 / 16_777_216.0);
+        assert_eq!(unit(u64::MAX), 1.0 - 0.5 / 16_777_216.0);
+        assert!(sym(0) > -1.0 && sym(u64::MAX) < 1.0);
+        // Note: the spec calls unit() exact in float32; that holds only below 0.5 (above it
+        // the value needs 25 significant bits). Nothing relies on it: values are computed in
+        // float64 and rounded once.
+        assert_eq!(unit(12345 << 40) as f32 as f64, unit(12345 << 40));
+    }
+
+    #[test]
+    fn official_entries_match_the_checkpoint_listing() {
+        let entries = official_entries();
+        assert_eq!(entries.len(), 820);
+        let counters = entries.iter().filter(|e| e.2 == "int64").count();
+        assert_eq!(counters, 106);
+        assert!(entries.iter().all(|(n, s, d)| (d == "int64")
+            == n.ends_with("num_batches_tracked")
+            && (d != "int64" || s.is_empty())));
+        let params: usize = entries
+            .iter()
+            .filter(|e| e.2 == "float32")
+            .map(|e| e.1.iter().product::<usize>())
+            .sum();
+        // The model spec's parameter count, plus the BN running statistics
+        // (not parameters in PyTorch's sense, but checkpoint entries).
+        let running: usize = entries
+            .iter()
+            .filter(|e| e.0.contains(".running_"))
+            .map(|e| e.1.iter().product::<usize>())
+            .sum();
+        assert_eq!(params - running, 22_130_305);
+        assert_eq!(entries[0].0, "encoder._conv_stem.weight");
+        assert_eq!(entries[0].1, vec![48, 3, 3, 3]);
+    }
+
+    #[test]
+    fn synthetic_state_dict_follows_the_rules() {
+        let r = recipe();
+        let dict = synthetic_state_dict(&r);
+        let entries = official_entries();
+        assert_eq!(dict.len(), entries.len());
+        let mut float_values = 0usize;
+        for ((name, shape, tensor), (ename, eshape, dtype)) in dict.iter().zip(&entries) {
+            assert_eq!((name, shape), (ename, eshape));
+            let numel: usize = shape.iter().product();
+            match tensor {
+                SynthTensor::I64(v) => {
+                    assert_eq!(dtype, "int64");
+                    assert_eq!(v, &vec![0i64]);
+                    assert!(shape.is_empty());
+                }
+                SynthTensor::F32(v) => {
+                    assert_eq!(dtype, "float32");
+                    assert_eq!(v.len(), numel);
+                    float_values += numel;
+                    check_ranges(name, shape, v, &r);
+                }
+            }
+        }
+        let expected: usize = entries
+            .iter()
+            .filter(|e| e.2 == "float32")
+            .map(|e| e.1.iter().product::<usize>())
+            .sum();
+        assert_eq!(float_values, expected);
+    }
+
+    fn check_ranges(name: &str, shape: &[usize], v: &[f32], r: &WeightRecipe) {
+        let within = |lo: f32, hi: f32| v.iter().all(|&x| x > lo && x < hi);
+        if name.ends_with(".running_var") {
+            assert!(within(0.5, 1.5), "{name}");
+        } else if name.ends_with(".running_mean") {
+            assert!(within(-0.1, 0.1), "{name}");
+        } else if shape.len() == 4 {
+            let gain = match name.split('.').next().unwrap() {
+                "encoder" => r.gain_encoder,
+                "alignment" => r.gain_alignment,
+                "decoder" => r.gain_decoder,
+                _ => r.gain_head,
+            };
+            let bound = gain * (3.0 / (shape[1] * shape[2] * shape[3]) as f64).sqrt();
+            assert!(v.iter().all(|&x| (x as f64).abs() < bound), "{name}");
+            // Not degenerate: the values spread over most of the range.
+            let top = v.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+            assert!(v.len() < 16 || top > 0.5 * bound, "{name}");
+        } else if name.ends_with(".weight") {
+            assert!(within(0.75, 1.25), "BN weight {name}");
+        } else {
+            assert!(within(-0.1, 0.1), "bias {name}");
+        }
+    }
+
+    #[test]
+    fn weight_values_come_from_the_named_stream() {
+        // Recompute two entries from the spec's words, independently of `kind_of`.
+        let r = recipe();
+        let dict = synthetic_state_dict(&r);
+        let find = |n: &str| match &dict.iter().find(|e| e.0 == n).unwrap().2 {
+            SynthTensor::F32(v) => v.clone(),
+            SynthTensor::I64(_) => panic!("{n} is int64"),
+        };
+        let stem = find("encoder._conv_stem.weight");
+        let state0 = fnv1a64(b"7:encoder._conv_stem.weight");
+        for i in [0usize, 1, 100, 1295] {
+            let raw = mix(state0.wrapping_add((i as u64 + 1).wrapping_mul(GAMMA)));
+            let s = 2.0 * (((raw >> 40) as f64 + 0.5) / 16_777_216.0) - 1.0;
+            let want = (s * 1.0 * (3.0f64 / 27.0).sqrt()) as f32;
+            assert_eq!(stem[i].to_bits(), want.to_bits(), "element {i}");
+        }
+        let var = find("encoder._bn0.running_var");
+        let raw = mix(fnv1a64(b"7:encoder._bn0.running_var").wrapping_add(GAMMA));
+        let s = 2.0 * (((raw >> 40) as f64 + 0.5) / 16_777_216.0) - 1.0;
+        assert_eq!(var[0], (1.0 + 0.5 * s) as f32);
+        // A different seed gives different weights.
+        let other = synthetic_state_dict(&WeightRecipe { seed: 8, ..r });
+        match &other[0].2 {
+            SynthTensor::F32(v) => assert_ne!(v[..8], stem[..8]),
+            SynthTensor::I64(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn synthetic_image_is_deterministic_and_defect_inverts() {
+        let a = synthetic_image(2, 28, 24, None);
+        assert_eq!(a, synthetic_image(2, 28, 24, None));
+        assert_eq!((a.width, a.height, a.data.len()), (28, 24, 28 * 24 * 3));
+        assert_ne!(a.data, synthetic_image(3, 28, 24, None).data);
+
+        let d = synthetic_image(2, 28, 24, Some((15, 6, 5)));
+        for y in 0..24 {
+            for x in 0..28 {
+                for c in 0..3 {
+                    let i = (y * 28 + x) * 3 + c;
+                    let inside = (15..20).contains(&x) && (6..11).contains(&y);
+                    let want = if inside { 255 - a.data[i] } else { a.data[i] };
+                    assert_eq!(d.data[i], want, "({x},{y},{c})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn synthetic_image_first_bytes_follow_the_formula() {
+        let img = synthetic_image(1, 300, 220, None);
+        let state0 = fnv1a64(b"image:1");
+        // Byte at (x=0, y=0, c=0): smooth = 0, v = (r >> 56) / 4.
+        assert_eq!(
+            img.data[0] as u64,
+            (mix(state0.wrapping_add(GAMMA)) >> 56) / 4
+        );
+        // Byte at (x=10, y=3, c=2) is draw number (3*300 + 10)*3 + 2 + 1.
+        let i = (3 * 300 + 10) * 3 + 2;
+        let r = mix(state0.wrapping_add((i as u64 + 1).wrapping_mul(GAMMA)));
+        let smooth = 10 * 5 + 3 * 3 + 30 / 16; // below 512, no fold
+        assert_eq!(img.data[i] as u64, (smooth * 3 + (r >> 56)) / 4);
+        // The triangle fold: x=100, y=0, c=2 gives smooth = 500 -> tri = 11.
+        let i = 100 * 3 + 2;
+        let r = mix(state0.wrapping_add((i as u64 + 1).wrapping_mul(GAMMA)));
+        assert_eq!(img.data[i] as u64, (11 * 3 + (r >> 56)) / 4);
+    }
+}

@@ -1,0 +1,327 @@
+//! The `metauas` command-line contract: outputs, JSON lines, and one-line errors for bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use metauas::io::output::read_npy_f32;
+use metauas::synth::synthetic_image;
+
+/// Shared inputs: synthetic weights and two PNG images, written once per test process.
+struct Inputs {
+    dir: PathBuf,
+    weights: PathBuf,
+    prompt: PathBuf,
+    query: PathBuf,
+}
+
+fn inputs() -> &'static Inputs {
+    static INPUTS: OnceLock<Inputs> = OnceLock::new();
+    INPUTS.get_or_init(|| {
+        let dir = common::temp_dir("cli");
+        let weights = dir.join("weights.safetensors");
+        common::write_synthetic_weights(&weights, &common::default_recipe(3));
+        let prompt = dir.join("good.png");
+        let query = dir.join("frame.png");
+        common::write_png(&prompt, &synthetic_image(1, 90, 70, None));
+        common::write_png(&query, &synthetic_image(2, 80, 64, Some((20, 20, 16))));
+        Inputs {
+            dir,
+            weights,
+            prompt,
+            query,
+        }
+    })
+}
+
+fn metauas(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_metauas"))
+        .args(args)
+        .output()
+        .expect("run metauas")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A failure must be exactly one stderr line, naming `needle`, with a non-zero exit.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "expected one line, got: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "stderr should name `{needle}`: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("internal error"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn segment_writes_map_heatmap_overlay_and_json() {
+    let i = inputs();
+    let out_dir = common::temp_dir("cli-out");
+    let second = i.dir.join("second.png");
+    common::write_png(&second, &synthetic_image(5, 64, 64, None));
+    let out = metauas(&[
+        "segment",
+        "--weights",
+        s(&i.weights),
+        "--prompt",
+        s(&i.prompt),
+        "--query",
+        s(&i.query),
+        "--query",
+        s(&second),
+        "--size",
+        "64",
+        "--out",
+        s(&out_dir),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, (query, stem)) in lines.iter().zip([(&i.query, "frame"), (&second, "second")]) {
+        assert_eq!(line["query"], s(query));
+        assert_eq!(line["prompt"], s(&i.prompt));
+        let npy = out_dir.join(format!("{stem}.npy"));
+        assert_eq!(line["map"], s(&npy));
+        assert!(line["ms"].as_f64().unwrap() > 0.0);
+        let (shape, data) = read_npy_f32(&npy).unwrap();
+        assert_eq!(shape, vec![64, 64]);
+        assert!(data.iter().all(|v| *v > 0.0 && *v < 1.0));
+        let max = data.iter().copied().fold(f32::MIN, f32::max);
+        assert!((line["score"].as_f64().unwrap() - max as f64).abs() < 1e-6);
+        for suffix in ["heatmap", "overlay"] {
+            let png = image::open(out_dir.join(format!("{stem}_{suffix}.png"))).unwrap();
+            assert_eq!((png.width(), png.height()), (64, 64));
+        }
+    }
+}
+
+#[test]
+fn info_reports_entries_parameters_and_arena() {
+    let i = inputs();
+    let out = metauas(&["info", "--weights", s(&i.weights)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("entries: 820"), "{stdout}");
+    assert!(stdout.contains("parameters: 22,130,305"), "{stdout}");
+    assert!(stdout.contains("arena peak"), "{stdout}");
+}
+
+fn segment_args<'a>(
+    weights: &'a str,
+    prompt: &'a str,
+    query: &'a str,
+    size: &'a str,
+    out: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "segment",
+        "--weights",
+        weights,
+        "--prompt",
+        prompt,
+        "--query",
+        query,
+        "--size",
+        size,
+        "--out",
+        out,
+    ]
+}
+
+#[test]
+fn missing_files_are_named() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    let missing = i.dir.join("nope.png");
+    let out = metauas(&segment_args(
+        s(&i.weights),
+        s(&missing),
+        s(&i.query),
+        "64",
+        s(&o),
+    ));
+    assert_one_line_error(&out, "nope.png");
+    let out = metauas(&segment_args(
+        s(&i.weights),
+        s(&i.prompt),
+        s(&missing),
+        "64",
+        s(&o),
+    ));
+    assert_one_line_error(&out, "nope.png");
+    let missing_w = i.dir.join("nope.safetensors");
+    let out = metauas(&segment_args(
+        s(&missing_w),
+        s(&i.prompt),
+        s(&i.query),
+        "64",
+        s(&o),
+    ));
+    assert_one_line_error(&out, "nope.safetensors");
+}
+
+#[test]
+fn undecodable_image_is_named() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    let bad = i.dir.join("garbage.png");
+    std::fs::write(&bad, b"this is not an image").unwrap();
+    let out = metauas(&segment_args(
+        s(&i.weights),
+        s(&bad),
+        s(&i.query),
+        "64",
+        s(&o),
+    ));
+    assert_one_line_error(&out, "garbage.png");
+    let out = metauas(&segment_args(
+        s(&i.weights),
+        s(&i.prompt),
+        s(&bad),
+        "64",
+        s(&o),
+    ));
+    assert_one_line_error(&out, "garbage.png");
+}
+
+#[test]
+fn truncated_and_garbled_weights_are_named() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    let bytes = std::fs::read(&i.weights).unwrap();
+    let truncated = i.dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let out = metauas(&segment_args(
+        s(&truncated),
+        s(&i.prompt),
+        s(&i.query),
+        "64",
+        s(&o),
+    ));
+    assert_one_line_error(&out, "truncated.safetensors");
+    let garbled = i.dir.join("garbled.ckpt");
+    std::fs::write(&garbled, b"PK\x03\x04 definitely not a zip archive").unwrap();
+    let out = metauas(&segment_args(
+        s(&garbled),
+        s(&i.prompt),
+        s(&i.query),
+        "64",
+        s(&o),
+    ));
+    assert_one_line_error(&out, "garbled.ckpt");
+}
+
+#[test]
+fn wrong_shape_names_entry_and_shapes() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    let path = i.dir.join("wrong_shape.safetensors");
+    let mut recipe_dict = metauas::synth::synthetic_state_dict(&common::default_recipe(3));
+    let entry = recipe_dict
+        .iter_mut()
+        .find(|e| e.0 == "mask_head.weight")
+        .unwrap();
+    entry.1 = vec![1, 24, 2, 1];
+    let tensors: Vec<(String, metauas::io::weights::TensorData)> = recipe_dict
+        .into_iter()
+        .map(|(name, shape, t)| {
+            let data = match t {
+                metauas::synth::SynthTensor::F32(data) => {
+                    metauas::io::weights::TensorData::F32 { shape, data }
+                }
+                metauas::synth::SynthTensor::I64(data) => {
+                    metauas::io::weights::TensorData::I64 { shape, data }
+                }
+            };
+            (name, data)
+        })
+        .collect();
+    metauas::io::weights::write_safetensors(&path, &tensors, &[]).unwrap();
+    let out = metauas(&segment_args(
+        s(&path),
+        s(&i.prompt),
+        s(&i.query),
+        "64",
+        s(&o),
+    ));
+    assert_one_line_error(&out, "mask_head.weight");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[1, 24, 2, 1]") && err.contains("[1, 48, 1, 1]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_sizes_are_refused() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    for size in ["100", "0", "4096"] {
+        let out = metauas(&segment_args(
+            s(&i.weights),
+            s(&i.prompt),
+            s(&i.query),
+            size,
+            s(&o),
+        ));
+        assert_one_line_error(&out, size);
+    }
+}
+
+#[test]
+fn duplicate_query_stems_are_refused_before_any_work() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    let sub = i.dir.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    let twin = sub.join("frame.jpg");
+    std::fs::copy(&i.query, &twin).unwrap();
+    let out = metauas(&[
+        "segment",
+        "--weights",
+        s(&i.weights),
+        "--prompt",
+        s(&i.prompt),
+        "--query",
+        s(&i.query),
+        "--query",
+        s(&twin),
+        "--size",
+        "64",
+        "--out",
+        s(&o),
+    ]);
+    assert_one_line_error(&out, "frame");
+    assert!(
+        std::fs::read_dir(&o).unwrap().next().is_none(),
+        "nothing may be written"
+    );
+}

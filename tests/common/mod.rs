@@ -1,0 +1,56 @@
+//! Helpers shared by the integration tests: temp dirs, synthetic weights written to disk
+//! through the public safetensors writer, synthetic images written as PNG files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use metauas::io::image::RgbImage8;
+use metauas::io::weights::{write_safetensors, TensorData};
+use metauas::synth::{synthetic_state_dict, SynthTensor, WeightRecipe};
+
+/// A fresh, empty directory under the system temp dir, unique per process and call.
+pub fn temp_dir(label: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("metauas-test-{}-{label}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+pub fn default_recipe(seed: u64) -> WeightRecipe {
+    WeightRecipe {
+        seed,
+        gain_encoder: 1.0,
+        gain_alignment: 1.0,
+        gain_decoder: 1.0,
+        gain_head: 1.0,
+    }
+}
+
+/// Writes the synthetic state dict (every official entry, counters as int64) as safetensors.
+pub fn write_synthetic_weights(path: &Path, recipe: &WeightRecipe) {
+    let tensors: Vec<(String, TensorData)> = synthetic_state_dict(recipe)
+        .into_iter()
+        .map(|(name, shape, t)| {
+            let data = match t {
+                SynthTensor::F32(data) => TensorData::F32 { shape, data },
+                SynthTensor::I64(data) => TensorData::I64 { shape, data },
+            };
+            (name, data)
+        })
+        .collect();
+    write_safetensors(path, &tensors, &[]).expect("write synthetic weights");
+}
+
+pub fn write_png(path: &Path, img: &RgbImage8) {
+    image::save_buffer(
+        path,
+        &img.data,
+        img.width as u32,
+        img.height as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .expect("write png");
+}

@@ -1,0 +1,176 @@
+//! Conformance against PyTorch: the engine's maps and intermediates versus the float64 truth
+//! computed by `tools/reference/make_fixtures.py`, bounded by PyTorch-float32's own error.
+//!
+//! Bound (issue 2): max abs error and 99.9th-percentile abs error of ours against the truth
+//! at most 3x PyTorch-float32's + 1e-5, for the final map and every intermediate.
+
+mod common;
+
+use std::path::PathBuf;
+
+use metauas::io::image::decode_image_file;
+use metauas::model::Engine;
+use metauas::synth::{synthetic_image, WeightRecipe};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+const FACTOR: f64 = 3.0;
+const SLACK: f64 = 1e-5;
+
+struct Fixture {
+    meta: std::collections::HashMap<String, String>,
+    bytes: Vec<u8>,
+}
+
+impl Fixture {
+    fn load(name: &str) -> Fixture {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/conformance")
+            .join(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, meta) = SafeTensors::read_metadata(&bytes).expect("fixture header");
+        let meta = meta.metadata().clone().expect("fixture metadata");
+        Fixture { meta, bytes }
+    }
+
+    fn json(&self, key: &str) -> Value {
+        serde_json::from_str(&self.meta[key]).unwrap_or_else(|e| panic!("metadata {key}: {e}"))
+    }
+
+    fn recipe(&self) -> WeightRecipe {
+        let r = self.json("recipe");
+        let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("recipe.{k}"));
+        WeightRecipe {
+            seed: r["seed"].as_u64().expect("recipe.seed"),
+            gain_encoder: f("gain_encoder"),
+            gain_alignment: f("gain_alignment"),
+            gain_decoder: f("gain_decoder"),
+            gain_head: f("gain_head"),
+        }
+    }
+
+    /// (indices into the NCHW tensor, float64 truth, PyTorch float32) of one tap.
+    fn tap(&self, tap: &str) -> (Vec<i64>, Vec<f64>, Vec<f32>) {
+        let st = SafeTensors::deserialize(&self.bytes).expect("fixture");
+        let get = |suffix: &str| {
+            st.tensor(&format!("{tap}.{suffix}"))
+                .expect(tap)
+                .data()
+                .to_vec()
+        };
+        let idx = get("idx")
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let truth = get("truth")
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let t32 = get("torch32")
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        (idx, truth, t32)
+    }
+}
+
+/// Max and 99.9th percentile of absolute errors.
+fn error_stats(errors: &mut [f64]) -> (f64, f64) {
+    errors.sort_by(|a, b| a.total_cmp(b));
+    let n = errors.len();
+    let p999 = errors[((n - 1) as f64 * 0.999).round() as usize];
+    (errors[n - 1], p999)
+}
+
+/// Our value at a flattened NCHW index, given our NHWC data of shape (h, w, c).
+fn nhwc_at(data: &[f32], (h, w, c): (usize, usize, usize), nchw: i64) -> f64 {
+    let n = nchw as usize;
+    let (ch, rem) = (n / (h * w), n % (h * w));
+    data[rem * c + ch] as f64
+}
+
+fn image_from_meta(v: &Value) -> metauas::io::image::RgbImage8 {
+    let u = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("image.{k}")) as usize;
+    let defect = v["defect"].as_array().map(|d| {
+        let d: Vec<usize> = d.iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        (d[0], d[1], d[2])
+    });
+    synthetic_image(u("seed") as u64, u("width"), u("height"), defect)
+}
+
+fn check_fixture(name: &str) {
+    let fx = Fixture::load(name);
+    let size: usize = fx.meta["size"].parse().expect("size");
+    let dir = common::temp_dir("conformance");
+    // Through the public paths: weights from a safetensors file, images from PNG files.
+    let weights = dir.join("weights.safetensors");
+    common::write_synthetic_weights(&weights, &fx.recipe());
+    let images = fx.json("images");
+    let (prompt_png, query_png) = (dir.join("prompt.png"), dir.join("query.png"));
+    common::write_png(&prompt_png, &image_from_meta(&images["prompt"]));
+    common::write_png(&query_png, &image_from_meta(&images["query"]));
+
+    let engine = Engine::from_file(&weights, size).expect("engine");
+    let prompt = engine
+        .encode_prompt(&decode_image_file(&prompt_png).unwrap())
+        .unwrap();
+    let (map, taps) = engine
+        .segment_with_taps(&prompt, &decode_image_file(&query_png).unwrap())
+        .unwrap();
+
+    let mut outputs: Vec<(String, (usize, usize, usize), Vec<f32>)> = taps
+        .into_iter()
+        .map(|t| (t.name, (t.shape.h, t.shape.w, t.shape.c), t.data))
+        .collect();
+    outputs.push(("map".into(), (size, size, 1), map.data));
+
+    println!("{name}: tap, ours max / p99.9, PyTorch-f32 max / p99.9 (vs float64 truth)");
+    let mut failures = Vec::new();
+    for (tap, shape, data) in &outputs {
+        let (idx, truth, t32) = fx.tap(tap);
+        assert_eq!(idx.len(), truth.len());
+        let mut ours: Vec<f64> = idx
+            .iter()
+            .zip(&truth)
+            .map(|(&i, t)| (nhwc_at(data, *shape, i) - t).abs())
+            .collect();
+        let mut theirs: Vec<f64> = t32
+            .iter()
+            .zip(&truth)
+            .map(|(&v, t)| (v as f64 - t).abs())
+            .collect();
+        let (om, op) = error_stats(&mut ours);
+        let (tm, tp) = error_stats(&mut theirs);
+        println!("  {tap:<7} {om:.3e} / {op:.3e}   {tm:.3e} / {tp:.3e}");
+        if !(om <= FACTOR * tm + SLACK && op <= FACTOR * tp + SLACK) {
+            failures.push(format!(
+                "{tap}: ours {om:.3e}/{op:.3e} vs PyTorch {tm:.3e}/{tp:.3e}"
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        failures.is_empty(),
+        "{name}: outside the bound: {failures:?}"
+    );
+}
+
+#[test]
+fn s256_smooth() {
+    check_fixture("s256_smooth.safetensors");
+}
+
+#[test]
+fn s256_sharp() {
+    check_fixture("s256_sharp.safetensors");
+}
+
+#[test]
+fn s512_smooth() {
+    check_fixture("s512_smooth.safetensors");
+}
+
+#[test]
+fn s512_sharp() {
+    check_fixture("s512_sharp.safetensors");
+}
