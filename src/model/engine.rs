@@ -16,7 +16,7 @@ pub const MAX_SIZE: usize = 2048;
 
 /// Checks the model resolution: a positive multiple of 32, at most `MAX_SIZE`.
 pub fn check_size(size: usize) -> Result<()> {
-    if size == 0 || size % 32 != 0 {
+    if size == 0 || !size.is_multiple_of(32) {
         return Err(Error::new(format!(
             "--size {size}: must be a positive multiple of 32 (e.g. 256 or 512)"
         )));

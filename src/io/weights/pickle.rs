@@ -826,7 +826,7 @@ mod pickle_tests {
     fn deep_nesting_and_self_reference_are_harmless() {
         // 200k nested 1-tuples, then a list that contains itself: no recursion anywhere.
         let mut p = b"\x80\x02)".to_vec();
-        p.extend(std::iter::repeat(0x85u8).take(200_000));
+        p.extend(std::iter::repeat_n(0x85u8, 200_000));
         p.extend_from_slice(b"0]q\x01h\x01a.");
         let err = load_state_dict(&p).unwrap_err();
         assert!(err.contains("a list, not a state dict"), "{err}");

@@ -295,7 +295,7 @@ fn header_json(
         offset += nbytes;
     }
     let mut header = Value::Object(map).to_string().into_bytes();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     header

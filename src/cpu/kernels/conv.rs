@@ -1,0 +1,484 @@
+//! Dense convolution (groups = 1) over NHWC input as an implicit GEMM.
+//!
+//! Output pixels are GEMM rows, output channels GEMM columns and `(tap, input channel)` the
+//! reduction. The microkernel ([`accumulate`]) takes one pointer per pixel row, so a tap is
+//! just a shifted pointer into the input and a tap outside the image points at a row of
+//! zeros: no im2col and no padded copy of the input.
+//!
+//! Loop nest of one work unit (a block of output pixels x a range of column groups):
+//! for each column group (16/32/48 output channels), for each reduction block (a few taps x
+//! a chunk of input channels, about [`KC_TARGET`] long, whose packed weights stay in L1),
+//! for each tile of `MR` pixels: accumulate in registers; partial sums of a unit with several
+//! reduction blocks wait in a per-thread buffer; the last block adds bias, applies the
+//! activation and the residual, and stores.
+
+// Constant-bound index loops over tiles keep them in registers (see gemm.rs).
+#![allow(clippy::needless_range_loop)]
+
+use std::cell::Cell;
+
+use rayon::prelude::*;
+
+use super::gemm::{accumulate, add_from, next_tile_width, store_tile, zero_tile, Tile};
+use super::isa::{dispatch_isa, dispatch_tile, Isa};
+use super::simd::{activate, AlignedBuf, Level, LANES};
+use super::{Activation, ConvGeometry};
+
+/// Target length of one reduction block: 256 x 48 packed weights = 48 KiB.
+const KC_TARGET: usize = 256;
+/// Largest block of output pixels per work unit (keeps the unit's input rows in L2).
+const MAX_PIXEL_BLOCK: usize = 384;
+/// Pixel blocks are multiples of every tile height in use (8, 6, 3, 2).
+const PIXEL_ALIGN: usize = 24;
+/// Work (multiply-adds) below which a convolution runs on the calling thread.
+const SERIAL_MACS: usize = 1 << 20;
+
+/// Dense `kernel x kernel` weights, repacked once at load time for the microkernel.
+///
+/// Output channels are split into groups of 1, 2 or 3 vectors of 16 (mostly 3, the widest
+/// tile the AVX-512 register file holds); each group is stored as
+/// `[tap = ky * k + kx][input channel][16 * nv lanes]`, zero past `cout`.
+pub struct PackedConv {
+    cout: usize,
+    cin: usize,
+    kernel: usize,
+    groups: Vec<ColumnGroup>,
+    data: AlignedBuf,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ColumnGroup {
+    /// First output channel.
+    co0: usize,
+    /// Width in vectors of 16 channels.
+    nv: usize,
+    /// Start of this group's weights in `PackedConv::data`.
+    offset: usize,
+}
+
+impl PackedConv {
+    /// Pack PyTorch-layout weights `[cout][cin][kernel][kernel]`.
+    pub fn pack(w_oihw: &[f32], cout: usize, cin: usize, kernel: usize) -> Self {
+        assert!(
+            cout > 0 && cin > 0 && kernel > 0,
+            "empty convolution weights"
+        );
+        assert_eq!(
+            w_oihw.len(),
+            cout * cin * kernel * kernel,
+            "conv weight length"
+        );
+        let taps = kernel * kernel;
+        let reduction = taps * cin;
+        let mut groups = Vec::new();
+        let mut co0 = 0;
+        let mut offset = 0;
+        for nv in group_widths(cout.div_ceil(LANES)) {
+            groups.push(ColumnGroup { co0, nv, offset });
+            co0 += nv * LANES;
+            offset += reduction * nv * LANES;
+        }
+        let mut buf = AlignedBuf::zeroed(offset);
+        let data = buf.as_mut_slice();
+        for group in &groups {
+            let nr = group.nv * LANES;
+            for tap in 0..taps {
+                for ci in 0..cin {
+                    let dst = group.offset + (tap * cin + ci) * nr;
+                    for lane in 0..nr {
+                        let co = group.co0 + lane;
+                        if co < cout {
+                            data[dst + lane] = w_oihw[(co * cin + ci) * taps + tap];
+                        }
+                    }
+                }
+            }
+        }
+        PackedConv {
+            cout,
+            cin,
+            kernel,
+            groups,
+            data: buf,
+        }
+    }
+
+    pub fn cout(&self) -> usize {
+        self.cout
+    }
+
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+
+    pub fn kernel(&self) -> usize {
+        self.kernel
+    }
+}
+
+/// Split `n16` vectors of output channels into tile-wide groups (see [`next_tile_width`]).
+fn group_widths(n16: usize) -> Vec<usize> {
+    let mut widths = Vec::new();
+    let mut remaining = n16;
+    while remaining > 0 {
+        let nv = next_tile_width(remaining);
+        widths.push(nv);
+        remaining -= nv;
+    }
+    widths
+}
+
+/// A block of the reduction: taps `tap0..tap1`, input channels `c0..c1` of each.
+#[derive(Clone, Copy, Debug)]
+struct KBlock {
+    tap0: usize,
+    tap1: usize,
+    c0: usize,
+    c1: usize,
+}
+
+fn reduction_blocks(taps: usize, cin: usize) -> Vec<KBlock> {
+    let mut blocks = Vec::new();
+    if cin >= KC_TARGET {
+        let chunks = cin.div_ceil(KC_TARGET);
+        for tap in 0..taps {
+            for i in 0..chunks {
+                blocks.push(KBlock {
+                    tap0: tap,
+                    tap1: tap + 1,
+                    c0: i * cin / chunks,
+                    c1: (i + 1) * cin / chunks,
+                });
+            }
+        }
+    } else {
+        let per_block = (KC_TARGET / cin).max(1);
+        let n = taps.div_ceil(per_block);
+        for i in 0..n {
+            blocks.push(KBlock {
+                tap0: i * taps / n,
+                tap1: (i + 1) * taps / n,
+                c0: 0,
+                c1: cin,
+            });
+        }
+    }
+    blocks
+}
+
+/// One work unit: output pixels `p0..p1` for column groups `g0..g1`.
+#[derive(Clone, Copy, Debug)]
+struct Unit {
+    p0: usize,
+    p1: usize,
+    g0: usize,
+    g1: usize,
+}
+
+/// How a convolution's output is cut into work units.
+struct Plan {
+    units: Vec<Unit>,
+    parallel: bool,
+}
+
+/// Split the output into units: pixel blocks (at most [`MAX_PIXEL_BLOCK`], so a unit's input
+/// rows and partial sums stay in L2, also when running serially), and column groups too when
+/// there are few pixels. Splitting pixels re-reads the weights per block, splitting groups
+/// re-reads the input per group; pick whichever moves fewer bytes for enough parallel units.
+fn plan_units(pixels: usize, w: &PackedConv, input_len: usize, threads: usize) -> Plan {
+    let ngroups = w.groups.len();
+    // The packed weights hold (taps * cin) x (cout rounded up): one multiply-add per pixel each.
+    let macs = pixels * w.data.as_slice().len();
+    let parallel = threads > 1 && macs >= SERIAL_MACS;
+    let min_blocks = pixels.div_ceil(MAX_PIXEL_BLOCK);
+    let (blocks, by_group) = if parallel {
+        let wanted = 4 * threads;
+        let max_blocks = pixels.div_ceil(PIXEL_ALIGN);
+        let blocks_for = |splits: usize| min_blocks.max(wanted.div_ceil(splits)).min(max_blocks);
+        let cost =
+            |blocks: usize, splits: usize| blocks * w.data.as_slice().len() + splits * input_len;
+        let whole = blocks_for(1);
+        let split = blocks_for(ngroups);
+        if ngroups > 1 && cost(split, ngroups) < cost(whole, 1) {
+            (split, true)
+        } else {
+            (whole, false)
+        }
+    } else {
+        (min_blocks, false)
+    };
+    let block = pixels.div_ceil(blocks).div_ceil(PIXEL_ALIGN) * PIXEL_ALIGN;
+    let mut units = Vec::new();
+    for p0 in (0..pixels).step_by(block) {
+        let p1 = (p0 + block).min(pixels);
+        if by_group {
+            units.extend((0..ngroups).map(|g| Unit {
+                p0,
+                p1,
+                g0: g,
+                g1: g + 1,
+            }));
+        } else {
+            units.push(Unit {
+                p0,
+                p1,
+                g0: 0,
+                g1: ngroups,
+            });
+        }
+    }
+    Plan { units, parallel }
+}
+
+/// Output pointer shared by the units; each unit writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: units write disjoint (pixel, channel) ranges, see `plan_units`.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+struct ConvJob<'a> {
+    x: &'a [f32],
+    g: ConvGeometry,
+    w: &'a PackedConv,
+    /// Bias padded with zeros to the packed width.
+    bias: &'a [f32],
+    act: Activation,
+    residual: Option<&'a [f32]>,
+    y: OutPtr,
+    y_len: usize,
+    zeros: &'a [f32],
+    kblocks: &'a [KBlock],
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_nhwc_isa(
+    isa: Isa,
+    x: &[f32],
+    g: &ConvGeometry,
+    w: &PackedConv,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    assert!(g.stride > 0, "conv stride must be positive");
+    assert_eq!(
+        (w.cin, w.cout, w.kernel),
+        (g.cin, g.cout, g.kernel),
+        "packed weights do not match the geometry"
+    );
+    assert_eq!(x.len(), g.input_len(), "conv input length");
+    assert_eq!(y.len(), g.output_len(), "conv output length");
+    assert_eq!(bias.len(), g.cout, "conv bias length");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), y.len(), "conv residual length");
+    }
+    let pixels = g.out_h * g.out_w;
+    if pixels == 0 {
+        return;
+    }
+    let zeros = vec![0.0; g.cin];
+    let mut padded_bias = vec![0.0; g.cout.next_multiple_of(LANES)];
+    padded_bias[..g.cout].copy_from_slice(bias);
+    let kblocks = reduction_blocks(g.kernel * g.kernel, g.cin);
+    let job = ConvJob {
+        x,
+        g: *g,
+        w,
+        bias: &padded_bias,
+        act,
+        residual,
+        y: OutPtr(y.as_mut_ptr()),
+        y_len: y.len(),
+        zeros: &zeros,
+        kblocks: &kblocks,
+    };
+    let plan = plan_units(pixels, w, x.len(), rayon::current_num_threads());
+    if plan.parallel {
+        plan.units
+            .par_iter()
+            .for_each(|unit| conv_unit_isa(isa, &job, unit));
+    } else {
+        plan.units
+            .iter()
+            .for_each(|unit| conv_unit_isa(isa, &job, unit));
+    }
+}
+
+dispatch_isa! {
+    fn conv_unit_isa(job: &ConvJob<'_>, unit: &Unit) => conv_unit;
+}
+
+#[inline(always)]
+fn conv_unit<L: Level>(job: &ConvJob<'_>, unit: &Unit) {
+    for group in &job.w.groups[unit.g0..unit.g1] {
+        // SAFETY: `conv2d_nhwc_isa` checked every length the tile loop relies on.
+        unsafe { dispatch_tile!(L, group.nv, conv_group(job, group, unit.p0, unit.p1)) }
+    }
+}
+
+thread_local! {
+    /// Partial sums of a unit between reduction blocks.
+    static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Output pixels `p0..p1` of one column group.
+///
+/// # Safety
+/// The lengths in `job` must have been checked by `conv2d_nhwc_isa`.
+#[inline(always)]
+unsafe fn conv_group<L: Level, const MR: usize, const NV: usize>(
+    job: &ConvJob<'_>,
+    group: &ColumnGroup,
+    p0: usize,
+    p1: usize,
+) {
+    let nr = NV * LANES;
+    if job.kblocks.len() == 1 {
+        conv_group_blocks::<L, MR, NV>(job, group, p0, p1, std::ptr::null_mut());
+    } else {
+        // Borrow the buffer without running the kernel inside a closure: closures are not
+        // compiled with the caller's target features.
+        let mut partials = PARTIALS.with(|cell| cell.take());
+        let needed = (p1 - p0).div_ceil(MR) * MR * nr;
+        if partials.len() < needed {
+            partials.resize(needed, 0.0);
+        }
+        conv_group_blocks::<L, MR, NV>(job, group, p0, p1, partials.as_mut_ptr());
+        PARTIALS.with(|cell| cell.replace(partials));
+    }
+}
+
+/// # Safety
+/// As `conv_group`; `partials` must hold a tile row per pixel (rounded up to `MR`) when
+/// there is more than one reduction block.
+#[inline(always)]
+unsafe fn conv_group_blocks<L: Level, const MR: usize, const NV: usize>(
+    job: &ConvJob<'_>,
+    group: &ColumnGroup,
+    p0: usize,
+    p1: usize,
+    partials: *mut f32,
+) {
+    let g = &job.g;
+    let nr = NV * LANES;
+    let weights = job.w.data.as_slice().as_ptr().add(group.offset);
+    let nblocks = job.kblocks.len();
+    for (bi, kb) in job.kblocks.iter().enumerate() {
+        let mut t0 = p0;
+        let (mut oy0, mut ox0) = (p0 / g.out_w, p0 % g.out_w);
+        while t0 < p1 {
+            let valid = MR.min(p1 - t0);
+            let origins = tile_origins::<MR>(g, oy0, ox0, valid);
+            // Every reduction block sums from zero and then joins the earlier blocks' partial
+            // sums: two-level summation, more accurate than one chain over the whole reduction.
+            let mut acc: Tile<L, MR, NV> = zero_tile::<L, MR, NV>();
+            for tap in kb.tap0..kb.tap1 {
+                let (ky, kx) = ((tap / g.kernel) as isize, (tap % g.kernel) as isize);
+                let mut a = [job.zeros.as_ptr(); MR];
+                for m in 0..MR {
+                    let (iy, ix) = (origins[m].0 + ky, origins[m].1 + kx);
+                    if iy >= 0 && ix >= 0 && (iy as usize) < g.in_h && (ix as usize) < g.in_w {
+                        let pixel = iy as usize * g.in_w + ix as usize;
+                        a[m] = job.x.as_ptr().add(pixel * g.cin + kb.c0);
+                    }
+                }
+                let b = weights.add((tap * g.cin + kb.c0) * nr);
+                accumulate::<L, MR, NV>(&mut acc, &a, b, nr, kb.c1 - kb.c0);
+            }
+            if bi > 0 {
+                add_from::<L, MR, NV>(&mut acc, partials.add((t0 - p0) * nr), nr);
+            }
+            if bi + 1 == nblocks {
+                store_outputs::<L, MR, NV>(job, group.co0, &acc, t0, valid);
+            } else {
+                store_tile::<L, MR, NV>(partials.add((t0 - p0) * nr), nr, &acc);
+            }
+            t0 += MR;
+            ox0 += MR;
+            while ox0 >= g.out_w {
+                ox0 -= g.out_w;
+                oy0 += 1;
+            }
+        }
+    }
+}
+
+/// Top-left input coordinate (may be negative) of each pixel of the tile starting at output
+/// pixel `(oy0, ox0)`. Rows past `valid` repeat the last valid pixel, so they read valid memory.
+#[inline(always)]
+fn tile_origins<const MR: usize>(
+    g: &ConvGeometry,
+    oy0: usize,
+    ox0: usize,
+    valid: usize,
+) -> [(isize, isize); MR] {
+    let mut origins = [(0isize, 0isize); MR];
+    let (mut oy, mut ox) = (oy0, ox0);
+    for m in 0..MR {
+        origins[m] = (
+            (oy * g.stride) as isize - g.pad_top as isize,
+            (ox * g.stride) as isize - g.pad_left as isize,
+        );
+        if m + 1 < valid {
+            ox += 1;
+            if ox == g.out_w {
+                ox = 0;
+                oy += 1;
+            }
+        }
+    }
+    origins
+}
+
+/// Bias, activation, residual and store of the valid part of a finished tile.
+///
+/// # Safety
+/// As `conv_group`.
+#[inline(always)]
+unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
+    job: &ConvJob<'_>,
+    co0: usize,
+    acc: &Tile<L, MR, NV>,
+    t0: usize,
+    valid: usize,
+) {
+    let cout = job.g.cout;
+    // Loaded here, not kept live across the tile loop: the accumulators need every register.
+    let mut bias = [L::zero(); NV];
+    for v in 0..NV {
+        bias[v] = L::load(job.bias.as_ptr().add(co0 + v * LANES));
+    }
+    for m in 0..MR {
+        // Constant trip count with an early exit keeps `acc` indexable by constants (in registers).
+        if m >= valid {
+            break;
+        }
+        let base = (t0 + m) * cout;
+        for v in 0..NV {
+            let c = co0 + v * LANES;
+            if c >= cout {
+                break;
+            }
+            let lanes = LANES.min(cout - c);
+            debug_assert!(base + c + lanes <= job.y_len);
+            let mut val = activate::<L>(job.act, L::add(acc[m][v], bias[v]));
+            let out = job.y.0.add(base + c);
+            if lanes == LANES {
+                if let Some(res) = job.residual {
+                    val = L::add(val, L::load(res.as_ptr().add(base + c)));
+                }
+                L::store(out, val);
+            } else {
+                let mut vals = L::to_array(val);
+                if let Some(res) = job.residual {
+                    for lane in 0..lanes {
+                        vals[lane] += res[base + c + lane];
+                    }
+                }
+                std::ptr::copy_nonoverlapping(vals.as_ptr(), out, lanes);
+            }
+        }
+    }
+}
