@@ -134,14 +134,9 @@ fn info_reports_entries_parameters_and_arena() {
     assert!(stdout.contains("arena peak"), "{stdout}");
 }
 
-fn segment_args<'a>(
-    weights: &'a str,
-    prompt: &'a str,
-    query: &'a str,
-    size: &'a str,
-    out: &'a str,
-) -> Vec<&'a str> {
-    vec![
+/// `metauas segment` with one query.
+fn segment(weights: &str, prompt: &str, query: &str, size: &str, out: &str) -> Output {
+    metauas(&[
         "segment",
         "--weights",
         weights,
@@ -153,7 +148,7 @@ fn segment_args<'a>(
         size,
         "--out",
         out,
-    ]
+    ])
 }
 
 #[test]
@@ -161,30 +156,12 @@ fn missing_files_are_named() {
     let i = inputs();
     let o = common::temp_dir("cli-err");
     let missing = i.dir.join("nope.png");
-    let out = metauas(&segment_args(
-        s(&i.weights),
-        s(&missing),
-        s(&i.query),
-        "64",
-        s(&o),
-    ));
+    let out = segment(s(&i.weights), s(&missing), s(&i.query), "64", s(&o));
     assert_one_line_error(&out, "nope.png");
-    let out = metauas(&segment_args(
-        s(&i.weights),
-        s(&i.prompt),
-        s(&missing),
-        "64",
-        s(&o),
-    ));
+    let out = segment(s(&i.weights), s(&i.prompt), s(&missing), "64", s(&o));
     assert_one_line_error(&out, "nope.png");
     let missing_w = i.dir.join("nope.safetensors");
-    let out = metauas(&segment_args(
-        s(&missing_w),
-        s(&i.prompt),
-        s(&i.query),
-        "64",
-        s(&o),
-    ));
+    let out = segment(s(&missing_w), s(&i.prompt), s(&i.query), "64", s(&o));
     assert_one_line_error(&out, "nope.safetensors");
 }
 
@@ -194,21 +171,9 @@ fn undecodable_image_is_named() {
     let o = common::temp_dir("cli-err");
     let bad = i.dir.join("garbage.png");
     std::fs::write(&bad, b"this is not an image").unwrap();
-    let out = metauas(&segment_args(
-        s(&i.weights),
-        s(&bad),
-        s(&i.query),
-        "64",
-        s(&o),
-    ));
+    let out = segment(s(&i.weights), s(&bad), s(&i.query), "64", s(&o));
     assert_one_line_error(&out, "garbage.png");
-    let out = metauas(&segment_args(
-        s(&i.weights),
-        s(&i.prompt),
-        s(&bad),
-        "64",
-        s(&o),
-    ));
+    let out = segment(s(&i.weights), s(&i.prompt), s(&bad), "64", s(&o));
     assert_one_line_error(&out, "garbage.png");
 }
 
@@ -219,23 +184,11 @@ fn truncated_and_garbled_weights_are_named() {
     let bytes = std::fs::read(&i.weights).unwrap();
     let truncated = i.dir.join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let out = metauas(&segment_args(
-        s(&truncated),
-        s(&i.prompt),
-        s(&i.query),
-        "64",
-        s(&o),
-    ));
+    let out = segment(s(&truncated), s(&i.prompt), s(&i.query), "64", s(&o));
     assert_one_line_error(&out, "truncated.safetensors");
     let garbled = i.dir.join("garbled.ckpt");
     std::fs::write(&garbled, b"PK\x03\x04 definitely not a zip archive").unwrap();
-    let out = metauas(&segment_args(
-        s(&garbled),
-        s(&i.prompt),
-        s(&i.query),
-        "64",
-        s(&o),
-    ));
+    let out = segment(s(&garbled), s(&i.prompt), s(&i.query), "64", s(&o));
     assert_one_line_error(&out, "garbled.ckpt");
 }
 
@@ -244,34 +197,11 @@ fn wrong_shape_names_entry_and_shapes() {
     let i = inputs();
     let o = common::temp_dir("cli-err");
     let path = i.dir.join("wrong_shape.safetensors");
-    let mut recipe_dict = metauas::synth::synthetic_state_dict(&common::default_recipe(3));
-    let entry = recipe_dict
-        .iter_mut()
-        .find(|e| e.0 == "mask_head.weight")
-        .unwrap();
+    let mut dict = metauas::synth::synthetic_state_dict(&common::default_recipe(3));
+    let entry = dict.iter_mut().find(|e| e.0 == "mask_head.weight").unwrap();
     entry.1 = vec![1, 24, 2, 1];
-    let tensors: Vec<(String, metauas::io::weights::TensorData)> = recipe_dict
-        .into_iter()
-        .map(|(name, shape, t)| {
-            let data = match t {
-                metauas::synth::SynthTensor::F32(data) => {
-                    metauas::io::weights::TensorData::F32 { shape, data }
-                }
-                metauas::synth::SynthTensor::I64(data) => {
-                    metauas::io::weights::TensorData::I64 { shape, data }
-                }
-            };
-            (name, data)
-        })
-        .collect();
-    metauas::io::weights::write_safetensors(&path, &tensors, &[]).unwrap();
-    let out = metauas(&segment_args(
-        s(&path),
-        s(&i.prompt),
-        s(&i.query),
-        "64",
-        s(&o),
-    ));
+    common::write_state_dict(&path, dict);
+    let out = segment(s(&path), s(&i.prompt), s(&i.query), "64", s(&o));
     assert_one_line_error(&out, "mask_head.weight");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -285,13 +215,7 @@ fn bad_sizes_are_refused() {
     let i = inputs();
     let o = common::temp_dir("cli-err");
     for size in ["100", "0", "4096"] {
-        let out = metauas(&segment_args(
-            s(&i.weights),
-            s(&i.prompt),
-            s(&i.query),
-            size,
-            s(&o),
-        ));
+        let out = segment(s(&i.weights), s(&i.prompt), s(&i.query), size, s(&o));
         assert_one_line_error(&out, size);
     }
 }

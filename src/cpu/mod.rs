@@ -38,32 +38,11 @@ impl CpuBackend {
                 (packed, c.bias.clone())
             })
             .collect();
-        let se =
-            w.se.iter()
-                .map(|s| SqueezeExcite {
-                    channels: s.channels,
-                    squeeze: s.squeeze,
-                    reduce_w: s.reduce_w.clone(),
-                    reduce_b: s.reduce_b.clone(),
-                    expand_w: s.expand_w.clone(),
-                    expand_b: s.expand_b.clone(),
-                })
-                .collect();
-        let scse = w
-            .scse
-            .iter()
-            .map(|s| Scse {
-                channels: s.channels,
-                hidden: s.hidden,
-                cse1_w: s.cse1_w.clone(),
-                cse1_b: s.cse1_b.clone(),
-                cse3_w: s.cse3_w.clone(),
-                cse3_b: s.cse3_b.clone(),
-                sse_w: s.sse_w.clone(),
-                sse_b: s.sse_b,
-            })
-            .collect();
-        CpuBackend { convs, se, scse }
+        CpuBackend {
+            convs,
+            se: w.se.clone(),
+            scse: w.scse.clone(),
+        }
     }
 
     /// Runs `graph` in `arena` (resized to the plan once). `inputs` are copied in first, in

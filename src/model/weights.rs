@@ -31,27 +31,8 @@ pub struct ConvWeights {
     pub bias: Vec<f32>,
 }
 
-#[derive(Clone, Debug)]
-pub struct SqueezeExciteWeights {
-    pub channels: usize,
-    pub squeeze: usize,
-    pub reduce_w: Vec<f32>,
-    pub reduce_b: Vec<f32>,
-    pub expand_w: Vec<f32>,
-    pub expand_b: Vec<f32>,
-}
-
-#[derive(Clone, Debug)]
-pub struct ScseWeights {
-    pub channels: usize,
-    pub hidden: usize,
-    pub cse1_w: Vec<f32>,
-    pub cse1_b: Vec<f32>,
-    pub cse3_w: Vec<f32>,
-    pub cse3_b: Vec<f32>,
-    pub sse_w: Vec<f32>,
-    pub sse_b: f32,
-}
+/// Squeeze-excite and scSE parameters are plain data; the kernels' structs serve as is.
+pub use crate::cpu::kernels::{Scse as ScseWeights, SqueezeExcite as SqueezeExciteWeights};
 
 /// Every parameter the forward pass uses, addressed by index from graph ops.
 #[derive(Clone, Debug, Default)]

@@ -31,7 +31,12 @@ pub fn default_recipe(seed: u64) -> WeightRecipe {
 
 /// Writes the synthetic state dict (every official entry, counters as int64) as safetensors.
 pub fn write_synthetic_weights(path: &Path, recipe: &WeightRecipe) {
-    let tensors: Vec<(String, TensorData)> = synthetic_state_dict(recipe)
+    write_state_dict(path, synthetic_state_dict(recipe));
+}
+
+/// Writes a (possibly edited) synthetic state dict as safetensors.
+pub fn write_state_dict(path: &Path, dict: Vec<(String, Vec<usize>, SynthTensor)>) {
+    let tensors: Vec<(String, TensorData)> = dict
         .into_iter()
         .map(|(name, shape, t)| {
             let data = match t {

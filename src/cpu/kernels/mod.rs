@@ -106,6 +106,7 @@ pub fn depthwise_conv2d_nhwc(
 }
 
 /// Squeeze-excite (EfficientNet): `m = mean_hw(x); g = sigmoid(We·swish(Wr·m + br) + be); y = x * g` (per channel).
+#[derive(Clone, Debug)]
 pub struct SqueezeExcite {
     pub channels: usize,
     pub squeeze: usize,
@@ -123,6 +124,7 @@ pub fn squeeze_excite_nhwc(x: &[f32], pixels: usize, se: &SqueezeExcite, y: &mut
 
 /// scSE (decoder attention): `c = sigmoid(W3·relu(W1·mean_hw(x)+b1)+b3)` per channel;
 /// `s = sigmoid(ws·x[p] + bs)` per pixel; `y = x*c + x*s`.
+#[derive(Clone, Debug)]
 pub struct Scse {
     pub channels: usize,
     pub hidden: usize,
