@@ -4,6 +4,7 @@ mod cli;
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -21,7 +22,10 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("metauas: internal error: {msg}{at} (please report this)");
     }));
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => return usage_error(e),
+    };
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
@@ -29,4 +33,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version go to stdout as clap renders them; a usage error is one line on stderr
+/// (clap's own message, without its multi-line usage block) and exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    // clap's message is its first paragraph (e.g. a missing-argument list); drop the usage part.
+    let text = e.to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect();
+    let message = message.join(" ");
+    let message = message.trim_start_matches("error: ");
+    eprintln!("metauas: {message} (see `metauas --help`)");
+    ExitCode::from(2)
 }

@@ -249,3 +249,129 @@ fn duplicate_query_stems_are_refused_before_any_work() {
         "nothing may be written"
     );
 }
+
+#[test]
+fn usage_errors_are_one_line() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    for size in ["abc", "-32"] {
+        let out = metauas(&[
+            "segment",
+            "--weights",
+            s(&i.weights),
+            "--prompt",
+            s(&i.prompt),
+            "--query",
+            s(&i.query),
+            "--out",
+            s(&o),
+            &format!("--size={size}"),
+        ]);
+        assert_one_line_error(&out, size);
+        assert_eq!(out.status.code(), Some(2));
+    }
+    let out = metauas(&[
+        "segment",
+        "--weights",
+        s(&i.weights),
+        "--prompt",
+        s(&i.prompt),
+    ]);
+    assert_one_line_error(&out, "--query");
+}
+
+#[test]
+fn directory_query_is_named() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    let out = segment(s(&i.weights), s(&i.prompt), s(&i.dir), "64", s(&o));
+    assert_one_line_error(&out, "is a directory");
+}
+
+#[test]
+fn non_finite_weights_are_refused() {
+    let i = inputs();
+    let o = common::temp_dir("cli-err");
+    let path = i.dir.join("nan.safetensors");
+    let mut dict = metauas::synth::synthetic_state_dict(&common::default_recipe(3));
+    let entry = dict
+        .iter_mut()
+        .find(|e| e.0 == "decoder.blocks.2.conv1.0.weight")
+        .unwrap();
+    if let metauas::synth::SynthTensor::F32(data) = &mut entry.2 {
+        data[17] = f32::NAN;
+    }
+    common::write_state_dict(&path, dict);
+    let out = segment(s(&path), s(&i.prompt), s(&i.query), "64", s(&o));
+    assert_one_line_error(&out, "decoder.blocks.2.conv1.0.weight");
+}
+
+#[test]
+fn outputs_never_overwrite_inputs() {
+    let i = inputs();
+    let dir = common::temp_dir("cli-clash");
+    let query = dir.join("x.png");
+    let heat = dir.join("x_heatmap.png");
+    std::fs::copy(&i.query, &query).unwrap();
+    std::fs::copy(&i.prompt, &heat).unwrap();
+    let before = std::fs::read(&heat).unwrap();
+    let out = metauas(&[
+        "segment",
+        "--weights",
+        s(&i.weights),
+        "--prompt",
+        s(&i.prompt),
+        "--query",
+        s(&query),
+        "--query",
+        s(&heat),
+        "--size",
+        "64",
+        "--out",
+        s(&dir),
+    ]);
+    assert_one_line_error(&out, "x_heatmap.png");
+    assert_eq!(
+        std::fs::read(&heat).unwrap(),
+        before,
+        "an input was overwritten"
+    );
+}
+
+#[test]
+fn defaults_and_json_key_order() {
+    let i = inputs();
+    let cwd = common::temp_dir("cli-defaults");
+    let out = Command::new(env!("CARGO_BIN_EXE_metauas"))
+        .args([
+            "segment",
+            "--weights",
+            s(&i.weights),
+            "--prompt",
+            s(&i.prompt),
+            "--query",
+            s(&i.query),
+        ])
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).unwrap();
+    let keys: Vec<&str> = ["\"query\"", "\"prompt\"", "\"score\"", "\"map\"", "\"ms\""]
+        .into_iter()
+        .filter(|k| line.contains(k))
+        .collect();
+    assert_eq!(keys.len(), 5, "{line}");
+    let positions: Vec<usize> = keys.iter().map(|k| line.find(k).unwrap()).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "key order: {line}"
+    );
+    // Default --out is metauas-out (relative to the working directory), default --size 256.
+    let (shape, _) = read_npy_f32(&cwd.join("metauas-out/frame.npy")).unwrap();
+    assert_eq!(shape, vec![256, 256]);
+}

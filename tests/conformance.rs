@@ -118,9 +118,14 @@ fn check_fixture(name: &str) {
     let prompt = engine
         .encode_prompt(&decode_image_file(&prompt_png).unwrap())
         .unwrap();
-    let (map, taps) = engine
-        .segment_with_taps(&prompt, &decode_image_file(&query_png).unwrap())
-        .unwrap();
+    let query = decode_image_file(&query_png).unwrap();
+    let (map, taps) = engine.segment_with_taps(&prompt, &query).unwrap();
+    // The production path (its own graph and arena plan) must give the very same map.
+    let plain = engine.segment(&prompt, &query).unwrap();
+    assert_eq!(
+        plain.data, map.data,
+        "segment() differs from segment_with_taps()"
+    );
 
     let mut outputs = taps;
     outputs.push(Tap {

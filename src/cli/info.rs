@@ -1,6 +1,7 @@
 //! `metauas info`: what a weights file holds, and the graph it builds.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::Path;
 
 use metauas::io::weights::WeightFile;
@@ -9,8 +10,9 @@ use metauas::Result;
 
 pub fn run(path: &Path, size: usize) -> Result<()> {
     check_size(size)?;
+    let mut out = String::new();
     let file = WeightFile::open(path)?;
-    println!("weights: {} ({:?})", path.display(), file.format());
+    let _ = writeln!(out, "weights: {} ({:?})", path.display(), file.format());
     let mut by_dtype: BTreeMap<String, usize> = BTreeMap::new();
     let (mut params, mut buffers) = (0usize, 0usize);
     for e in file.entries() {
@@ -27,16 +29,26 @@ pub fn run(path: &Path, size: usize) -> Result<()> {
         }
     }
     let dtypes: Vec<String> = by_dtype.iter().map(|(d, n)| format!("{d}: {n}")).collect();
-    println!("entries: {} ({})", file.entries().len(), dtypes.join(", "));
-    println!(
+    let _ = writeln!(
+        out,
+        "entries: {} ({})",
+        file.entries().len(),
+        dtypes.join(", ")
+    );
+    let _ = writeln!(
+        out,
         "parameters: {} (plus {} buffer values)",
         group_thousands(params),
         group_thousands(buffers)
     );
 
     let engine = Engine::new(&file, size)?;
-    println!("model: MetaUAS, EfficientNet-b4 encoder, 3-level soft alignment, UNet+scSE decoder");
-    println!(
+    let _ = writeln!(
+        out,
+        "model: MetaUAS, EfficientNet-b4 encoder, 3-level soft alignment, UNet+scSE decoder"
+    );
+    let _ = writeln!(
+        out,
         "parameters used after folding BatchNorm: {}",
         group_thousands(engine.weights().parameter_count())
     );
@@ -44,21 +56,23 @@ pub fn run(path: &Path, size: usize) -> Result<()> {
         ("prompt graph", engine.prompt_graph()),
         ("query graph", engine.query_graph()),
     ] {
-        println!(
-            "{label} at {size}x{size}: {} ops, {:.2} GMAC, arena peak {:.1} MiB ({} values)",
+        let _ = writeln!(out,
+            "{label} at {size}x{size}: {} ops, {:.2} GMAC, arena peak {} bytes ({:.1} MiB, {} values)",
             g.nodes.len(),
             g.total_macs() as f64 / 1e9,
+            group_thousands(g.plan.arena_bytes()),
             g.plan.arena_bytes() as f64 / (1 << 20) as f64,
             g.values.len()
         );
         for (kind, count, macs) in g.summary() {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {kind:<16} {count:>4} ops {:>8.3} GMAC",
                 macs as f64 / 1e9
             );
         }
     }
-    Ok(())
+    super::emit(&out)
 }
 
 fn group_thousands(n: usize) -> String {

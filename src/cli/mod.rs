@@ -57,3 +57,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
     }
 }
+
+/// Writes to stdout; a closed pipe (`metauas info | head`) is not an error.
+pub fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(metauas::Error::new(format!("cannot write to stdout: {e}"))),
+    }
+}

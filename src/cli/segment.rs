@@ -38,10 +38,16 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     check_size(args.size)?;
     let stems = unique_stems(&args.query)?;
     for q in &args.query {
+        if q.is_dir() {
+            return Err(Error::at(q, "is a directory, not an image file"));
+        }
         if !q.is_file() {
             return Err(Error::at(q, "no such file"));
         }
     }
+    let mut inputs: Vec<&Path> = args.query.iter().map(|q| q.as_path()).collect();
+    inputs.extend([args.prompt.as_path(), args.weights.as_path()]);
+    outputs_spare_inputs(&args.out, &stems, &inputs)?;
     let prompt_image = decode_image_file(&args.prompt)?;
     let engine = Engine::from_file(&args.weights, args.size)?;
     std::fs::create_dir_all(&args.out)
@@ -82,7 +88,33 @@ fn segment_one(
         "map": npy.display().to_string(),
         "ms": (ms * 1000.0).round() / 1000.0,
     });
-    println!("{line}");
+    super::emit(&format!("{line}\n"))
+}
+
+/// File names written for one query.
+fn output_names(stem: &str) -> [String; 3] {
+    [
+        format!("{stem}.npy"),
+        format!("{stem}_heatmap.png"),
+        format!("{stem}_overlay.png"),
+    ]
+}
+
+/// Refuses a run whose outputs would overwrite one of its own inputs before it is read.
+fn outputs_spare_inputs(out: &Path, stems: &[String], inputs: &[&Path]) -> Result<()> {
+    let Ok(out_dir) = out.canonicalize() else {
+        return Ok(()); // not created yet: nothing in it can be an input
+    };
+    let inputs: Vec<(PathBuf, &Path)> = inputs
+        .iter()
+        .filter_map(|p| p.canonicalize().ok().map(|c| (c, *p)))
+        .collect();
+    for name in stems.iter().flat_map(|s| output_names(s)) {
+        let target = out_dir.join(&name);
+        if let Some((_, input)) = inputs.iter().find(|(c, _)| *c == target) {
+            return Err(Error::at(input, format!("is an input but would be overwritten by the output `{name}`; choose another --out")));
+        }
+    }
     Ok(())
 }
 

@@ -14,8 +14,16 @@ pub trait TensorSource {
 }
 
 impl TensorSource for crate::io::weights::WeightFile {
+    /// Also refuses NaN and infinities: a damaged file must not turn into a map of NaNs.
     fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        crate::io::weights::WeightFile::tensor_f32(self, name, shape)
+        let data = crate::io::weights::WeightFile::tensor_f32(self, name, shape)?;
+        match data.iter().position(|v| !v.is_finite()) {
+            None => Ok(data),
+            Some(i) => Err(crate::Error::at(
+                self.path(),
+                format!("entry `{name}` holds a non-finite value ({}) at element {i}: the file is damaged", data[i]),
+            )),
+        }
     }
 }
 
