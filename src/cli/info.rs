@@ -50,7 +50,7 @@ pub fn run(path: &Path, size: usize) -> Result<()> {
     let _ = writeln!(
         out,
         "parameters used after folding BatchNorm: {}",
-        group_thousands(engine.weights().parameter_count())
+        group_thousands(engine.parameter_count())
     );
     for (label, g) in [
         ("prompt graph", engine.prompt_graph()),

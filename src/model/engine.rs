@@ -61,7 +61,10 @@ pub struct Tap {
 
 pub struct Engine {
     size: usize,
+    /// Parameter tables for building graphs; the conv weights themselves live only in the
+    /// backend's packed form (see `from_weights`).
     weights: ModelWeights,
+    parameters: usize,
     backend: CpuBackend,
     prompt_graph: Graph,
     query_graph: Graph,
@@ -83,13 +86,18 @@ impl Engine {
         Ok(Engine::from_weights(weights, size))
     }
 
-    pub fn from_weights(weights: ModelWeights, size: usize) -> Engine {
+    pub fn from_weights(mut weights: ModelWeights, size: usize) -> Engine {
         let backend = CpuBackend::new(&weights);
         let prompt_graph = build_prompt_graph(&weights, size);
         let query_graph = build_query_graph(&weights, size, false);
+        let parameters = weights.parameter_count();
+        // The backend holds packed copies: keeping the unpacked ones would double the
+        // resident weights (~85 MB) for nothing.
+        weights.release_conv_data();
         Engine {
             size,
             weights,
+            parameters,
             backend,
             prompt_graph,
             query_graph,
@@ -101,8 +109,9 @@ impl Engine {
     pub fn size(&self) -> usize {
         self.size
     }
-    pub fn weights(&self) -> &ModelWeights {
-        &self.weights
+    /// Parameters used by the forward pass, after folding BatchNorm.
+    pub fn parameter_count(&self) -> usize {
+        self.parameters
     }
     pub fn prompt_graph(&self) -> &Graph {
         &self.prompt_graph

@@ -103,6 +103,15 @@ impl ModelWeights {
         conv + se + scse
     }
 
+    /// Drops the conv weight and bias arrays, keeping names, shapes and indices (all a
+    /// graph build needs) once a backend has packed its own copy.
+    pub fn release_conv_data(&mut self) {
+        for c in &mut self.convs {
+            c.weight = Vec::new();
+            c.bias = Vec::new();
+        }
+    }
+
     fn push_conv(&mut self, c: ConvWeights) {
         self.conv_index.insert(c.name.clone(), self.convs.len());
         self.convs.push(c);
