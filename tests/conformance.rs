@@ -11,9 +11,10 @@ mod common;
 
 use std::path::PathBuf;
 
+use metauas::gpu::Precision;
 use metauas::graph::Shape;
 use metauas::io::image::decode_image_file;
-use metauas::model::{Engine, Tap};
+use metauas::model::{Engine, EngineOptions, Tap};
 use metauas::synth::{synthetic_image, WeightRecipe};
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -141,7 +142,15 @@ fn check_synthetic_inputs(fx: &Fixture, images: &Value) {
     }
 }
 
+/// f16 storage: the 99.9th-percentile error of the map against the truth (issue 3).
+const F16_P999_BOUND: f64 = 1e-2;
+
 fn check_fixture(name: &str) {
+    check_fixture_on(name, EngineOptions::default());
+}
+
+/// Runs `name` with `options`; returns the map's (max, p99.9) error against the truth.
+fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
     let fx = Fixture::load(name);
     let size: usize = fx.meta["size"].parse().expect("size");
     let dir = common::temp_dir("conformance");
@@ -154,7 +163,8 @@ fn check_fixture(name: &str) {
     common::write_png(&prompt_png, &image_from_meta(&images["prompt"]));
     common::write_png(&query_png, &image_from_meta(&images["query"]));
 
-    let engine = Engine::from_file(&weights, size).expect("engine");
+    let engine = Engine::from_file_with(&weights, size, options).expect("engine");
+    let f16 = options.precision == Precision::F16;
     let prompt = engine
         .encode_prompt(&decode_image_file(&prompt_png).unwrap())
         .unwrap();
@@ -174,8 +184,12 @@ fn check_fixture(name: &str) {
         data: map.data,
     });
 
-    println!("{name}: errors vs the float64 truth, max / p99.9: ours (sampled), PyTorch-f32 (full tensor), PyTorch-f32 (sampled)");
+    println!(
+        "{name} on {}: errors vs the float64 truth, max / p99.9: ours (sampled), PyTorch-f32 (full tensor), PyTorch-f32 (sampled)",
+        engine.backend_description()
+    );
     let mut failures = Vec::new();
+    let mut map_error = (0.0, 0.0);
     for Tap {
         name: tap,
         shape,
@@ -202,9 +216,17 @@ fn check_fixture(name: &str) {
             .as_f64()
             .expect("torch32_error.p999_abs");
         println!("  {tap:<7} {om:.3e} / {op:.3e}   {tm:.3e} / {tp:.3e}   {sm:.3e} / {sp:.3e}");
+        if tap == "map" {
+            map_error = (om, op);
+        }
         // Both comparisons must hold: with the full-tensor record and on the same samples.
         let (tm, tp) = (tm.min(sm), tp.min(sp));
-        if !(om <= FACTOR * tm + SLACK && op <= FACTOR * tp + SLACK) {
+        if f16 {
+            // f16 storage is judged on the map alone (issue 3's bound), not per intermediate.
+            if tap == "map" && op > F16_P999_BOUND {
+                failures.push(format!("map (f16): p99.9 {op:.3e} > {F16_P999_BOUND}"));
+            }
+        } else if !(om <= FACTOR * tm + SLACK && op <= FACTOR * tp + SLACK) {
             failures.push(format!(
                 "{tap}: ours {om:.3e}/{op:.3e} vs PyTorch {tm:.3e}/{tp:.3e}"
             ));
@@ -215,7 +237,35 @@ fn check_fixture(name: &str) {
         failures.is_empty(),
         "{name}: outside the bound: {failures:?}"
     );
+    map_error
 }
+
+macro_rules! gpu_fixture_test {
+    ($test:ident, $file:expr, $precision:expr) => {
+        #[test]
+        fn $test() {
+            let Some(options) = common::gpu_options(stringify!($test), $precision) else {
+                return;
+            };
+            check_fixture_on($file, options);
+        }
+    };
+}
+
+gpu_fixture_test!(gpu_s256_smooth, "s256_smooth.safetensors", Precision::F32);
+gpu_fixture_test!(gpu_s256_sharp, "s256_sharp.safetensors", Precision::F32);
+gpu_fixture_test!(gpu_s512_smooth, "s512_smooth.safetensors", Precision::F32);
+gpu_fixture_test!(gpu_s512_sharp, "s512_sharp.safetensors", Precision::F32);
+gpu_fixture_test!(
+    gpu_f16_s256_smooth,
+    "s256_smooth.safetensors",
+    Precision::F16
+);
+gpu_fixture_test!(
+    gpu_f16_s512_smooth,
+    "s512_smooth.safetensors",
+    Precision::F16
+);
 
 #[test]
 fn s256_smooth() {

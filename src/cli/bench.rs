@@ -10,7 +10,7 @@ use metauas::model::{check_size, Engine, MemorySource};
 use metauas::synth::{synthetic_image, WeightRecipe};
 use metauas::Result;
 
-use super::Backend;
+use super::{announce, engine_options, Backend, PrecisionArg};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -18,6 +18,9 @@ pub struct BenchArgs {
     size: usize,
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// Storage precision (f16: GPU only).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
     /// Real weights; by default deterministic synthetic ones (time does not depend on values).
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -34,8 +37,9 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     check_size(args.size)?;
+    let options = engine_options(args.backend, args.precision);
     let engine = match &args.weights {
-        Some(path) => Engine::from_file(path, args.size)?,
+        Some(path) => Engine::from_file_with(path, args.size, options)?,
         None => {
             let recipe = WeightRecipe {
                 seed: 1,
@@ -44,9 +48,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 gain_decoder: 1.0,
                 gain_head: 1.0,
             };
-            Engine::new(&MemorySource::synthetic(&recipe), args.size)?
+            Engine::with_options(&MemorySource::synthetic(&recipe), args.size, options)?
         }
     };
+    announce(&engine);
     let prompt_img = synthetic_image(1, args.size, args.size, None);
     let query_img = synthetic_image(
         2,
@@ -78,15 +83,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let obj = serde_json::json!({
             "full_ms": full_med, "cached_ms": cached_med,
             "p90_full_ms": full_p90, "p90_cached_ms": cached_p90,
-            "peak_rss_mb": rss, "backend": "cpu", "size": args.size,
+            "peak_rss_mb": rss, "backend": engine.backend_kind(), "size": args.size,
             "threads": rayon::current_num_threads(), "iters": args.iters,
+            "device": engine.backend_description(), "dispatches": engine.gpu_dispatches(),
         });
         println!("{obj}");
     } else {
         println!(
-            "metauas bench: size {} backend cpu threads {} iters {}",
+            "metauas bench: size {} backend {} iters {}",
             args.size,
-            rayon::current_num_threads(),
+            engine.backend_description(),
             args.iters
         );
         println!("full forward (prompt + query): median {full_med:.2} ms, p90 {full_p90:.2} ms");

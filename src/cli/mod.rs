@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use metauas::gpu::Precision;
+use metauas::model::{BackendChoice, Engine, EngineOptions};
 use metauas::Result;
 
 #[derive(Parser)]
@@ -23,7 +25,39 @@ pub struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
+    /// The CPU backend (rayon + SIMD).
     Cpu,
+    /// The GPU backend (wgpu: Vulkan, Metal or DX12), software adapters included.
+    Gpu,
+    /// A hardware GPU when one exists, the CPU otherwise.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    /// f16 storage with f32 accumulation (GPU with SHADER_F16 only).
+    F16,
+}
+
+/// Engine options from the command line.
+pub fn engine_options(backend: Backend, precision: PrecisionArg) -> EngineOptions {
+    EngineOptions {
+        backend: match backend {
+            Backend::Cpu => BackendChoice::Cpu,
+            Backend::Gpu => BackendChoice::Gpu,
+            Backend::Auto => BackendChoice::Auto,
+        },
+        precision: match precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::F16 => Precision::F16,
+        },
+    }
+}
+
+/// Says on stderr which backend an engine runs on (`auto` decides at run time).
+pub fn announce(engine: &Engine) {
+    eprintln!("metauas: backend {}", engine.backend_description());
 }
 
 #[derive(Subcommand)]

@@ -11,7 +11,7 @@ use metauas::io::output::{write_heatmap_png, write_npy_f32, write_overlay_png};
 use metauas::model::{check_size, AnomalyMap, Engine, PromptFeatures};
 use metauas::{Error, Result};
 
-use super::Backend;
+use super::{announce, engine_options, Backend, PrecisionArg};
 
 #[derive(Args)]
 pub struct SegmentArgs {
@@ -27,8 +27,12 @@ pub struct SegmentArgs {
     /// Model resolution: a multiple of 32 (the official checkpoints use 256 and 512).
     #[arg(long, default_value_t = 256)]
     size: usize,
-    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    /// Where to run: `auto` takes a hardware GPU when there is one, else the CPU.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
     backend: Backend,
+    /// Storage precision (f16 needs the GPU backend and an adapter with SHADER_F16).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
     /// Output directory.
     #[arg(long, default_value = "metauas-out")]
     out: PathBuf,
@@ -49,7 +53,9 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     inputs.extend([args.prompt.as_path(), args.weights.as_path()]);
     outputs_spare_inputs(&args.out, &stems, &inputs)?;
     let prompt_image = decode_image_file(&args.prompt)?;
-    let engine = Engine::from_file(&args.weights, args.size)?;
+    let options = engine_options(args.backend, args.precision);
+    let engine = Engine::from_file_with(&args.weights, args.size, options)?;
+    announce(&engine);
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::at(&args.out, format!("cannot create output directory: {e}")))?;
     let prompt = engine.encode_prompt(&prompt_image)?;

@@ -6,7 +6,7 @@
 
 mod plan;
 
-pub use plan::MemoryPlan;
+pub use plan::{assign_slots, MemoryPlan};
 
 use crate::cpu::kernels::{Activation, ConvGeometry};
 

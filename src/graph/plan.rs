@@ -99,6 +99,42 @@ fn first_fit(
     candidate
 }
 
+/// Buffer slots by liveness, for backends that cannot alias one arena (a GPU may not bind
+/// one buffer as both read and written in a dispatch): values whose lifetimes overlap get
+/// different slots; a slot is as large as its largest value. Greedy by start step, taking
+/// the free slot that fits best (or growing the largest free one). Returns each value's
+/// slot and each slot's size.
+pub fn assign_slots(sizes: &[u64], lifetimes: &[(usize, usize)]) -> (Vec<usize>, Vec<u64>) {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&v| (lifetimes[v].0, v));
+    let mut slot_of = vec![0; sizes.len()];
+    let mut slot_size: Vec<u64> = Vec::new();
+    // Last step each slot is busy until (its current occupant's end).
+    let mut busy_until: Vec<Option<usize>> = Vec::new();
+    for v in order {
+        let (start, end) = lifetimes[v];
+        let free = |s: usize| busy_until[s].is_none_or(|e| e < start);
+        let fitting = (0..slot_size.len())
+            .filter(|&s| free(s) && slot_size[s] >= sizes[v])
+            .min_by_key(|&s| slot_size[s]);
+        let slot = fitting
+            .or_else(|| {
+                (0..slot_size.len())
+                    .filter(|&s| free(s))
+                    .max_by_key(|&s| slot_size[s])
+            })
+            .unwrap_or_else(|| {
+                slot_size.push(0);
+                busy_until.push(None);
+                slot_size.len() - 1
+            });
+        slot_size[slot] = slot_size[slot].max(sizes[v]);
+        busy_until[slot] = Some(end);
+        slot_of[v] = slot;
+    }
+    (slot_of, slot_size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +173,25 @@ mod tests {
         assert!(graph.plan.arena_len < total, "no reuse happened");
         // An output is kept to the end even though nothing consumes it later.
         assert_eq!(graph.plan.lifetimes[skips[2]].1, graph.nodes.len() + 1);
+    }
+
+    /// Values alive at the same step never share a slot, and slots hold their values.
+    #[test]
+    fn slots_separate_overlapping_values_and_reuse_dead_ones() {
+        let sizes = [100, 50, 300, 20, 100, 10];
+        let life = [(0, 2), (1, 1), (2, 4), (3, 5), (5, 6), (0, 6)];
+        let (slot, size) = assign_slots(&sizes, &life);
+        for a in 0..sizes.len() {
+            assert!(size[slot[a]] >= sizes[a], "slot of {a} too small");
+            for b in a + 1..sizes.len() {
+                if overlaps(life[a], life[b]) {
+                    assert_ne!(
+                        slot[a], slot[b],
+                        "{a} and {b} share a slot while both alive"
+                    );
+                }
+            }
+        }
+        assert!(size.len() < sizes.len(), "no slot was reused");
     }
 }

@@ -7,6 +7,7 @@ use super::graphs::{build_prompt_graph, build_query_graph, prompt_shapes, TAPS};
 use super::weights::{ModelWeights, TensorSource};
 use crate::cpu::{self, CpuBackend, NodeTimes};
 use crate::error::{Error, Result};
+use crate::gpu::{probe_adapter, GpuBackend, GpuProgram, Precision};
 use crate::graph::{Graph, Shape};
 use crate::io::image::{preprocess, RgbImage8};
 use crate::io::weights::WeightFile;
@@ -59,17 +60,57 @@ pub struct Tap {
     pub data: Vec<f32>,
 }
 
+/// Which backend runs the graphs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The CPU backend (rayon + SIMD).
+    #[default]
+    Cpu,
+    /// The GPU backend on the first Vulkan/Metal/DX12 adapter, software ones included.
+    Gpu,
+    /// A hardware GPU when there is one, the CPU backend otherwise.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub backend: BackendChoice,
+    /// Storage precision on the GPU; the CPU backend is float32 only.
+    pub precision: Precision,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            backend: BackendChoice::Cpu,
+            precision: Precision::F32,
+        }
+    }
+}
+
+enum Runner {
+    Cpu {
+        backend: CpuBackend,
+        prompt_arena: Mutex<Vec<f32>>,
+        query_arena: Mutex<Vec<f32>>,
+    },
+    Gpu {
+        backend: GpuBackend,
+        /// Programs own their readback buffer: one run at a time each.
+        prompt: Mutex<GpuProgram>,
+        query: Mutex<GpuProgram>,
+    },
+}
+
 pub struct Engine {
     size: usize,
     /// Parameter tables for building graphs; the conv weights themselves live only in the
     /// backend's packed form (see `from_weights`).
     weights: ModelWeights,
     parameters: usize,
-    backend: CpuBackend,
+    runner: Runner,
     prompt_graph: Graph,
     query_graph: Graph,
-    prompt_arena: Mutex<Vec<f32>>,
-    query_arena: Mutex<Vec<f32>>,
 }
 
 impl Engine {
@@ -86,8 +127,63 @@ impl Engine {
         Ok(Engine::from_weights(weights, size))
     }
 
-    pub fn from_weights(mut weights: ModelWeights, size: usize) -> Engine {
-        let backend = CpuBackend::new(&weights);
+    /// Like `from_file`, on the backend `options` choose.
+    pub fn from_file_with(path: &Path, size: usize, options: EngineOptions) -> Result<Engine> {
+        check_size(size)?;
+        let file = WeightFile::open(path)?;
+        let weights = ModelWeights::load(&file)?;
+        Engine::from_weights_with(weights, size, options)
+    }
+
+    /// Like `new`, on the backend `options` choose.
+    pub fn with_options(
+        src: &dyn TensorSource,
+        size: usize,
+        options: EngineOptions,
+    ) -> Result<Engine> {
+        check_size(size)?;
+        let weights = ModelWeights::load(src)?;
+        Engine::from_weights_with(weights, size, options)
+    }
+
+    /// CPU engine from loaded weights.
+    pub fn from_weights(weights: ModelWeights, size: usize) -> Engine {
+        let runner = cpu_runner(&weights);
+        Engine::assemble(weights, size, runner)
+    }
+
+    pub fn from_weights_with(
+        weights: ModelWeights,
+        size: usize,
+        options: EngineOptions,
+    ) -> Result<Engine> {
+        check_size(size)?;
+        let use_gpu = match options.backend {
+            BackendChoice::Cpu => false,
+            BackendChoice::Gpu => true,
+            BackendChoice::Auto => probe_adapter().is_some_and(|a| !a.software),
+        };
+        if !use_gpu && options.precision != Precision::F32 {
+            return Err(Error::new(
+                "--precision f16 needs the GPU backend (the CPU backend is float32 only)",
+            ));
+        }
+        let runner = if use_gpu {
+            let backend = GpuBackend::new(&weights, options.precision)?;
+            let prompt = backend.program(&build_prompt_graph(&weights, size))?;
+            let query = backend.program(&build_query_graph(&weights, size, false))?;
+            Runner::Gpu {
+                backend,
+                prompt: Mutex::new(prompt),
+                query: Mutex::new(query),
+            }
+        } else {
+            cpu_runner(&weights)
+        };
+        Ok(Engine::assemble(weights, size, runner))
+    }
+
+    fn assemble(mut weights: ModelWeights, size: usize, runner: Runner) -> Engine {
         let prompt_graph = build_prompt_graph(&weights, size);
         let query_graph = build_query_graph(&weights, size, false);
         let parameters = weights.parameter_count();
@@ -98,11 +194,37 @@ impl Engine {
             size,
             weights,
             parameters,
-            backend,
+            runner,
             prompt_graph,
             query_graph,
-            prompt_arena: Mutex::new(Vec::new()),
-            query_arena: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Which backend runs this engine, in words (for logs).
+    pub fn backend_description(&self) -> String {
+        match &self.runner {
+            Runner::Cpu { .. } => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Runner::Gpu { backend, .. } => format!(
+                "gpu: {} [{}]",
+                backend.adapter(),
+                backend.precision().name()
+            ),
+        }
+    }
+
+    /// `"cpu"` or `"gpu"`.
+    pub fn backend_kind(&self) -> &'static str {
+        match self.runner {
+            Runner::Cpu { .. } => "cpu",
+            Runner::Gpu { .. } => "gpu",
+        }
+    }
+
+    /// Compute dispatches per query forward on the GPU (None on the CPU).
+    pub fn gpu_dispatches(&self) -> Option<usize> {
+        match &self.runner {
+            Runner::Cpu { .. } => None,
+            Runner::Gpu { query, .. } => Some(lock(query).dispatches()),
         }
     }
 
@@ -131,14 +253,7 @@ impl Engine {
         times: Option<&mut NodeTimes>,
     ) -> Result<PromptFeatures> {
         let input = preprocess(image, self.size);
-        let mut arena = lock(&self.prompt_arena);
-        let g = &self.prompt_graph;
-        self.backend.run(g, &mut arena, &[&input], times);
-        let tensors = g
-            .outputs
-            .iter()
-            .map(|&v| cpu::value(g, &arena, v).to_vec())
-            .collect();
+        let tensors = self.run_graph(&self.prompt_graph, false, &[&input], times)?;
         Ok(PromptFeatures {
             size: self.size,
             tensors,
@@ -158,14 +273,11 @@ impl Engine {
     ) -> Result<AnomalyMap> {
         self.check_prompt(prompt)?;
         let input = preprocess(image, self.size);
-        let mut arena = lock(&self.query_arena);
-        let g = &self.query_graph;
-        self.backend
-            .run(g, &mut arena, &self.query_inputs(&input, prompt), times);
-        let data = cpu::value(g, &arena, g.outputs[0]).to_vec();
+        let inputs = self.query_inputs(&input, prompt);
+        let mut outputs = self.run_graph(&self.query_graph, true, &inputs, times)?;
         Ok(AnomalyMap {
             size: self.size,
-            data,
+            data: outputs.swap_remove(0),
         })
     }
 
@@ -179,25 +291,65 @@ impl Engine {
         self.check_prompt(prompt)?;
         let input = preprocess(image, self.size);
         let g = build_query_graph(&self.weights, self.size, true);
-        let mut arena = Vec::new();
-        self.backend
-            .run(&g, &mut arena, &self.query_inputs(&input, prompt), None);
+        let inputs = self.query_inputs(&input, prompt);
+        let outputs = match &self.runner {
+            Runner::Cpu { backend, .. } => {
+                let mut arena = Vec::new();
+                backend.run(&g, &mut arena, &inputs, None);
+                let read = |&v| cpu::value(&g, &arena, v).to_vec();
+                g.outputs.iter().map(read).collect()
+            }
+            Runner::Gpu { backend, .. } => backend.run(&backend.program(&g)?, &inputs)?,
+        };
         let map = AnomalyMap {
             size: self.size,
-            data: cpu::value(&g, &arena, g.outputs[0]).to_vec(),
+            data: outputs[0].clone(),
         };
         let taps = TAPS
             .iter()
             .map(|name| {
                 let v = g.value_named(name).expect("tap value");
+                let at = g.outputs.iter().position(|&o| o == v).expect("tap output");
                 Tap {
                     name: name.to_string(),
                     shape: g.values[v].shape,
-                    data: cpu::value(&g, &arena, v).to_vec(),
+                    data: outputs[at].clone(),
                 }
             })
             .collect();
         Ok((map, taps))
+    }
+
+    /// Runs the prompt or the query graph; returns its outputs in graph order.
+    fn run_graph(
+        &self,
+        g: &Graph,
+        query: bool,
+        inputs: &[&[f32]],
+        times: Option<&mut NodeTimes>,
+    ) -> Result<Vec<Vec<f32>>> {
+        match &self.runner {
+            Runner::Cpu {
+                backend,
+                prompt_arena,
+                query_arena,
+            } => {
+                let mut arena = lock(if query { query_arena } else { prompt_arena });
+                backend.run(g, &mut arena, inputs, times);
+                Ok(g.outputs
+                    .iter()
+                    .map(|&v| cpu::value(g, &arena, v).to_vec())
+                    .collect())
+            }
+            Runner::Gpu {
+                backend,
+                prompt,
+                query: q,
+            } => {
+                let program = lock(if query { q } else { prompt });
+                backend.run(&program, inputs)
+            }
+        }
     }
 
     fn query_inputs<'a>(&self, input: &'a [f32], prompt: &'a PromptFeatures) -> Vec<&'a [f32]> {
@@ -226,8 +378,16 @@ impl Engine {
     }
 }
 
+fn cpu_runner(weights: &ModelWeights) -> Runner {
+    Runner::Cpu {
+        backend: CpuBackend::new(weights),
+        prompt_arena: Mutex::new(Vec::new()),
+        query_arena: Mutex::new(Vec::new()),
+    }
+}
+
 /// A poisoned arena only means another thread panicked mid-run; the arena is rewritten by
 /// every run, so it is safe to keep using it.
-fn lock(m: &Mutex<Vec<f32>>) -> std::sync::MutexGuard<'_, Vec<f32>> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -5,5 +5,7 @@ pub mod engine;
 pub mod graphs;
 pub mod weights;
 
-pub use engine::{check_size, AnomalyMap, Engine, PromptFeatures, Tap, MAX_SIZE};
+pub use engine::{
+    check_size, AnomalyMap, BackendChoice, Engine, EngineOptions, PromptFeatures, Tap, MAX_SIZE,
+};
 pub use weights::{MemorySource, ModelWeights, TensorSource};

@@ -59,3 +59,29 @@ pub fn write_png(path: &Path, img: &RgbImage8) {
     )
     .expect("write png");
 }
+
+/// GPU engine options for a GPU test, or None (with the reason printed) when this machine
+/// has no usable adapter. `METAUAS_REQUIRE_GPU=1` turns a missing GPU (or f16 feature) into
+/// a failure, so CI cannot pass by skipping.
+#[allow(dead_code)]
+pub fn gpu_options(
+    test: &str,
+    precision: metauas::gpu::Precision,
+) -> Option<metauas::model::EngineOptions> {
+    let required = std::env::var("METAUAS_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let reason = match metauas::gpu::probe_adapter() {
+        None => "no Vulkan/Metal/DX12 adapter".to_string(),
+        Some(a) if precision == metauas::gpu::Precision::F16 && !a.f16 => {
+            format!("{a} has no SHADER_F16")
+        }
+        Some(_) => {
+            return Some(metauas::model::EngineOptions {
+                backend: metauas::model::BackendChoice::Gpu,
+                precision,
+            })
+        }
+    };
+    assert!(!required, "{test}: METAUAS_REQUIRE_GPU=1 but {reason}");
+    eprintln!("skipping {test}: {reason} (set METAUAS_REQUIRE_GPU=1 to fail instead)");
+    None
+}

@@ -1,0 +1,134 @@
+// Soft feature alignment, one fused kernel per level (flash-attention style):
+//   y[i, 0..cin]      = fq[i, :]
+//   y[i, cin..2 cin]  = sum_j softmax_j(q[i, :] . k[j, :]) * fp[j, :]      (no 1/sqrt(d))
+// One workgroup per query position i walks the prompt positions j in tiles of 64: each
+// invocation computes one logit, the tile's max and sum come from workgroup reductions,
+// the running max/sum rescale the accumulators (online softmax: every exponent is
+// logit - running max <= 0, so logits in the thousands are safe), and each invocation
+// accumulates up to 8 output channels. Nothing n x n is ever stored. The weighted sum is
+// two-level (per tile, then into the running total), as accurate as a blocked GEMM.
+
+struct Params {
+    n: u32,
+    cin: u32,
+    hidden: u32,
+    _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> fq: array<store>;
+@group(0) @binding(2) var<storage, read> q: array<store>;
+@group(0) @binding(3) var<storage, read> k: array<store>;
+@group(0) @binding(4) var<storage, read> fp: array<store>;
+@group(0) @binding(5) var<storage, read_write> y: array<store>;
+
+const WG: u32 = 64u;
+// Rust checks hidden <= 256 and cin <= 8 * 64 before dispatching.
+const CHANNELS_PER_INVOCATION: u32 = 8u;
+
+var<workgroup> qrow: array<f32, 256>;
+var<workgroup> probs: array<f32, 64>;
+var<workgroup> red: array<f32, 64>;
+
+fn reduce_max(v: f32, li: u32) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s /= 2u) {
+        if li < s {
+            red[li] = max(red[li], red[li + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_sum(v: f32, li: u32) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s /= 2u) {
+        if li < s {
+            red[li] = red[li] + red[li + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn logit(j: u32) -> f32 {
+    let base = j * params.hidden;
+    var s = vec4<f32>(0.0);
+    var h = 0u;
+    for (; h + 4u <= params.hidden; h += 4u) {
+        let qv = vec4<f32>(qrow[h], qrow[h + 1u], qrow[h + 2u], qrow[h + 3u]);
+        let kv = vec4<f32>(f32(k[base + h]), f32(k[base + h + 1u]), f32(k[base + h + 2u]), f32(k[base + h + 3u]));
+        s = fma(qv, kv, s);
+    }
+    var tail = 0.0;
+    for (; h < params.hidden; h++) {
+        tail = fma(qrow[h], f32(k[base + h]), tail);
+    }
+    return (s.x + s.y) + (s.z + s.w) + tail;
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn soft_align(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let i = folded_index(wid, groups);
+    if i >= params.n {
+        return;
+    }
+    let n = params.n;
+    let cin = params.cin;
+    for (var h = li; h < params.hidden; h += WG) {
+        qrow[h] = f32(q[i * params.hidden + h]);
+    }
+    for (var c = li; c < cin; c += WG) {
+        y[i * 2u * cin + c] = fq[i * cin + c];
+    }
+    workgroupBarrier();
+
+    var m = -3.0e38;
+    var l = 0.0;
+    var acc: array<f32, 8>;
+    for (var t0 = 0u; t0 < n; t0 += WG) {
+        let j = t0 + li;
+        var z = -3.0e38;
+        if j < n {
+            z = logit(j);
+        }
+        let m_new = max(m, reduce_max(z, li));
+        var p = 0.0;
+        if j < n {
+            p = exp(z - m_new);
+        }
+        probs[li] = p;
+        let tile_sum = reduce_sum(p, li);
+        let scale = exp(m - m_new);
+        l = l * scale + tile_sum;
+        let keys = min(WG, n - t0);
+        for (var r = 0u; r < CHANNELS_PER_INVOCATION; r++) {
+            let c = li + r * WG;
+            if c < cin {
+                var s = 0.0;
+                for (var jj = 0u; jj < keys; jj++) {
+                    s = fma(probs[jj], f32(fp[(t0 + jj) * cin + c]), s);
+                }
+                acc[r] = acc[r] * scale + s;
+            }
+        }
+        m = m_new;
+    }
+    for (var r = 0u; r < CHANNELS_PER_INVOCATION; r++) {
+        let c = li + r * WG;
+        if c < cin {
+            y[i * 2u * cin + cin + c] = store(acc[r] / l);
+        }
+    }
+}

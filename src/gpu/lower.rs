@@ -1,0 +1,544 @@
+//! Lowers a backend-neutral `Graph` into GPU steps (one compute dispatch each), folding
+//! what a GPU should never write out: the squeeze-excite scaling goes into the projection
+//! conv's input, nearest-x2 upsample + concat (and the scSE gating that follows it) into the
+//! next conv's input addressing. Only the gates (a few floats per channel or pixel) are
+//! written for them.
+
+use std::collections::HashMap;
+
+use super::device::{Family, PipelineKey};
+use super::weights::WeightTable;
+use crate::cpu::kernels::{Activation, ConvGeometry};
+use crate::graph::{Graph, Op, ValueId};
+
+/// What a binding points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Buf {
+    /// A value of the lowered program (planned by liveness).
+    Value(usize),
+    /// An uploaded weight tensor (`WeightTable::tensors` index).
+    Weight(usize),
+    /// A binding the kernel's mode never reads (bound to a small dummy buffer).
+    Unused,
+}
+
+/// A tensor the GPU program writes: activations in the storage type, gates and partial sums
+/// always in f32.
+#[derive(Clone, Debug)]
+pub struct GpuValue {
+    pub name: String,
+    pub elems: usize,
+    pub always_f32: bool,
+}
+
+/// One compute dispatch.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// The graph node it belongs to (profiles aggregate by it).
+    pub node: String,
+    pub key: PipelineKey,
+    pub uniform_binding: u32,
+    pub params: [u32; 16],
+    pub bindings: Vec<(u32, Buf)>,
+    pub workgroups: [u32; 3],
+    pub flops: f64,
+}
+
+pub struct Lowered {
+    pub values: Vec<GpuValue>,
+    pub steps: Vec<Step>,
+    /// Program values of the graph's inputs and outputs, in graph order.
+    pub inputs: Vec<usize>,
+    pub outputs: Vec<usize>,
+}
+
+/// How a graph value can be read on the GPU.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Plain(usize),
+    /// Squeeze-excite output: `x * gate[c]`, never written.
+    ChannelScaled {
+        x: usize,
+        gate: usize,
+    },
+    /// Nearest-x2 upsample of `a` concatenated with `skip`, optionally scSE-gated.
+    UpConcat {
+        a: usize,
+        ca: usize,
+        skip: Option<usize>,
+        gates: Option<(usize, usize)>,
+    },
+}
+
+/// Pixels per partial sum in the channel-mean reductions.
+const POOL_CHUNK: usize = 256;
+const CONV_TILE: usize = 64;
+/// The kernels' fixed capacities (see the WGSL files).
+pub const MAX_ATTENTION_CHANNELS: usize = 3072;
+pub const MAX_ATTENTION_HIDDEN: usize = 256;
+pub const MAX_ALIGN_HIDDEN: usize = 256;
+pub const MAX_ALIGN_CHANNELS: usize = 512;
+
+struct Lowering<'a> {
+    graph: &'a Graph,
+    weights: &'a WeightTable,
+    values: Vec<GpuValue>,
+    steps: Vec<Step>,
+    sources: HashMap<ValueId, Source>,
+}
+
+pub fn lower(graph: &Graph, weights: &WeightTable) -> Lowered {
+    let mut l = Lowering {
+        graph,
+        weights,
+        values: Vec::new(),
+        steps: Vec::new(),
+        sources: HashMap::new(),
+    };
+    let inputs = graph.inputs.iter().map(|&v| l.materialize(v)).collect();
+    for node in &graph.nodes {
+        l.node(&node.name, &node.op, node.output);
+    }
+    let outputs = graph
+        .outputs
+        .iter()
+        .map(|v| match l.sources[v] {
+            Source::Plain(p) => p,
+            other => panic!("graph output {} is not materialized: {other:?}", l.name(*v)),
+        })
+        .collect();
+    Lowered {
+        values: l.values,
+        steps: l.steps,
+        inputs,
+        outputs,
+    }
+}
+
+/// Workgroup counts for `groups` workgroups, folded into x and y (65535 at most each).
+pub fn fold(groups: usize) -> [u32; 3] {
+    let x = groups.clamp(1, 65535);
+    [x as u32, groups.div_ceil(x).max(1) as u32, 1]
+}
+
+fn act_code(a: Activation) -> u32 {
+    match a {
+        Activation::Identity => 0,
+        Activation::Relu => 1,
+        Activation::Swish => 2,
+        Activation::Sigmoid => 3,
+    }
+}
+
+fn params(words: &[u32]) -> [u32; 16] {
+    let mut p = [0u32; 16];
+    p[..words.len()].copy_from_slice(words);
+    p
+}
+
+impl Lowering<'_> {
+    fn name(&self, v: ValueId) -> &str {
+        &self.graph.values[v].name
+    }
+
+    fn new_value(&mut self, name: String, elems: usize, always_f32: bool) -> usize {
+        self.values.push(GpuValue {
+            name,
+            elems,
+            always_f32,
+        });
+        self.values.len() - 1
+    }
+
+    fn materialize(&mut self, v: ValueId) -> usize {
+        let value = &self.graph.values[v];
+        let id = self.new_value(value.name.clone(), value.shape.len(), false);
+        self.sources.insert(v, Source::Plain(id));
+        id
+    }
+
+    fn plain(&self, v: ValueId, user: &str) -> usize {
+        match self.sources[&v] {
+            Source::Plain(p) => p,
+            other => panic!(
+                "GPU lowering: {user} needs {} written out, but it is {other:?}",
+                self.name(v)
+            ),
+        }
+    }
+
+    fn node(&mut self, name: &str, op: &Op, out: ValueId) {
+        let flops = 2.0 * op.macs(self.graph.values[out].shape, &self.graph.values) as f64;
+        match *op {
+            Op::Conv {
+                input,
+                conv,
+                ref geometry,
+                depthwise: true,
+                act,
+                ..
+            } => {
+                let x = self.plain(input, name);
+                let y = self.materialize(out);
+                self.depthwise(name, x, y, conv, geometry, act, flops);
+            }
+            Op::Conv {
+                input,
+                conv,
+                ref geometry,
+                act,
+                residual,
+                ..
+            } => {
+                let y = self.materialize(out);
+                if geometry.cout == 1 && geometry.kernel == 1 {
+                    let x = self.plain(input, name);
+                    self.head(name, x, y, conv, geometry, flops);
+                } else {
+                    let residual = residual.map(|r| self.plain(r, name));
+                    let src = self.sources[&input];
+                    self.conv(name, src, y, conv, geometry, act, residual, flops);
+                }
+            }
+            Op::SqueezeExcite { input, se } => {
+                let x = self.plain(input, name);
+                let s = self.graph.values[input].shape;
+                let entry = self.weights.se[se];
+                let gate = self.channel_gate(name, &[(x, s.pixels(), s.c)], entry, 2);
+                self.sources.insert(out, Source::ChannelScaled { x, gate });
+            }
+            Op::UpsampleConcat { input, skip } => {
+                let a = self.plain(input, name);
+                let ca = self.graph.values[input].shape.c;
+                let skip = skip.map(|k| self.plain(k, name));
+                let src = Source::UpConcat {
+                    a,
+                    ca,
+                    skip,
+                    gates: None,
+                };
+                self.sources.insert(out, src);
+            }
+            Op::Scse { input, scse } => self.scse(name, input, scse, out),
+            Op::Align { fq, q, k, fp } => {
+                let ids = [fq, q, k, fp].map(|v| self.plain(v, name));
+                let y = self.materialize(out);
+                let sf = self.graph.values[fq].shape;
+                let hidden = self.graph.values[q].shape.c;
+                self.align(name, ids, y, sf.pixels(), sf.c, hidden, flops);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &mut self,
+        name: &str,
+        src: Source,
+        y: usize,
+        conv: usize,
+        g: &ConvGeometry,
+        act: Activation,
+        residual: Option<usize>,
+        flops: f64,
+    ) {
+        let e = self.weights.convs[conv];
+        let (mode, x, skip, cgate, sgate, ca) = match src {
+            Source::Plain(x) => (0, x, Buf::Unused, Buf::Unused, Buf::Unused, 0),
+            Source::ChannelScaled { x, gate } => {
+                (1, x, Buf::Unused, Buf::Value(gate), Buf::Unused, 0)
+            }
+            Source::UpConcat { a, ca, skip, gates } => {
+                let skip = skip.map_or(Buf::Unused, Buf::Value);
+                match gates {
+                    Some((cg, sg)) => (3, a, skip, Buf::Value(cg), Buf::Value(sg), ca),
+                    None => (2, a, skip, Buf::Unused, Buf::Unused, ca),
+                }
+            }
+        };
+        let pixel_tiles = (g.out_h * g.out_w).div_ceil(CONV_TILE);
+        let mut workgroups = fold(pixel_tiles);
+        workgroups[2] = g.cout.div_ceil(CONV_TILE) as u32;
+        let p = [
+            g.in_h,
+            g.in_w,
+            g.cin,
+            g.cout,
+            g.out_h,
+            g.out_w,
+            g.pad_top,
+            g.pad_left,
+            ca,
+            pixel_tiles,
+            g.cout.div_ceil(4),
+        ]
+        .map(|v| v as u32);
+        let key = PipelineKey {
+            family: Family::Conv,
+            entry: "conv2d_nhwc",
+            constants: vec![
+                ("ACT", act_code(act)),
+                ("INPUT_MODE", mode),
+                ("KSIZE", g.kernel as u32),
+                ("RESIDUAL", residual.is_some() as u32),
+                ("STRIDE", g.stride as u32),
+            ],
+        };
+        self.steps.push(Step {
+            node: name.to_string(),
+            key,
+            uniform_binding: 0,
+            params: params(&p),
+            bindings: vec![
+                (1, Buf::Value(x)),
+                (2, Buf::Weight(e.weight)),
+                (3, Buf::Weight(e.bias)),
+                (4, Buf::Value(y)),
+                (5, skip),
+                (6, cgate),
+                (7, sgate),
+                (8, residual.map_or(Buf::Unused, Buf::Value)),
+            ],
+            workgroups,
+            flops,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise(
+        &mut self,
+        name: &str,
+        x: usize,
+        y: usize,
+        conv: usize,
+        g: &ConvGeometry,
+        act: Activation,
+        flops: f64,
+    ) {
+        let e = self.weights.convs[conv];
+        let quads = g.cout.div_ceil(4);
+        let total = g.out_h * g.out_w * quads;
+        let p = [
+            g.in_h, g.in_w, g.cout, g.out_h, g.out_w, g.pad_top, g.pad_left, quads, total,
+        ]
+        .map(|v| v as u32);
+        self.steps.push(Step {
+            node: name.to_string(),
+            key: PipelineKey {
+                family: Family::Depthwise,
+                entry: "depthwise_nhwc",
+                constants: vec![
+                    ("ACT", act_code(act)),
+                    ("KSIZE", g.kernel as u32),
+                    ("STRIDE", g.stride as u32),
+                ],
+            },
+            uniform_binding: 0,
+            params: params(&p),
+            bindings: vec![
+                (1, Buf::Value(x)),
+                (2, Buf::Weight(e.weight)),
+                (3, Buf::Weight(e.bias)),
+                (4, Buf::Value(y)),
+            ],
+            workgroups: fold(total.div_ceil(64)),
+            flops,
+        });
+    }
+
+    fn head(&mut self, name: &str, x: usize, y: usize, conv: usize, g: &ConvGeometry, flops: f64) {
+        let e = self.weights.convs[conv];
+        let pixels = g.out_h * g.out_w;
+        let bias = self.weights.head_bias[conv];
+        let p = [pixels as u32, g.cin as u32, bias.to_bits()];
+        self.steps.push(Step {
+            node: name.to_string(),
+            key: PipelineKey {
+                family: Family::Head,
+                entry: "head_sigmoid",
+                constants: vec![],
+            },
+            uniform_binding: 0,
+            params: params(&p),
+            bindings: vec![
+                (1, Buf::Value(x)),
+                (2, Buf::Weight(e.weight)),
+                (3, Buf::Value(y)),
+            ],
+            workgroups: fold(pixels.div_ceil(64)),
+            flops,
+        });
+    }
+
+    /// Channel means of the parts `(value, pixels, channels)` (concatenated along channels),
+    /// then the two FCs: returns the f32 gate value.
+    fn channel_gate(
+        &mut self,
+        name: &str,
+        parts: &[(usize, usize, usize)],
+        e: super::weights::AttentionEntry,
+        mid_act: u32,
+    ) -> usize {
+        let c_total: usize = parts.iter().map(|p| p.2).sum();
+        let full_pixels = parts.iter().map(|p| p.1).max().unwrap_or(1);
+        assert!(
+            c_total <= MAX_ATTENTION_CHANNELS && e.hidden <= MAX_ATTENTION_HIDDEN,
+            "{name}: attention sizes beyond the kernel's capacity"
+        );
+        let chunks = full_pixels.div_ceil(POOL_CHUNK).max(1);
+        let partial = self.new_value(format!("{name}.partial"), chunks * c_total, true);
+        let gate = self.new_value(format!("{name}.gate"), c_total, true);
+        let mut c_off = 0;
+        for &(x, pixels, channels) in parts {
+            let chunk = pixels.div_ceil(chunks).max(1);
+            let inv = (1.0f32 / pixels as f32).to_bits();
+            let p = [pixels as u32, channels as u32, c_off as u32, c_total as u32];
+            let mut words = p.to_vec();
+            words.extend([chunk as u32, inv]);
+            self.steps.push(Step {
+                node: name.to_string(),
+                key: PipelineKey {
+                    family: Family::SqueezeExcite,
+                    entry: "channel_sums",
+                    constants: vec![],
+                },
+                uniform_binding: 0,
+                params: params(&words),
+                bindings: vec![(1, Buf::Value(x)), (2, Buf::Value(partial))],
+                workgroups: [channels.div_ceil(64) as u32, chunks as u32, 1],
+                flops: 0.0,
+            });
+            c_off += channels;
+        }
+        let p = [c_total as u32, e.hidden as u32, chunks as u32];
+        self.steps.push(Step {
+            node: name.to_string(),
+            key: PipelineKey {
+                family: Family::SqueezeExcite,
+                entry: "excite",
+                constants: vec![("MID_ACT", mid_act)],
+            },
+            uniform_binding: 3,
+            params: params(&p),
+            bindings: vec![
+                (4, Buf::Value(partial)),
+                (5, Buf::Weight(e.w1)),
+                (6, Buf::Weight(e.b1)),
+                (7, Buf::Weight(e.w2)),
+                (8, Buf::Weight(e.b2)),
+                (9, Buf::Value(gate)),
+            ],
+            workgroups: [1, 1, 1],
+            flops: 0.0,
+        });
+        gate
+    }
+
+    fn scse(&mut self, name: &str, input: ValueId, scse: usize, out: ValueId) {
+        let e = self.weights.scse[scse];
+        let s = self.graph.values[input].shape;
+        let pixels = s.pixels();
+        let (parts, mode, x, skip, ca) = match self.sources[&input] {
+            Source::Plain(x) => (vec![(x, pixels, s.c)], 0, x, Buf::Unused, 0),
+            Source::UpConcat {
+                a,
+                ca,
+                skip,
+                gates: None,
+            } => {
+                let mut parts = vec![(a, pixels / 4, ca)];
+                if let Some(k) = skip {
+                    parts.push((k, pixels, s.c - ca));
+                }
+                (parts, 2, a, skip.map_or(Buf::Unused, Buf::Value), ca)
+            }
+            other => panic!("GPU lowering: {name} cannot read {other:?}"),
+        };
+        let cgate = self.channel_gate(name, &parts, e, 1);
+        let sgate = self.new_value(format!("{name}.sgate"), pixels, true);
+        let bias = self.weights.sse_bias[scse].to_bits();
+        let p = [s.h as u32, s.w as u32, s.c as u32, ca as u32, bias];
+        self.steps.push(Step {
+            node: name.to_string(),
+            key: PipelineKey {
+                family: Family::Scse,
+                entry: "spatial_gate",
+                constants: vec![("INPUT_MODE", mode)],
+            },
+            uniform_binding: 0,
+            params: params(&p),
+            bindings: vec![
+                (1, Buf::Value(x)),
+                (2, skip),
+                (3, Buf::Weight(e.sse.expect("scSE spatial weights"))),
+                (4, Buf::Value(sgate)),
+            ],
+            workgroups: fold(pixels.div_ceil(64)),
+            flops: 0.0,
+        });
+        if let Source::UpConcat { a, ca, skip, .. } = self.sources[&input] {
+            // Read in place by the next conv (mode 3): nothing written.
+            let gates = Some((cgate, sgate));
+            let src = Source::UpConcat { a, ca, skip, gates };
+            self.sources.insert(out, src);
+            return;
+        }
+        let y = self.materialize(out);
+        let total = s.len();
+        self.steps.push(Step {
+            node: name.to_string(),
+            key: PipelineKey {
+                family: Family::Scse,
+                entry: "apply",
+                constants: vec![],
+            },
+            uniform_binding: 5,
+            params: params(&[pixels as u32, s.c as u32]),
+            bindings: vec![
+                (6, Buf::Value(x)),
+                (7, Buf::Value(cgate)),
+                (8, Buf::Value(sgate)),
+                (9, Buf::Value(y)),
+            ],
+            workgroups: fold(total.div_ceil(64)),
+            flops: 0.0,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn align(
+        &mut self,
+        name: &str,
+        [fq, q, k, fp]: [usize; 4],
+        y: usize,
+        n: usize,
+        cin: usize,
+        hidden: usize,
+        flops: f64,
+    ) {
+        assert!(
+            hidden <= MAX_ALIGN_HIDDEN && cin <= MAX_ALIGN_CHANNELS,
+            "{name}: alignment sizes beyond the kernel's capacity"
+        );
+        let p = [n as u32, cin as u32, hidden as u32];
+        self.steps.push(Step {
+            node: name.to_string(),
+            key: PipelineKey {
+                family: Family::Align,
+                entry: "soft_align",
+                constants: vec![],
+            },
+            uniform_binding: 0,
+            params: params(&p),
+            bindings: vec![
+                (1, Buf::Value(fq)),
+                (2, Buf::Value(q)),
+                (3, Buf::Value(k)),
+                (4, Buf::Value(fp)),
+                (5, Buf::Value(y)),
+            ],
+            workgroups: fold(n),
+            flops,
+        });
+    }
+}

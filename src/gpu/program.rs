@@ -1,0 +1,304 @@
+//! A lowered graph bound to GPU resources: value buffers planned by liveness, pipelines and
+//! bind groups built once; a run is one command encoder, one submit, one readback.
+
+use std::sync::Arc;
+
+use super::device::{GpuContext, Precision};
+use super::lower::{lower, Buf, Lowered};
+use super::weights::{f16_bytes, WeightTable};
+use crate::error::{Error, Result};
+use crate::graph::{assign_slots, Graph};
+
+/// Uniform blocks are placed at this stride (WebGPU's maximum offset alignment).
+const UNIFORM_STRIDE: u64 = 256;
+
+pub struct GpuProgram {
+    lowered: Lowered,
+    value_slot: Vec<usize>,
+    slots: Vec<wgpu::Buffer>,
+    pipelines: Vec<Arc<wgpu::ComputePipeline>>,
+    bind_groups: Vec<wgpu::BindGroup>,
+    staging: wgpu::Buffer,
+    /// Byte offset of each output in `staging`.
+    output_offsets: Vec<u64>,
+    precision: Precision,
+    /// Keeps the uniform and dummy buffers alive with the bind groups.
+    _uniforms: wgpu::Buffer,
+    _dummy: wgpu::Buffer,
+}
+
+impl GpuProgram {
+    pub fn new(
+        ctx: &GpuContext,
+        graph: &Graph,
+        table: &WeightTable,
+        weights: &[wgpu::Buffer],
+    ) -> Result<GpuProgram> {
+        let lowered = lower(graph, table);
+        let bytes: Vec<u64> = lowered
+            .values
+            .iter()
+            .map(|v| value_bytes(v.elems, v.always_f32, ctx.precision))
+            .collect();
+        let lifetimes = lifetimes(&lowered);
+        let (value_slot, slot_bytes) = assign_slots(&bytes, &lifetimes);
+        let limit = ctx.limits.max_storage_buffer_binding_size as u64;
+        if let Some(big) = slot_bytes.iter().find(|&&b| b > limit) {
+            return Err(Error::new(format!(
+                "GPU {}: this size needs a {} MiB tensor but the adapter binds at most {} MiB; \
+                 use a smaller --size or --backend cpu",
+                ctx.adapter,
+                big >> 20,
+                limit >> 20
+            )));
+        }
+        let slots: Vec<wgpu::Buffer> = slot_bytes
+            .iter()
+            .map(|&size| {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("value"),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_DST
+                        | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
+        let uniforms = uniform_buffer(ctx, &lowered);
+        let dummy = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused binding"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let pipelines: Vec<_> = lowered.steps.iter().map(|s| ctx.pipeline(&s.key)).collect();
+        let resolve = |b: Buf| match b {
+            Buf::Value(v) => &slots[value_slot[v]],
+            Buf::Weight(w) => &weights[w],
+            Buf::Unused => &dummy,
+        };
+        let bind_groups =
+            lowered
+                .steps
+                .iter()
+                .zip(&pipelines)
+                .enumerate()
+                .map(|(i, (step, pipeline))| {
+                    let mut entries = vec![wgpu::BindGroupEntry {
+                        binding: step.uniform_binding,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &uniforms,
+                            offset: i as u64 * UNIFORM_STRIDE,
+                            size: wgpu::BufferSize::new(64),
+                        }),
+                    }];
+                    entries.extend(step.bindings.iter().map(|&(binding, buf)| {
+                        wgpu::BindGroupEntry {
+                            binding,
+                            resource: resolve(buf).as_entire_binding(),
+                        }
+                    }));
+                    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(&step.node),
+                        layout: &pipeline.get_bind_group_layout(0),
+                        entries: &entries,
+                    })
+                })
+                .collect();
+        let mut output_offsets = Vec::new();
+        let mut staging_size = 0;
+        for &o in &lowered.outputs {
+            output_offsets.push(staging_size);
+            staging_size += bytes[o].next_multiple_of(4);
+        }
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: staging_size.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.save_pipeline_cache();
+        Ok(GpuProgram {
+            lowered,
+            value_slot,
+            slots,
+            pipelines,
+            bind_groups,
+            staging,
+            output_offsets,
+            precision: ctx.precision,
+            _uniforms: uniforms,
+            _dummy: dummy,
+        })
+    }
+
+    /// Compute dispatches per run.
+    pub fn dispatches(&self) -> usize {
+        self.lowered.steps.len()
+    }
+
+    /// Uploads `inputs` (graph order), runs every step in one submit, and reads back every
+    /// graph output as f32.
+    pub fn run(&self, ctx: &GpuContext, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        if inputs.len() != self.lowered.inputs.len() {
+            return Err(Error::new("GPU program: wrong number of inputs"));
+        }
+        for (&v, data) in self.lowered.inputs.iter().zip(inputs) {
+            if data.len() != self.lowered.values[v].elems {
+                return Err(Error::new(format!(
+                    "GPU program: input {} has {} values, expected {}",
+                    self.lowered.values[v].name,
+                    data.len(),
+                    self.lowered.values[v].elems
+                )));
+            }
+            let bytes = self.to_store_bytes(data);
+            ctx.queue
+                .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
+        }
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("forward"),
+                timestamp_writes: None,
+            });
+            for ((step, pipeline), bind_group) in self
+                .lowered
+                .steps
+                .iter()
+                .zip(&self.pipelines)
+                .zip(&self.bind_groups)
+            {
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, bind_group, &[]);
+                let [x, y, z] = step.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        for (&o, &offset) in self.lowered.outputs.iter().zip(&self.output_offsets) {
+            let size = self.value_bytes(o).next_multiple_of(4);
+            let slot = &self.slots[self.value_slot[o]];
+            encoder.copy_buffer_to_buffer(slot, 0, &self.staging, offset, size);
+        }
+        ctx.queue.submit([encoder.finish()]);
+        self.read_outputs(ctx)
+    }
+
+    fn read_outputs(&self, ctx: &GpuContext) -> Result<Vec<Vec<f32>>> {
+        let slice = self.staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.wait()?;
+        rx.recv()
+            .map_err(|_| Error::new("GPU readback was dropped"))?
+            .map_err(|e| Error::new(format!("GPU {}: readback failed: {e}", ctx.adapter)))?;
+        let outputs = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::new(format!("GPU {}: readback failed: {e}", ctx.adapter)))?;
+            self.lowered
+                .outputs
+                .iter()
+                .zip(&self.output_offsets)
+                .map(|(&o, &offset)| {
+                    let n = self.lowered.values[o].elems;
+                    let start = offset as usize;
+                    let end = start + self.value_bytes(o) as usize;
+                    self.from_store_bytes(&view[start..end], n)
+                })
+                .collect()
+        };
+        self.staging.unmap();
+        Ok(outputs)
+    }
+
+    fn value_bytes(&self, v: usize) -> u64 {
+        let value = &self.lowered.values[v];
+        value.elems as u64 * element_bytes(value.always_f32, self.precision)
+    }
+
+    fn to_store_bytes(&self, data: &[f32]) -> Vec<u8> {
+        let mut bytes = match self.precision {
+            Precision::F32 => bytemuck::cast_slice(data).to_vec(),
+            Precision::F16 => f16_bytes(data),
+        };
+        bytes.resize(bytes.len().next_multiple_of(4), 0);
+        bytes
+    }
+
+    fn from_store_bytes(&self, bytes: &[u8], n: usize) -> Vec<f32> {
+        match self.precision {
+            Precision::F32 => bytes
+                .chunks_exact(4)
+                .take(n)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Precision::F16 => bytes
+                .chunks_exact(2)
+                .take(n)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+}
+
+fn element_bytes(always_f32: bool, precision: Precision) -> u64 {
+    if always_f32 {
+        4
+    } else {
+        precision.bytes()
+    }
+}
+
+/// Buffer bytes for a value: padded to 256 so that every vec4 view and copy stays in bounds.
+fn value_bytes(elems: usize, always_f32: bool, precision: Precision) -> u64 {
+    (elems as u64 * element_bytes(always_f32, precision))
+        .max(16)
+        .next_multiple_of(256)
+}
+
+/// First and last step touching each value; inputs live from the start, outputs to the end.
+fn lifetimes(l: &Lowered) -> Vec<(usize, usize)> {
+    let end = l.steps.len();
+    let mut life = vec![(usize::MAX, 0); l.values.len()];
+    for &v in &l.inputs {
+        life[v] = (0, 0);
+    }
+    for (i, step) in l.steps.iter().enumerate() {
+        for &(_, b) in &step.bindings {
+            if let Buf::Value(v) = b {
+                life[v] = (life[v].0.min(i), life[v].1.max(i));
+            }
+        }
+    }
+    for &v in &l.outputs {
+        life[v].1 = end;
+    }
+    for lt in &mut life {
+        if lt.0 == usize::MAX {
+            *lt = (0, 0);
+        }
+    }
+    life
+}
+
+fn uniform_buffer(ctx: &GpuContext, l: &Lowered) -> wgpu::Buffer {
+    let mut data = vec![0u8; (l.steps.len().max(1) as u64 * UNIFORM_STRIDE) as usize];
+    for (i, step) in l.steps.iter().enumerate() {
+        let at = i * UNIFORM_STRIDE as usize;
+        data[at..at + 64].copy_from_slice(bytemuck::cast_slice(&step.params));
+    }
+    let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("params"),
+        size: data.len() as u64,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    ctx.queue.write_buffer(&buffer, 0, &data);
+    buffer
+}
