@@ -7,10 +7,16 @@ use std::time::Instant;
 
 use crate::graph::{Graph, Op, ValueId};
 use crate::model::ModelWeights;
-use kernels::{PackedConv, PackedDepthwise, Scse, SqueezeExcite};
+use kernels::{PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite};
+
+/// Input channels from which a 3x3 conv is also packed for Winograd (the stem, with 3,
+/// is stride 2 anyway; with very few channels the transforms would dominate).
+const WINOGRAD_MIN_CIN: usize = 16;
 
 enum PackedWeights {
     Dense(PackedConv),
+    /// 3x3 weights: Winograd for stride 1, the direct packing for anything else.
+    Dense3x3(PackedWinograd, PackedConv),
     Depthwise(PackedDepthwise),
 }
 
@@ -32,6 +38,11 @@ impl CpuBackend {
             .map(|c| {
                 let packed = if c.depthwise {
                     PackedWeights::Depthwise(PackedDepthwise::pack(&c.weight, c.cout, c.kernel))
+                } else if c.kernel == 3 && c.cin >= WINOGRAD_MIN_CIN {
+                    PackedWeights::Dense3x3(
+                        PackedWinograd::pack(&c.weight, c.cout, c.cin),
+                        PackedConv::pack(&c.weight, c.cout, c.cin, c.kernel),
+                    )
                 } else {
                     PackedWeights::Dense(PackedConv::pack(&c.weight, c.cout, c.cin, c.kernel))
                 };
@@ -95,6 +106,14 @@ impl CpuBackend {
                     PackedWeights::Dense(w) => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
                         kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
+                    }
+                    PackedWeights::Dense3x3(wino, w) => {
+                        let r = residual.map(|r| unsafe { a.slice(r) });
+                        if geometry.stride == 1 {
+                            kernels::conv3x3_winograd_nhwc(x, geometry, wino, bias, act, r, y)
+                        } else {
+                            kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
+                        }
                     }
                     PackedWeights::Depthwise(w) => {
                         kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)

@@ -25,7 +25,7 @@ use super::simd::{activate, AlignedBuf, Level, LANES};
 use super::{Activation, ConvGeometry};
 
 /// Target length of one reduction block: 256 x 48 packed weights = 48 KiB.
-const KC_TARGET: usize = 256;
+pub(crate) const KC_TARGET: usize = 256;
 /// With few input channels, whole taps are grouped into one block up to this length: a
 /// single block avoids the partial-sum round trips, which halved the speed of the last
 /// decoder block (9 taps x 64 channels); its 110 KiB of packed weights stay in L2.
@@ -33,9 +33,9 @@ const TAP_GROUP_TARGET: usize = 640;
 /// Largest block of output pixels per work unit (keeps the unit's input rows in L2).
 const MAX_PIXEL_BLOCK: usize = 384;
 /// Pixel blocks are multiples of every tile height in use (8, 6, 3, 2).
-const PIXEL_ALIGN: usize = 24;
+pub(crate) const PIXEL_ALIGN: usize = 24;
 /// Work (multiply-adds) below which a convolution runs on the calling thread.
-const SERIAL_MACS: usize = 1 << 20;
+pub(crate) const SERIAL_MACS: usize = 1 << 20;
 
 /// Dense `kernel x kernel` weights, repacked once at load time for the microkernel.
 ///
@@ -51,13 +51,13 @@ pub struct PackedConv {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct ColumnGroup {
+pub(crate) struct ColumnGroup {
     /// First output channel.
-    co0: usize,
+    pub(crate) co0: usize,
     /// Width in vectors of 16 channels.
-    nv: usize,
-    /// Start of this group's weights in `PackedConv::data`.
-    offset: usize,
+    pub(crate) nv: usize,
+    /// Start of this group's weights in the packed data.
+    pub(crate) offset: usize,
 }
 
 impl PackedConv {
@@ -121,7 +121,7 @@ impl PackedConv {
 }
 
 /// Split `n16` vectors of output channels into tile-wide groups (see [`next_tile_width`]).
-fn group_widths(n16: usize) -> Vec<usize> {
+pub(crate) fn group_widths(n16: usize) -> Vec<usize> {
     let mut widths = Vec::new();
     let mut remaining = n16;
     while remaining > 0 {
@@ -236,7 +236,7 @@ fn plan_units(pixels: usize, w: &PackedConv, input_len: usize, threads: usize) -
 
 /// Output pointer shared by the units; each unit writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: units write disjoint (pixel, channel) ranges, see `plan_units`.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}

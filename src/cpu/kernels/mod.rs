@@ -32,12 +32,14 @@ mod isa;
 #[clippy::msrv = "1.89"]
 mod simd;
 mod upsample;
+mod winograd;
 
 #[cfg(test)]
 mod tests;
 
 pub use conv::PackedConv;
 pub use depthwise::PackedDepthwise;
+pub use winograd::PackedWinograd;
 
 use isa::Isa;
 
@@ -91,6 +93,20 @@ pub fn conv2d_nhwc(
     y: &mut [f32],
 ) {
     conv::conv2d_nhwc_isa(Isa::selected(), x, g, w, bias, act, residual, y)
+}
+
+/// The same as [`conv2d_nhwc`] for a stride-1 3x3 convolution (any padding), by
+/// Winograd F(4x4, 3x3): 4x fewer multiply-adds, weights packed by [`PackedWinograd`].
+pub fn conv3x3_winograd_nhwc(
+    x: &[f32],
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    winograd::winograd_conv3x3_nhwc_isa(Isa::selected(), x, g, w, bias, act, residual, y)
 }
 
 /// Depthwise kxk (groups = channels, cin == cout), weights given as (c, 1, k, k).
