@@ -395,7 +395,13 @@ unsafe fn conv_group_blocks<L: Level, const MR: usize, const NV: usize>(
                 add_from::<L, MR, NV>(&mut acc, partials.add((t0 - p0) * nr), nr);
             }
             if bi + 1 == nblocks {
-                store_outputs::<L, MR, NV>(job, group.co0, &acc, t0, valid);
+                // The epilogue indexes rows up to a run-time bound; handing it a copy in
+                // memory keeps `acc` indexed by constants only. Otherwise LLVM keeps the
+                // tile on the stack and mirrors every FMA of the k-loop with a store (which
+                // halved the speed of multi-block reductions).
+                let mut staged = StagedTile([0.0; STAGED_LEN]);
+                store_tile::<L, MR, NV>(staged.0.as_mut_ptr(), nr, &acc);
+                store_outputs::<L, MR, NV>(job, group.co0, &staged.0, t0, valid);
             } else {
                 store_tile::<L, MR, NV>(partials.add((t0 - p0) * nr), nr, &acc);
             }
@@ -436,7 +442,15 @@ fn tile_origins<const MR: usize>(
     origins
 }
 
-/// Bias, activation, residual and store of the valid part of a finished tile.
+/// Room for the largest register tile (8 rows x 3 vectors of 16).
+const STAGED_LEN: usize = 8 * 3 * LANES;
+
+/// A finished tile parked in memory for the epilogue (rows of `NV * 16` floats).
+#[repr(align(64))]
+struct StagedTile([f32; STAGED_LEN]);
+
+/// Bias, activation, residual and store of the valid part of a finished tile, given in
+/// memory (row `m` at `tile[m * NV * 16..]`).
 ///
 /// # Safety
 /// As `conv_group`.
@@ -444,12 +458,11 @@ fn tile_origins<const MR: usize>(
 unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
     job: &ConvJob<'_>,
     co0: usize,
-    acc: &Tile<L, MR, NV>,
+    tile: &[f32; STAGED_LEN],
     t0: usize,
     valid: usize,
 ) {
     let cout = job.g.cout;
-    // Loaded here, not kept live across the tile loop: the accumulators need every register.
     let mut bias = [L::zero(); NV];
     for v in 0..NV {
         bias[v] = L::load(job.bias.as_ptr().add(co0 + v * LANES));
@@ -467,7 +480,8 @@ unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
             }
             let lanes = LANES.min(cout - c);
             debug_assert!(base + c + lanes <= job.y_len);
-            let mut val = activate::<L>(job.act, L::add(acc[m][v], bias[v]));
+            let acc = L::load(tile.as_ptr().add((m * NV + v) * LANES));
+            let mut val = activate::<L>(job.act, L::add(acc, bias[v]));
             let out = job.y.0.add(base + c);
             if lanes == LANES {
                 if let Some(res) = job.residual {
