@@ -32,8 +32,11 @@ pub(crate) const KC_TARGET: usize = 256;
 const TAP_GROUP_TARGET: usize = 640;
 /// Largest block of output pixels per work unit (keeps the unit's input rows in L2).
 const MAX_PIXEL_BLOCK: usize = 384;
-/// Pixel blocks are multiples of every tile height in use (8, 6, 3, 2).
+/// Winograd's tile rows are reserved in multiples of every tile height in use (8, 6, 3, 2).
 pub(crate) const PIXEL_ALIGN: usize = 24;
+/// Pixel blocks of the direct conv are multiples of the AVX-512 tile height (other levels'
+/// shorter tiles may end a block with a partial tile).
+const BLOCK_ALIGN: usize = 8;
 /// Work (multiply-adds) below which a convolution runs on the calling thread.
 pub(crate) const SERIAL_MACS: usize = 1 << 20;
 
@@ -197,7 +200,9 @@ fn plan_units(pixels: usize, w: &PackedConv, input_len: usize, threads: usize) -
     let min_blocks = pixels.div_ceil(MAX_PIXEL_BLOCK);
     let (blocks, by_group) = if parallel {
         let wanted = 4 * threads;
-        let max_blocks = pixels.div_ceil(PIXEL_ALIGN);
+        // Blocks of 8 pixels at the finest (the AVX-512 tile height): with blocks of 24,
+        // an 8x8 map gave 3 units to 2 threads and ran no faster than on one.
+        let max_blocks = pixels.div_ceil(BLOCK_ALIGN);
         let blocks_for = |splits: usize| min_blocks.max(wanted.div_ceil(splits)).min(max_blocks);
         let cost =
             |blocks: usize, splits: usize| blocks * w.data.as_slice().len() + splits * input_len;
@@ -211,7 +216,7 @@ fn plan_units(pixels: usize, w: &PackedConv, input_len: usize, threads: usize) -
     } else {
         (min_blocks, false)
     };
-    let block = pixels.div_ceil(blocks).div_ceil(PIXEL_ALIGN) * PIXEL_ALIGN;
+    let block = pixels.div_ceil(blocks).next_multiple_of(BLOCK_ALIGN);
     let mut units = Vec::new();
     for p0 in (0..pixels).step_by(block) {
         let p1 = (p0 + block).min(pixels);
