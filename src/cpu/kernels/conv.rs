@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::gemm::{accumulate, add_from, next_tile_width, store_tile, zero_tile, Tile};
 use super::isa::{dispatch_isa, dispatch_tile, Isa};
-use super::simd::{activate, AlignedBuf, Level, LANES};
+use super::simd::{activate, load_partial, store_partial, AlignedBuf, Level, LANES};
 use super::{Activation, ConvGeometry};
 
 /// Target length of one reduction block: 256 x 48 packed weights = 48 KiB.
@@ -287,6 +287,10 @@ pub(crate) fn conv2d_nhwc_isa(
     if pixels == 0 {
         return;
     }
+    if g.kernel == 1 && g.stride == 1 && g.cout == 1 && g.pad_top == 0 && g.pad_left == 0 {
+        pointwise_to_one_channel(isa, x, g, w, bias[0], act, residual, y);
+        return;
+    }
     let zeros = vec![0.0; g.cin];
     let mut padded_bias = vec![0.0; g.cout.next_multiple_of(LANES)];
     padded_bias[..g.cout].copy_from_slice(bias);
@@ -503,5 +507,100 @@ unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
                 std::ptr::copy_nonoverlapping(vals.as_ptr(), out, lanes);
             }
         }
+    }
+}
+
+/// Pixels per task of [`pointwise_to_one_channel`].
+const DOT_CHUNK: usize = 4096;
+
+/// A 1x1 conv to a single channel (the mask head): one dot product per pixel. The GEMM
+/// tile would fill 15 of its 16 lanes with zero columns.
+#[allow(clippy::too_many_arguments)]
+fn pointwise_to_one_channel(
+    isa: Isa,
+    x: &[f32],
+    g: &ConvGeometry,
+    w: &PackedConv,
+    bias: f32,
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    // Group 0 holds `[channel][16 lanes]` with the weight in lane 0.
+    let weights: Vec<f32> = (0..g.cin)
+        .map(|ci| w.data.as_slice()[w.groups[0].offset + ci * LANES])
+        .collect();
+    let cin = g.cin;
+    let run = |i: usize, ys: &mut [f32]| {
+        let p0 = i * DOT_CHUNK;
+        let xs = &x[p0 * cin..(p0 + ys.len()) * cin];
+        let res = residual.map(|r| &r[p0..p0 + ys.len()]);
+        dot_rows_isa(isa, xs, &weights, bias, act, res, ys);
+    };
+    if rayon::current_num_threads() > 1 && y.len() * cin >= SERIAL_MACS {
+        y.par_chunks_mut(DOT_CHUNK)
+            .enumerate()
+            .for_each(|(i, ys)| run(i, ys));
+    } else {
+        y.chunks_mut(DOT_CHUNK)
+            .enumerate()
+            .for_each(|(i, ys)| run(i, ys));
+    }
+}
+
+dispatch_isa! {
+    fn dot_rows_isa(
+        x: &[f32],
+        w: &[f32],
+        bias: f32,
+        act: Activation,
+        residual: Option<&[f32]>,
+        y: &mut [f32],
+    ) => dot_rows;
+}
+
+/// `y[p] = act(x[p, ..] . w + bias) [+ residual[p]]`, 16 pixels per vector of results.
+#[inline(always)]
+fn dot_rows<L: Level>(
+    x: &[f32],
+    w: &[f32],
+    bias: f32,
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let cin = w.len();
+    let full = cin / LANES * LANES;
+    for (ci, ys) in y.chunks_mut(LANES).enumerate() {
+        let mut dots = [0.0f32; LANES];
+        for (j, dot) in dots.iter_mut().enumerate().take(ys.len()) {
+            let row = &x[(ci * LANES + j) * cin..][..cin];
+            let mut acc = L::zero();
+            let mut c = 0;
+            while c < full {
+                // SAFETY: c + 16 <= full <= cin, the length of `row` and `w`.
+                unsafe {
+                    acc = L::fma(
+                        L::load(row.as_ptr().add(c)),
+                        L::load(w.as_ptr().add(c)),
+                        acc,
+                    );
+                }
+                c += LANES;
+            }
+            if full < cin {
+                acc = L::fma(
+                    load_partial::<L>(&row[full..]),
+                    load_partial::<L>(&w[full..]),
+                    acc,
+                );
+            }
+            *dot = L::reduce_add(acc);
+        }
+        let mut v = activate::<L>(act, L::add(load_partial::<L>(&dots), L::splat(bias)));
+        if let Some(r) = residual {
+            v = L::add(v, load_partial::<L>(&r[ci * LANES..][..ys.len()]));
+        }
+        store_partial::<L>(ys, v);
     }
 }

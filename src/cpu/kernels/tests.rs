@@ -399,6 +399,27 @@ fn conv_case(g: ConvGeometry, act: Activation, residual: bool) {
 }
 
 #[test]
+fn pointwise_to_one_channel_mask_head() {
+    // The mask head's shape (1x1, 48 -> 1) on a map above one task's pixels, and odd
+    // channel counts around the vector width, with residual.
+    for (side, cin, residual) in [(70, 48, false), (9, 17, true), (5, 3, true), (3, 40, false)] {
+        let g = ConvGeometry {
+            in_h: side,
+            in_w: side,
+            cin,
+            cout: 1,
+            kernel: 1,
+            stride: 1,
+            pad_top: 0,
+            pad_left: 0,
+            out_h: side,
+            out_w: side,
+        };
+        conv_case(g, Activation::Sigmoid, residual);
+    }
+}
+
+#[test]
 fn model_padding_stride2_k3_and_k5() {
     // k=3: 0 before, 1 after; k=5: 1 before, 2 after; output = input / 2.
     for (k, pad) in [(3, 0), (5, 1)] {
