@@ -97,6 +97,40 @@ fn bench_conv(c: &mut Criterion) {
     group.finish();
 }
 
+/// The decoder's stride-1 3x3 convs, direct and Winograd side by side (throughput counts
+/// the direct convolution's FLOPs for both, so the numbers compare).
+fn bench_winograd(c: &mut Criterion) {
+    let shapes = [
+        ("dec0_conv1_16x16x1216-256", 16, 1216, 256),
+        ("dec0_conv2_16x16x256-256", 16, 256, 256),
+        ("dec1_conv1_32x32x368-128", 32, 368, 128),
+        ("dec2_conv1_64x64x160-64", 64, 160, 64),
+        ("dec3_conv1_128x128x112-64", 128, 112, 64),
+        ("dec4_conv1_256x256x64-48", 256, 64, 48),
+        ("dec4_conv2_256x256x48-48", 256, 48, 48),
+    ];
+    let mut group = configure(c, "conv3x3");
+    for (name, side, cin, cout) in shapes {
+        let g = geometry(side, cin, cout, 3, 1);
+        let x = data(g.input_len(), 1);
+        let w = data(g.cout * g.cin * 9, 2);
+        let bias = data(g.cout, 3);
+        let direct = PackedConv::pack(&w, g.cout, g.cin, 3);
+        let wino = PackedWinograd::pack(&w, g.cout, g.cin);
+        let mut y = vec![0.0; g.output_len()];
+        let macs = g.out_h * g.out_w * g.cout * g.cin * 9;
+        group.throughput(Throughput::Elements(2 * macs as u64));
+        let act = Activation::Relu;
+        group.bench_function(format!("{name}/direct"), |b| {
+            b.iter(|| conv2d_nhwc(black_box(&x), &g, &direct, &bias, act, None, &mut y))
+        });
+        group.bench_function(format!("{name}/winograd"), |b| {
+            b.iter(|| conv3x3_winograd_nhwc(black_box(&x), &g, &wino, &bias, act, None, &mut y))
+        });
+    }
+    group.finish();
+}
+
 fn bench_depthwise(c: &mut Criterion) {
     let shapes = [
         ("dw_128x128x144_k3s2", geometry(128, 144, 144, 3, 2)),
@@ -213,6 +247,7 @@ fn bench_upsample(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_conv,
+    bench_winograd,
     bench_depthwise,
     bench_attention,
     bench_align,

@@ -120,23 +120,28 @@ fn profile(
         engine.segment_timed(prompt, query, Some(&mut times))?;
         total.iter_mut().zip(&times).for_each(|(t, x)| *t += x);
     }
+    // FMA peak measured on this project's machine (docs/BENCHMARKS.md): 16 lanes x 2 FMA
+    // units, about 165 GFLOP/s per core; the column is relative to all threads in use.
+    const PEAK_GFLOPS_PER_CORE: f64 = 165.0;
+    let peak = PEAK_GFLOPS_PER_CORE * rayon::current_num_threads() as f64;
     let sum: f64 = total.iter().sum();
     println!("\nper-op profile of the query graph (mean of {iters} runs)");
     println!(
-        "{:<24} {:<16} {:>9} {:>7} {:>9}",
-        "node", "op", "ms", "%", "GFLOP/s"
+        "{:<24} {:<16} {:>9} {:>7} {:>9} {:>7}",
+        "node", "op", "ms", "%", "GFLOP/s", "% peak"
     );
     for (node, t) in g.nodes.iter().zip(&total) {
         let ms = t / iters as f64 * 1e3;
         let flops = 2.0 * node.op.macs(g.values[node.output].shape, &g.values) as f64;
         let gflops = flops / (ms * 1e-3) / 1e9;
         println!(
-            "{:<24} {:<16} {:>9.3} {:>6.1}% {:>9.1}",
+            "{:<24} {:<16} {:>9.3} {:>6.1}% {:>9.1} {:>6.1}%",
             node.name,
             node.op.kind(),
             ms,
             100.0 * t / sum,
-            gflops
+            gflops,
+            100.0 * gflops / peak
         );
     }
     Ok(())

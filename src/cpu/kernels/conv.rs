@@ -21,21 +21,24 @@ use rayon::prelude::*;
 
 use super::gemm::{accumulate, add_from, next_tile_width, store_tile, zero_tile, Tile};
 use super::isa::{dispatch_isa, dispatch_tile, Isa};
-use super::simd::{activate, AlignedBuf, Level, LANES};
+use super::simd::{activate, load_partial, store_partial, AlignedBuf, Level, LANES};
 use super::{Activation, ConvGeometry};
 
 /// Target length of one reduction block: 256 x 48 packed weights = 48 KiB.
-const KC_TARGET: usize = 256;
+pub(crate) const KC_TARGET: usize = 256;
 /// With few input channels, whole taps are grouped into one block up to this length: a
 /// single block avoids the partial-sum round trips, which halved the speed of the last
 /// decoder block (9 taps x 64 channels); its 110 KiB of packed weights stay in L2.
 const TAP_GROUP_TARGET: usize = 640;
 /// Largest block of output pixels per work unit (keeps the unit's input rows in L2).
 const MAX_PIXEL_BLOCK: usize = 384;
-/// Pixel blocks are multiples of every tile height in use (8, 6, 3, 2).
-const PIXEL_ALIGN: usize = 24;
+/// Winograd's tile rows are reserved in multiples of every tile height in use (8, 6, 3, 2).
+pub(crate) const PIXEL_ALIGN: usize = 24;
+/// Pixel blocks of the direct conv are multiples of the AVX-512 tile height (other levels'
+/// shorter tiles may end a block with a partial tile).
+const BLOCK_ALIGN: usize = 8;
 /// Work (multiply-adds) below which a convolution runs on the calling thread.
-const SERIAL_MACS: usize = 1 << 20;
+pub(crate) const SERIAL_MACS: usize = 1 << 20;
 
 /// Dense `kernel x kernel` weights, repacked once at load time for the microkernel.
 ///
@@ -51,13 +54,13 @@ pub struct PackedConv {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct ColumnGroup {
+pub(crate) struct ColumnGroup {
     /// First output channel.
-    co0: usize,
+    pub(crate) co0: usize,
     /// Width in vectors of 16 channels.
-    nv: usize,
-    /// Start of this group's weights in `PackedConv::data`.
-    offset: usize,
+    pub(crate) nv: usize,
+    /// Start of this group's weights in the packed data.
+    pub(crate) offset: usize,
 }
 
 impl PackedConv {
@@ -121,7 +124,7 @@ impl PackedConv {
 }
 
 /// Split `n16` vectors of output channels into tile-wide groups (see [`next_tile_width`]).
-fn group_widths(n16: usize) -> Vec<usize> {
+pub(crate) fn group_widths(n16: usize) -> Vec<usize> {
     let mut widths = Vec::new();
     let mut remaining = n16;
     while remaining > 0 {
@@ -197,7 +200,9 @@ fn plan_units(pixels: usize, w: &PackedConv, input_len: usize, threads: usize) -
     let min_blocks = pixels.div_ceil(MAX_PIXEL_BLOCK);
     let (blocks, by_group) = if parallel {
         let wanted = 4 * threads;
-        let max_blocks = pixels.div_ceil(PIXEL_ALIGN);
+        // Blocks of 8 pixels at the finest (the AVX-512 tile height): with blocks of 24,
+        // an 8x8 map gave 3 units to 2 threads and ran no faster than on one.
+        let max_blocks = pixels.div_ceil(BLOCK_ALIGN);
         let blocks_for = |splits: usize| min_blocks.max(wanted.div_ceil(splits)).min(max_blocks);
         let cost =
             |blocks: usize, splits: usize| blocks * w.data.as_slice().len() + splits * input_len;
@@ -211,7 +216,7 @@ fn plan_units(pixels: usize, w: &PackedConv, input_len: usize, threads: usize) -
     } else {
         (min_blocks, false)
     };
-    let block = pixels.div_ceil(blocks).div_ceil(PIXEL_ALIGN) * PIXEL_ALIGN;
+    let block = pixels.div_ceil(blocks).next_multiple_of(BLOCK_ALIGN);
     let mut units = Vec::new();
     for p0 in (0..pixels).step_by(block) {
         let p1 = (p0 + block).min(pixels);
@@ -236,7 +241,7 @@ fn plan_units(pixels: usize, w: &PackedConv, input_len: usize, threads: usize) -
 
 /// Output pointer shared by the units; each unit writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: units write disjoint (pixel, channel) ranges, see `plan_units`.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -280,6 +285,10 @@ pub(crate) fn conv2d_nhwc_isa(
     }
     let pixels = g.out_h * g.out_w;
     if pixels == 0 {
+        return;
+    }
+    if g.kernel == 1 && g.stride == 1 && g.cout == 1 && g.pad_top == 0 && g.pad_left == 0 {
+        pointwise_to_one_channel(isa, x, g, w, bias[0], act, residual, y);
         return;
     }
     let zeros = vec![0.0; g.cin];
@@ -395,7 +404,13 @@ unsafe fn conv_group_blocks<L: Level, const MR: usize, const NV: usize>(
                 add_from::<L, MR, NV>(&mut acc, partials.add((t0 - p0) * nr), nr);
             }
             if bi + 1 == nblocks {
-                store_outputs::<L, MR, NV>(job, group.co0, &acc, t0, valid);
+                // The epilogue indexes rows up to a run-time bound; handing it a copy in
+                // memory keeps `acc` indexed by constants only. Otherwise LLVM keeps the
+                // tile on the stack and mirrors every FMA of the k-loop with a store (which
+                // halved the speed of multi-block reductions).
+                let mut staged = StagedTile([0.0; STAGED_LEN]);
+                store_tile::<L, MR, NV>(staged.0.as_mut_ptr(), nr, &acc);
+                store_outputs::<L, MR, NV>(job, group.co0, &staged.0, t0, valid);
             } else {
                 store_tile::<L, MR, NV>(partials.add((t0 - p0) * nr), nr, &acc);
             }
@@ -436,7 +451,15 @@ fn tile_origins<const MR: usize>(
     origins
 }
 
-/// Bias, activation, residual and store of the valid part of a finished tile.
+/// Room for the largest register tile (8 rows x 3 vectors of 16).
+const STAGED_LEN: usize = 8 * 3 * LANES;
+
+/// A finished tile parked in memory for the epilogue (rows of `NV * 16` floats).
+#[repr(align(64))]
+struct StagedTile([f32; STAGED_LEN]);
+
+/// Bias, activation, residual and store of the valid part of a finished tile, given in
+/// memory (row `m` at `tile[m * NV * 16..]`).
 ///
 /// # Safety
 /// As `conv_group`.
@@ -444,12 +467,11 @@ fn tile_origins<const MR: usize>(
 unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
     job: &ConvJob<'_>,
     co0: usize,
-    acc: &Tile<L, MR, NV>,
+    tile: &[f32; STAGED_LEN],
     t0: usize,
     valid: usize,
 ) {
     let cout = job.g.cout;
-    // Loaded here, not kept live across the tile loop: the accumulators need every register.
     let mut bias = [L::zero(); NV];
     for v in 0..NV {
         bias[v] = L::load(job.bias.as_ptr().add(co0 + v * LANES));
@@ -467,7 +489,8 @@ unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
             }
             let lanes = LANES.min(cout - c);
             debug_assert!(base + c + lanes <= job.y_len);
-            let mut val = activate::<L>(job.act, L::add(acc[m][v], bias[v]));
+            let acc = L::load(tile.as_ptr().add((m * NV + v) * LANES));
+            let mut val = activate::<L>(job.act, L::add(acc, bias[v]));
             let out = job.y.0.add(base + c);
             if lanes == LANES {
                 if let Some(res) = job.residual {
@@ -484,5 +507,100 @@ unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
                 std::ptr::copy_nonoverlapping(vals.as_ptr(), out, lanes);
             }
         }
+    }
+}
+
+/// Pixels per task of [`pointwise_to_one_channel`].
+const DOT_CHUNK: usize = 4096;
+
+/// A 1x1 conv to a single channel (the mask head): one dot product per pixel. The GEMM
+/// tile would fill 15 of its 16 lanes with zero columns.
+#[allow(clippy::too_many_arguments)]
+fn pointwise_to_one_channel(
+    isa: Isa,
+    x: &[f32],
+    g: &ConvGeometry,
+    w: &PackedConv,
+    bias: f32,
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    // Group 0 holds `[channel][16 lanes]` with the weight in lane 0.
+    let weights: Vec<f32> = (0..g.cin)
+        .map(|ci| w.data.as_slice()[w.groups[0].offset + ci * LANES])
+        .collect();
+    let cin = g.cin;
+    let run = |i: usize, ys: &mut [f32]| {
+        let p0 = i * DOT_CHUNK;
+        let xs = &x[p0 * cin..(p0 + ys.len()) * cin];
+        let res = residual.map(|r| &r[p0..p0 + ys.len()]);
+        dot_rows_isa(isa, xs, &weights, bias, act, res, ys);
+    };
+    if rayon::current_num_threads() > 1 && y.len() * cin >= SERIAL_MACS {
+        y.par_chunks_mut(DOT_CHUNK)
+            .enumerate()
+            .for_each(|(i, ys)| run(i, ys));
+    } else {
+        y.chunks_mut(DOT_CHUNK)
+            .enumerate()
+            .for_each(|(i, ys)| run(i, ys));
+    }
+}
+
+dispatch_isa! {
+    fn dot_rows_isa(
+        x: &[f32],
+        w: &[f32],
+        bias: f32,
+        act: Activation,
+        residual: Option<&[f32]>,
+        y: &mut [f32],
+    ) => dot_rows;
+}
+
+/// `y[p] = act(x[p, ..] . w + bias) [+ residual[p]]`, 16 pixels per vector of results.
+#[inline(always)]
+fn dot_rows<L: Level>(
+    x: &[f32],
+    w: &[f32],
+    bias: f32,
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let cin = w.len();
+    let full = cin / LANES * LANES;
+    for (ci, ys) in y.chunks_mut(LANES).enumerate() {
+        let mut dots = [0.0f32; LANES];
+        for (j, dot) in dots.iter_mut().enumerate().take(ys.len()) {
+            let row = &x[(ci * LANES + j) * cin..][..cin];
+            let mut acc = L::zero();
+            let mut c = 0;
+            while c < full {
+                // SAFETY: c + 16 <= full <= cin, the length of `row` and `w`.
+                unsafe {
+                    acc = L::fma(
+                        L::load(row.as_ptr().add(c)),
+                        L::load(w.as_ptr().add(c)),
+                        acc,
+                    );
+                }
+                c += LANES;
+            }
+            if full < cin {
+                acc = L::fma(
+                    load_partial::<L>(&row[full..]),
+                    load_partial::<L>(&w[full..]),
+                    acc,
+                );
+            }
+            *dot = L::reduce_add(acc);
+        }
+        let mut v = activate::<L>(act, L::add(load_partial::<L>(&dots), L::splat(bias)));
+        if let Some(r) = residual {
+            v = L::add(v, load_partial::<L>(&r[ci * LANES..][..ys.len()]));
+        }
+        store_partial::<L>(ys, v);
     }
 }

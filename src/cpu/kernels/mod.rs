@@ -2,13 +2,24 @@
 //! instruction set (AVX-512, AVX2+FMA, portable) and dispatched once at run time
 //! (`METAUAS_ISA=portable|avx2|avx512` forces a lower level).
 //!
-//! Floors (what each family cannot beat; P = output pixels, FMA peak about 170-236 GFLOP/s
-//! per core, memory about 10-20 GB/s per core):
+//! Floors (what each family cannot beat; P = output pixels; FMA peak measured on this
+//! project's VM: about 165-172 GFLOP/s per core; memory per core: L2 about 60 GB/s, L3 about
+//! 25 GB/s, DRAM about 11 GB/s):
 //! - `conv2d_nhwc`: 2 * P * cout * k^2 * cin FLOPs over 4 * (input + weights + output) bytes.
 //!   Every decoder conv and every pointwise conv with cin >= 64 does more than 30 FLOPs per
-//!   byte, so the floor is FLOPs / FMA peak; the implicit GEMM keeps 24 zmm accumulators per
-//!   8 pixels x 48 channels and reaches near peak when the reduction is long. Pointwise convs
-//!   with cin 24-48 sit at 6-12 FLOPs per byte: there the output write bounds them.
+//!   byte, so the floor is FLOPs / FMA peak. The implicit GEMM keeps 24 zmm accumulators per
+//!   8 pixels x 48 channels; that broadcast kernel itself tops out at about 65-78% of peak
+//!   (measured alone with its data in L1/L2), and the convs reach 60-90% of peak on one
+//!   thread (3x3 direct ~135-157, 1x1 ~95-120 GFLOP/s). Pointwise convs with cin 24-48 sit at
+//!   6-12 FLOPs per byte: there the output write bounds them. A 1x1 conv to one channel (the
+//!   mask head) is a dot product per pixel, bound by reading its input.
+//! - `conv3x3_winograd_nhwc` (stride-1 3x3, decoder): F(4x4, 3x3) does 36 / 144 of the
+//!   direct multiply-adds plus transforms of O(cin + cout) per 4x4 tile: its floor is 1/4 of
+//!   the direct one, as long as the transformed weights (36 * cin * cout floats, 4x the plain
+//!   ones) are re-read from cache: per tile block they move 2 FLOPs per tile per 4 bytes, so
+//!   with few tiles and weights in DRAM it is bandwidth bound (dec0.conv1, 45 MB, is left to
+//!   the direct conv). Measured 210-280 "direct-equivalent" GFLOP/s on one thread, i.e.
+//!   about 55-70 real GFLOP/s in the GEMM: the gap is the 6x6 transforms and short GEMMs.
 //! - `depthwise_conv2d_nhwc`: 2 * k^2 FLOPs per output element against 8 bytes moved
 //!   (one input read, one output write; 18-50 FLOPs per 8 bytes): bandwidth bound on large
 //!   maps; on small ones the fused swish (about 20 vector ops) costs as much as a 3x3 sum.
@@ -32,12 +43,14 @@ mod isa;
 #[clippy::msrv = "1.89"]
 mod simd;
 mod upsample;
+mod winograd;
 
 #[cfg(test)]
 mod tests;
 
 pub use conv::PackedConv;
 pub use depthwise::PackedDepthwise;
+pub use winograd::PackedWinograd;
 
 use isa::Isa;
 
@@ -91,6 +104,20 @@ pub fn conv2d_nhwc(
     y: &mut [f32],
 ) {
     conv::conv2d_nhwc_isa(Isa::selected(), x, g, w, bias, act, residual, y)
+}
+
+/// The same as [`conv2d_nhwc`] for a stride-1 3x3 convolution (any padding), by
+/// Winograd F(4x4, 3x3): 4x fewer multiply-adds, weights packed by [`PackedWinograd`].
+pub fn conv3x3_winograd_nhwc(
+    x: &[f32],
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    winograd::winograd_conv3x3_nhwc_isa(Isa::selected(), x, g, w, bias, act, residual, y)
 }
 
 /// Depthwise kxk (groups = channels, cin == cout), weights given as (c, 1, k, k).

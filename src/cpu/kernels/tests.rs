@@ -270,6 +270,122 @@ proptest! {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Winograd F(4x4, 3x3)
+
+/// Winograd's transforms add a few roundings per output over the direct sum (about 3e-7 of
+/// `sum |w x|` observed at cin 300); held to the direct convolution's bound.
+const WINOGRAD_TOLERANCE: f64 = 1e-5;
+
+impl ConvProblem {
+    fn check_winograd(&self) -> Result<(), String> {
+        let d = self.data();
+        let (reference, scales) = self.reference(&d);
+        let packed = PackedWinograd::pack(&d.w, self.g.cout, self.g.cin);
+        for isa in Isa::available() {
+            let mut y = vec![f32::NAN; self.g.output_len()];
+            winograd::winograd_conv3x3_nhwc_isa(
+                isa,
+                &d.x,
+                &self.g,
+                &packed,
+                &d.bias,
+                self.act,
+                d.residual.as_deref(),
+                &mut y,
+            );
+            check("winograd", isa, &y, &reference, &scales, WINOGRAD_TOLERANCE)?;
+        }
+        Ok(())
+    }
+}
+
+fn winograd_problem_strategy() -> impl Strategy<Value = ConvProblem> {
+    (
+        (1usize..19, 1usize..19),
+        channels_strategy(),
+        channels_strategy(),
+        prop_oneof![
+            Just(Padding::Symmetric),
+            (0usize..3, 0usize..3, 0usize..3, 0usize..3)
+                .prop_map(|(a, b, c, d)| Padding::Free(a, b, c, d)),
+        ],
+        activation_strategy(),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_filter_map(
+            "kernel larger than padded input",
+            |((h, w), cin, cout, pad, act, residual, seed)| {
+                let g = geometry(h, w, cin, cout, 3, 1, pad)?;
+                Some(ConvProblem {
+                    g,
+                    act,
+                    residual,
+                    seed,
+                })
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn winograd_matches_reference(problem in winograd_problem_strategy()) {
+        problem.check_winograd().map_err(TestCaseError::fail)?;
+    }
+}
+
+fn winograd_case(g: ConvGeometry, act: Activation, residual: bool) {
+    let problem = ConvProblem {
+        g,
+        act,
+        residual,
+        seed: 11,
+    };
+    if let Err(e) = problem.check_winograd() {
+        panic!("{g:?} {act:?}: {e}");
+    }
+}
+
+#[test]
+fn winograd_tiny_maps_long_reductions_and_parallel_units() {
+    let same = |side: usize, cin: usize, cout: usize| ConvGeometry {
+        in_h: side,
+        in_w: side,
+        cin,
+        cout,
+        kernel: 3,
+        stride: 1,
+        pad_top: 1,
+        pad_left: 1,
+        out_h: side,
+        out_w: side,
+    };
+    // 1x1 and 2x2 maps (a tile mostly padding), odd channel counts.
+    winograd_case(same(1, 33, 17), Activation::Relu, true);
+    winograd_case(same(2, 5, 3), Activation::Identity, false);
+    // Channel chunks (cin above the reduction block) and column-group units.
+    winograd_case(same(6, 300, 300), Activation::Identity, true);
+    winograd_case(same(5, 530, 40), Activation::Relu, false);
+    // Many tiles: parallel tile blocks, ragged right and bottom tiles.
+    winograd_case(same(45, 40, 72), Activation::Relu, false);
+    let g = ConvGeometry {
+        in_h: 37,
+        in_w: 29,
+        cin: 64,
+        cout: 48,
+        kernel: 3,
+        stride: 1,
+        pad_top: 1,
+        pad_left: 1,
+        out_h: 37,
+        out_w: 29,
+    };
+    winograd_case(g, Activation::Swish, true);
+}
+
 fn conv_case(g: ConvGeometry, act: Activation, residual: bool) {
     let problem = ConvProblem {
         g,
@@ -279,6 +395,27 @@ fn conv_case(g: ConvGeometry, act: Activation, residual: bool) {
     };
     if let Err(e) = problem.check() {
         panic!("{g:?} {act:?}: {e}");
+    }
+}
+
+#[test]
+fn pointwise_to_one_channel_mask_head() {
+    // The mask head's shape (1x1, 48 -> 1) on a map above one task's pixels, and odd
+    // channel counts around the vector width, with residual.
+    for (side, cin, residual) in [(70, 48, false), (9, 17, true), (5, 3, true), (3, 40, false)] {
+        let g = ConvGeometry {
+            in_h: side,
+            in_w: side,
+            cin,
+            cout: 1,
+            kernel: 1,
+            stride: 1,
+            pad_top: 0,
+            pad_left: 0,
+            out_h: side,
+            out_w: side,
+        };
+        conv_case(g, Activation::Sigmoid, residual);
     }
 }
 
