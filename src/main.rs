@@ -22,6 +22,7 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("metauas: internal error: {msg}{at} (please report this)");
     }));
+    quiet_vulkan_loader();
     let args = match cli::Cli::try_parse() {
         Ok(args) => args,
         Err(e) => return usage_error(e),
@@ -59,4 +60,20 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let message = message.trim_start_matches("error: ");
     eprintln!("metauas: {message} (see `metauas --help`)");
     ExitCode::from(2)
+}
+
+/// Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" several times when
+/// that variable is missing (containers, CI, services). It is harmless but would bury our
+/// one-line messages, so give the process a private runtime directory. Done first thing,
+/// while the process has a single thread.
+fn quiet_vulkan_loader() {
+    #[cfg(unix)]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join("metauas-runtime");
+        let made = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        if made.is_ok() || dir.is_dir() {
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
+    }
 }

@@ -49,7 +49,12 @@ fn s(p: &Path) -> &str {
 
 /// A failure must be exactly one stderr line, naming `needle`, with a non-zero exit.
 fn assert_one_line_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The line saying which backend runs is information, printed before any work.
+    let stderr: String = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("metauas: backend "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     assert!(
         !out.status.success(),
         "expected failure, got success; stderr: {stderr}"
@@ -374,4 +379,96 @@ fn defaults_and_json_key_order() {
     // Default --out is metauas-out (relative to the working directory), default --size 256.
     let (shape, _) = read_npy_f32(&cwd.join("metauas-out/frame.npy")).unwrap();
     assert_eq!(shape, vec![256, 256]);
+}
+
+/// `auto` takes a hardware GPU when one exists and the CPU otherwise (lavapipe and other
+/// software adapters are slower than our CPU backend), and says which on stderr.
+#[test]
+fn auto_backend_says_which_it_took() {
+    let i = inputs();
+    let out_dir = common::temp_dir("cli-auto");
+    let out = segment(s(&i.weights), s(&i.prompt), s(&i.query), "64", s(&out_dir));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let hardware = metauas::gpu::probe_adapter().is_some_and(|a| !a.software);
+    let expected = if hardware {
+        "metauas: backend gpu"
+    } else {
+        "metauas: backend cpu"
+    };
+    assert!(stderr.contains(expected), "expected `{expected}`: {stderr}");
+    assert!(
+        !stderr.contains("XDG_RUNTIME_DIR"),
+        "loader noise: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// `--backend gpu` gives the CPU backend's map (to float32 rounding) and JSON.
+#[test]
+fn gpu_backend_segments_like_the_cpu() {
+    if common::gpu_options(
+        "gpu_backend_segments_like_the_cpu",
+        metauas::gpu::Precision::F32,
+    )
+    .is_none()
+    {
+        return;
+    }
+    let i = inputs();
+    let mut maps = Vec::new();
+    for backend in ["cpu", "gpu"] {
+        let out_dir = common::temp_dir("cli-backend");
+        let out = metauas(&[
+            "segment",
+            "--weights",
+            s(&i.weights),
+            "--prompt",
+            s(&i.prompt),
+            "--query",
+            s(&i.query),
+            "--size",
+            "64",
+            "--out",
+            s(&out_dir),
+            "--backend",
+            backend,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{backend}: {stderr}");
+        assert!(
+            stderr.contains(&format!("metauas: backend {backend}")),
+            "{stderr}"
+        );
+        let (shape, data) = read_npy_f32(&out_dir.join("frame.npy")).expect("npy");
+        assert_eq!(shape, vec![64, 64]);
+        maps.push(data);
+        let _ = std::fs::remove_dir_all(&out_dir);
+    }
+    let worst = maps[0]
+        .iter()
+        .zip(&maps[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "cpu and gpu maps differ by {worst}");
+}
+
+/// f16 without a GPU is refused with a line that says what it needs.
+#[test]
+fn f16_on_the_cpu_is_refused() {
+    let i = inputs();
+    let out = metauas(&[
+        "segment",
+        "--weights",
+        s(&i.weights),
+        "--prompt",
+        s(&i.prompt),
+        "--query",
+        s(&i.query),
+        "--backend",
+        "cpu",
+        "--precision",
+        "f16",
+    ]);
+    assert_one_line_error(&out, "--precision f16 needs the GPU backend");
 }

@@ -101,7 +101,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         println!("peak RSS: {rss:.1} MB");
     }
-    if args.profile {
+    if args.profile && engine.backend_kind() == "gpu" {
+        gpu_profile(&engine, &prompt, &query_img)?;
+    } else if args.profile {
         profile(&engine, &prompt, &query_img, args.iters.max(1))?;
     }
     Ok(())
@@ -142,6 +144,38 @@ fn profile(
             100.0 * t / sum,
             gflops,
             100.0 * gflops / peak
+        );
+    }
+    Ok(())
+}
+
+/// Per-dispatch GPU times from timestamp queries (each dispatch in its own pass, so the
+/// total is a little above the single-pass latency).
+fn gpu_profile(
+    engine: &Engine,
+    prompt: &metauas::model::PromptFeatures,
+    query: &metauas::io::image::RgbImage8,
+) -> Result<()> {
+    let steps = engine.profile_gpu_query(prompt, query)?;
+    let sum: f64 = steps.iter().map(|s| s.2).sum();
+    println!(
+        "\nGPU profile of the query graph ({} dispatches, {:.3} ms in kernels)",
+        steps.len(),
+        sum * 1e3
+    );
+    println!(
+        "{:<24} {:<16} {:>9} {:>7} {:>9}",
+        "node", "kernel", "ms", "%", "GFLOP/s"
+    );
+    for (node, kernel, t, flops) in &steps {
+        let gflops = if *t > 0.0 { flops / t / 1e9 } else { 0.0 };
+        println!(
+            "{:<24} {:<16} {:>9.4} {:>6.1}% {:>9.1}",
+            node,
+            kernel,
+            t * 1e3,
+            100.0 * t / sum.max(f64::MIN_POSITIVE),
+            gflops
         );
     }
     Ok(())

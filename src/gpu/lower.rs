@@ -191,7 +191,8 @@ impl Lowering<'_> {
                 ..
             } => {
                 let y = self.materialize(out);
-                if geometry.cout == 1 && geometry.kernel == 1 {
+                let head = geometry.cout == 1 && geometry.kernel == 1;
+                if head && act == Activation::Sigmoid && residual.is_none() {
                     let x = self.plain(input, name);
                     self.head(name, x, y, conv, geometry, flops);
                 } else {
@@ -362,7 +363,7 @@ impl Lowering<'_> {
             params: params(&p),
             bindings: vec![
                 (1, Buf::Value(x)),
-                (2, Buf::Weight(e.weight)),
+                (2, Buf::Weight(e.head.expect("head weights"))),
                 (3, Buf::Value(y)),
             ],
             workgroups: fold(pixels.div_ceil(64)),

@@ -52,6 +52,15 @@ impl GpuBackend {
         GpuProgram::new(&self.ctx, graph, &self.table, &self.weights)
     }
 
+    /// One timed run of `program`: `(node, kernel, seconds, FLOPs)` per dispatch.
+    pub fn profile(
+        &self,
+        program: &GpuProgram,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<(String, &'static str, f64, f64)>> {
+        program.profile(&self.ctx, inputs)
+    }
+
     /// Runs `program` on `inputs` (graph order) and returns every graph output as f32.
     pub fn run(&self, program: &GpuProgram, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
         program.run(&self.ctx, inputs)

@@ -42,7 +42,7 @@ impl GpuProgram {
             .collect();
         let lifetimes = lifetimes(&lowered);
         let (value_slot, slot_bytes) = assign_slots(&bytes, &lifetimes);
-        let limit = ctx.limits.max_storage_buffer_binding_size as u64;
+        let limit = ctx.limits.max_storage_buffer_binding_size;
         if let Some(big) = slot_bytes.iter().find(|&&b| b > limit) {
             return Err(Error::new(format!(
                 "GPU {}: this size needs a {} MiB tensor but the adapter binds at most {} MiB; \
@@ -141,6 +141,112 @@ impl GpuProgram {
     /// Uploads `inputs` (graph order), runs every step in one submit, and reads back every
     /// graph output as f32.
     pub fn run(&self, ctx: &GpuContext, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        self.upload_inputs(ctx, inputs)?;
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        self.record(&mut encoder, None);
+        ctx.queue.submit([encoder.finish()]);
+        self.read_outputs(ctx)
+    }
+
+    /// Records every step (one compute pass; with `timestamps`, one pass per step so that
+    /// each is timed) and the copies of the outputs to the readback buffer.
+    fn record(&self, encoder: &mut wgpu::CommandEncoder, timestamps: Option<&wgpu::QuerySet>) {
+        let n = self.lowered.steps.len();
+        match timestamps {
+            None => {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("forward"),
+                    timestamp_writes: None,
+                });
+                (0..n).for_each(|i| self.dispatch(&mut pass, i));
+            }
+            Some(query_set) => {
+                for i in 0..n {
+                    let writes = wgpu::ComputePassTimestampWrites {
+                        query_set,
+                        beginning_of_pass_write_index: Some(2 * i as u32),
+                        end_of_pass_write_index: Some(2 * i as u32 + 1),
+                    };
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some(&self.lowered.steps[i].node),
+                        timestamp_writes: Some(writes),
+                    });
+                    self.dispatch(&mut pass, i);
+                }
+            }
+        }
+        for (&o, &offset) in self.lowered.outputs.iter().zip(&self.output_offsets) {
+            let size = self.value_bytes(o).next_multiple_of(4);
+            let slot = &self.slots[self.value_slot[o]];
+            encoder.copy_buffer_to_buffer(slot, 0, &self.staging, offset, size);
+        }
+    }
+
+    fn dispatch(&self, pass: &mut wgpu::ComputePass, i: usize) {
+        pass.set_pipeline(&self.pipelines[i]);
+        pass.set_bind_group(0, &self.bind_groups[i], &[]);
+        let [x, y, z] = self.lowered.steps[i].workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    /// Runs once with a timestamp around every step: `(graph node, kernel entry point,
+    /// seconds, FLOPs)` per step. Needs the adapter's `TIMESTAMP_QUERY`.
+    pub fn profile(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<(String, &'static str, f64, f64)>> {
+        if !ctx.timestamps {
+            return Err(Error::new(format!(
+                "GPU {}: no TIMESTAMP_QUERY, so no per-kernel profile",
+                ctx.adapter
+            )));
+        }
+        let n = self.lowered.steps.len() as u32;
+        let query_set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * n,
+        });
+        let bytes = 16 * n as u64;
+        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.upload_inputs(ctx, inputs)?;
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        self.record(&mut encoder, Some(&query_set));
+        encoder.resolve_query_set(&query_set, 0..2 * n, &resolve, 0);
+        encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+        ctx.queue.submit([encoder.finish()]);
+        self.read_outputs(ctx)?;
+        let ticks = read_u64s(ctx, &readback)?;
+        let period = ctx.queue.get_timestamp_period() as f64 * 1e-9;
+        Ok(self
+            .lowered
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let dt = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+                (s.node.clone(), s.key.entry, dt, s.flops)
+            })
+            .collect())
+    }
+
+    fn upload_inputs(&self, ctx: &GpuContext, inputs: &[&[f32]]) -> Result<()> {
         if inputs.len() != self.lowered.inputs.len() {
             return Err(Error::new("GPU program: wrong number of inputs"));
         }
@@ -157,34 +263,7 @@ impl GpuProgram {
             ctx.queue
                 .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
         }
-        let mut encoder = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward"),
-                timestamp_writes: None,
-            });
-            for ((step, pipeline), bind_group) in self
-                .lowered
-                .steps
-                .iter()
-                .zip(&self.pipelines)
-                .zip(&self.bind_groups)
-            {
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, bind_group, &[]);
-                let [x, y, z] = step.workgroups;
-                pass.dispatch_workgroups(x, y, z);
-            }
-        }
-        for (&o, &offset) in self.lowered.outputs.iter().zip(&self.output_offsets) {
-            let size = self.value_bytes(o).next_multiple_of(4);
-            let slot = &self.slots[self.value_slot[o]];
-            encoder.copy_buffer_to_buffer(slot, 0, &self.staging, offset, size);
-        }
-        ctx.queue.submit([encoder.finish()]);
-        self.read_outputs(ctx)
+        Ok(())
     }
 
     fn read_outputs(&self, ctx: &GpuContext) -> Result<Vec<Vec<f32>>> {
@@ -209,7 +288,7 @@ impl GpuProgram {
                     let n = self.lowered.values[o].elems;
                     let start = offset as usize;
                     let end = start + self.value_bytes(o) as usize;
-                    self.from_store_bytes(&view[start..end], n)
+                    self.decode_store_bytes(&view[start..end], n)
                 })
                 .collect()
         };
@@ -231,7 +310,7 @@ impl GpuProgram {
         bytes
     }
 
-    fn from_store_bytes(&self, bytes: &[u8], n: usize) -> Vec<f32> {
+    fn decode_store_bytes(&self, bytes: &[u8], n: usize) -> Vec<f32> {
         match self.precision {
             Precision::F32 => bytes
                 .chunks_exact(4)
@@ -245,6 +324,29 @@ impl GpuProgram {
                 .collect(),
         }
     }
+}
+
+fn read_u64s(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u64>> {
+    let slice = buffer.slice(..);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait()?;
+    let failed = |e: String| Error::new(format!("GPU {}: timestamp readback: {e}", ctx.adapter));
+    rx.recv()
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let values = {
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| failed(e.to_string()))?;
+        view.chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect()
+    };
+    buffer.unmap();
+    Ok(values)
 }
 
 fn element_bytes(always_f32: bool, precision: Precision) -> u64 {

@@ -17,6 +17,8 @@ pub struct WeightTensor {
 pub struct ConvEntry {
     pub weight: usize,
     pub bias: usize,
+    /// f32 weights for the head kernel (1x1 convs to one channel only).
+    pub head: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -54,15 +56,15 @@ impl WeightTable {
         for c in &w.convs {
             let data = if c.depthwise {
                 depthwise_taps_major(&c.weight, c.cout, c.kernel)
-            } else if c.cout == 1 {
-                c.weight.clone()
             } else {
                 dense_k_major(&c.weight, c.cout, c.cin, c.kernel)
             };
-            // A single-channel conv (the head) reads f32 weights; the rest use `store`.
-            let weight = t.push(data, c.cout != 1);
+            let weight = t.push(data, true);
             let bias = t.push(c.bias.clone(), false);
-            t.convs.push(ConvEntry { weight, bias });
+            // A 1x1 conv to one channel may run as the head kernel, which reads f32 weights.
+            let single = !c.depthwise && c.cout == 1 && c.kernel == 1;
+            let head = single.then(|| t.push(c.weight.clone(), false));
+            t.convs.push(ConvEntry { weight, bias, head });
             t.head_bias.push(c.bias.first().copied().unwrap_or(0.0));
         }
         for s in &w.se {

@@ -232,6 +232,12 @@ impl GraphBuilder {
         residual: Option<ValueId>,
     ) -> ValueId {
         let s = self.shape(input);
+        assert!(
+            s.h + pad_before + pad_after >= kernel && s.w + pad_before + pad_after >= kernel,
+            "{name}: padded input {}x{} smaller than the {kernel}x{kernel} kernel",
+            s.h,
+            s.w
+        );
         let out_h = (s.h + pad_before + pad_after - kernel) / stride + 1;
         let out_w = (s.w + pad_before + pad_after - kernel) / stride + 1;
         let geometry = ConvGeometry {

@@ -95,7 +95,7 @@ enum Runner {
         query_arena: Mutex<Vec<f32>>,
     },
     Gpu {
-        backend: GpuBackend,
+        backend: Box<GpuBackend>,
         /// Programs own their readback buffer: one run at a time each.
         prompt: Mutex<GpuProgram>,
         query: Mutex<GpuProgram>,
@@ -173,7 +173,7 @@ impl Engine {
             let prompt = backend.program(&build_prompt_graph(&weights, size))?;
             let query = backend.program(&build_query_graph(&weights, size, false))?;
             Runner::Gpu {
-                backend,
+                backend: Box::new(backend),
                 prompt: Mutex::new(prompt),
                 query: Mutex::new(query),
             }
@@ -218,6 +218,21 @@ impl Engine {
             Runner::Cpu { .. } => "cpu",
             Runner::Gpu { .. } => "gpu",
         }
+    }
+
+    /// GPU only: one query forward with a timestamp around every dispatch:
+    /// `(graph node, kernel, seconds, FLOPs)` per dispatch.
+    pub fn profile_gpu_query(
+        &self,
+        prompt: &PromptFeatures,
+        image: &RgbImage8,
+    ) -> Result<Vec<(String, &'static str, f64, f64)>> {
+        self.check_prompt(prompt)?;
+        let Runner::Gpu { backend, query, .. } = &self.runner else {
+            return Err(Error::new("profile_gpu_query: this engine runs on the CPU"));
+        };
+        let input = preprocess(image, self.size);
+        backend.profile(&lock(query), &self.query_inputs(&input, prompt))
     }
 
     /// Compute dispatches per query forward on the GPU (None on the CPU).

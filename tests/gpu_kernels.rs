@@ -1,0 +1,234 @@
+//! Every GPU kernel against the CPU backend on random shapes, odd ones included (channels
+//! that are not a multiple of 4, 1x1 maps, k = 5, stride-2 asymmetric padding). The CPU
+//! kernels are themselves checked against naive float64 references (src/cpu/kernels/tests.rs).
+//!
+//! Each case is a tiny graph run by both backends through the real lowering, so the fused
+//! paths are what is tested: squeeze-excite folded into the projection conv, upsample +
+//! concat + scSE gates folded into the next conv's input addressing.
+
+mod common;
+
+use metauas::cpu::kernels::Activation;
+use metauas::cpu::{self, CpuBackend};
+use metauas::gpu::{GpuBackend, Precision};
+use metauas::graph::{Graph, GraphBuilder, Shape};
+use metauas::model::weights::{ConvWeights, ScseWeights, SqueezeExciteWeights};
+use metauas::model::ModelWeights;
+use proptest::prelude::*;
+
+/// Deterministic values in [-scale, scale).
+fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn conv_weights(seed: u64, cout: usize, cin: usize, k: usize, depthwise: bool) -> ConvWeights {
+    let fan_in = if depthwise { k * k } else { cin * k * k };
+    let per_out = if depthwise { 1 } else { cin };
+    ConvWeights {
+        name: format!("conv{seed}"),
+        cout,
+        cin: per_out,
+        kernel: k,
+        depthwise,
+        weight: values(seed, cout * per_out * k * k, 1.7 / (fan_in as f32).sqrt()),
+        bias: values(seed + 1, cout, 0.3),
+    }
+}
+
+fn se_weights(seed: u64, channels: usize, squeeze: usize) -> SqueezeExciteWeights {
+    SqueezeExciteWeights {
+        channels,
+        squeeze,
+        reduce_w: values(seed, squeeze * channels, 1.0 / (channels as f32).sqrt()),
+        reduce_b: values(seed + 1, squeeze, 0.2),
+        expand_w: values(seed + 2, channels * squeeze, 1.0 / (squeeze as f32).sqrt()),
+        expand_b: values(seed + 3, channels, 0.2),
+    }
+}
+
+fn scse_weights(seed: u64, channels: usize, hidden: usize) -> ScseWeights {
+    ScseWeights {
+        channels,
+        hidden,
+        cse1_w: values(seed, hidden * channels, 1.0 / (channels as f32).sqrt()),
+        cse1_b: values(seed + 1, hidden, 0.2),
+        cse3_w: values(seed + 2, channels * hidden, 1.0 / (hidden as f32).sqrt()),
+        cse3_b: values(seed + 3, channels, 0.2),
+        sse_w: values(seed + 4, channels, 1.0 / (channels as f32).sqrt()),
+        sse_b: 0.1,
+    }
+}
+
+/// Runs `graph` on both backends and compares every output: |gpu - cpu| <= tol * (1 + |cpu|).
+fn compare(test: &str, weights: &ModelWeights, graph: &Graph, inputs: &[Vec<f32>], tol: f32) {
+    let Some(_) = common::gpu_options(test, Precision::F32) else {
+        return;
+    };
+    let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+    let cpu_backend = CpuBackend::new(weights);
+    let mut arena = Vec::new();
+    cpu_backend.run(graph, &mut arena, &refs, None);
+    let gpu = GpuBackend::new(weights, Precision::F32).expect("GPU backend");
+    let program = gpu.program(graph).expect("GPU program");
+    let got = gpu.run(&program, &refs).expect("GPU run");
+    for (o, &v) in graph.outputs.iter().enumerate() {
+        let want = cpu::value(graph, &arena, v);
+        assert_eq!(got[o].len(), want.len(), "{test}: output {o} length");
+        for (i, (g, c)) in got[o].iter().zip(want).enumerate() {
+            let bound = tol * (1.0 + c.abs());
+            assert!(
+                (g - c).abs() <= bound,
+                "{test}: output {o} [{i}]: gpu {g} vs cpu {c}"
+            );
+        }
+    }
+}
+
+fn activation(i: usize) -> Activation {
+    [
+        Activation::Identity,
+        Activation::Relu,
+        Activation::Swish,
+        Activation::Sigmoid,
+    ][i % 4]
+}
+
+/// The model's padding: "same" at stride 1, TF-style static-same (asymmetric) at stride 2.
+fn padding(k: usize, stride: usize) -> (usize, usize) {
+    if stride == 1 || k == 1 {
+        (k / 2, k / 2)
+    } else {
+        ((k - 2) / 2, (k - 2) / 2 + 1)
+    }
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 16,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Dense conv (implicit GEMM; the 1x1 GEMM and the one-channel head included) with
+    /// bias, activation and a residual when the shapes allow one.
+    #[test]
+    fn conv_matches_cpu(
+        h in 1usize..14, w in 1usize..14, cin in 1usize..70, cout in 1usize..70,
+        k in prop::sample::select(vec![1usize, 3, 5]), stride in 1usize..3,
+        act in 0usize..4, seed in 0u64..1000,
+    ) {
+        // The model's stride-2 padding assumes at least 2 pixels per side.
+        let (h, w) = (h.max(stride), w.max(stride));
+        let mut weights = ModelWeights::default();
+        weights.convs.push(conv_weights(seed, cout, cin, k, false));
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(h, w, cin));
+        let residual = (stride == 1 && cin == cout && act == 0).then_some(x);
+        let y = g.conv("y", x, 0, (cout, k, stride), padding(k, stride), false, activation(act), residual);
+        g.output(y);
+        let inputs = vec![values(seed + 7, h * w * cin, 1.0)];
+        compare("conv_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
+    }
+
+    /// Depthwise 3x3 / 5x5 at stride 1 and 2 with the model's asymmetric padding.
+    #[test]
+    fn depthwise_matches_cpu(
+        h in 1usize..20, w in 1usize..20, c in 1usize..70,
+        k in prop::sample::select(vec![3usize, 5]), stride in 1usize..3,
+        act in 0usize..4, seed in 0u64..1000,
+    ) {
+        let (h, w) = (h.max(stride), w.max(stride));
+        let mut weights = ModelWeights::default();
+        weights.convs.push(conv_weights(seed, c, c, k, true));
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(h, w, c));
+        let y = g.conv("y", x, 0, (c, k, stride), padding(k, stride), true, activation(act), None);
+        g.output(y);
+        let inputs = vec![values(seed + 7, h * w * c, 1.0)];
+        compare("depthwise_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
+    }
+
+    /// Squeeze-excite (channel means, the two FCs) folded into the following 1x1 projection.
+    #[test]
+    fn squeeze_excite_into_projection_matches_cpu(
+        h in 1usize..40, w in 1usize..40, c in 1usize..90, squeeze in 1usize..12,
+        cout in 1usize..40, seed in 0u64..1000,
+    ) {
+        let mut weights = ModelWeights::default();
+        weights.se.push(se_weights(seed, c, squeeze));
+        weights.convs.push(conv_weights(seed + 11, cout, c, 1, false));
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(h, w, c));
+        let s = g.squeeze_excite("se", x, 0);
+        let y = g.conv("y", s, 0, (cout, 1, 1), (0, 0), false, Activation::Identity, None);
+        g.output(y);
+        let inputs = vec![values(seed + 7, h * w * c, 2.0)];
+        compare("squeeze_excite_into_projection_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
+    }
+
+    /// A decoder block: upsample x2 + concat (with or without a skip), scSE gates folded into
+    /// the 3x3 conv's input, then scSE materialized on the conv output.
+    #[test]
+    fn decoder_block_matches_cpu(
+        h in 1usize..10, w in 1usize..10, ca in 1usize..40, cs in 0usize..30,
+        cout in 1usize..40, seed in 0u64..1000,
+    ) {
+        let with_skip = cs > 0;
+        let c = ca + cs;
+        let mut weights = ModelWeights::default();
+        weights.convs.push(conv_weights(seed, cout, c, 3, false));
+        weights.scse.push(scse_weights(seed + 20, c, c.div_ceil(16)));
+        weights.scse.push(scse_weights(seed + 30, cout, cout.div_ceil(16)));
+        let mut g = GraphBuilder::new();
+        let a = g.input("a", Shape::new(h, w, ca));
+        let skip = with_skip.then(|| g.input("skip", Shape::new(2 * h, 2 * w, cs)));
+        let up = g.upsample_concat("up", a, skip);
+        let x = if with_skip { g.scse("att1", up, 0) } else { up };
+        let y = g.conv("conv", x, 0, (cout, 3, 1), (1, 1), false, Activation::Relu, None);
+        let z = g.scse("att2", y, 1);
+        g.output(z);
+        let mut inputs = vec![values(seed + 7, h * w * ca, 1.0)];
+        if with_skip {
+            inputs.push(values(seed + 8, 4 * h * w * cs, 1.0));
+        }
+        compare("decoder_block_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
+    }
+
+    /// The fused alignment (online softmax), with logits large enough that a naive softmax
+    /// would overflow.
+    #[test]
+    fn align_matches_cpu(
+        h in 1usize..12, w in 1usize..12, cin in 1usize..80, hidden in 1usize..48,
+        logit_scale in prop::sample::select(vec![0.1f32, 1.0, 30.0]), seed in 0u64..1000,
+    ) {
+        let n = h * w;
+        let weights = ModelWeights::default();
+        let mut g = GraphBuilder::new();
+        let fq = g.input("fq", Shape::new(h, w, cin));
+        let q = g.input("q", Shape::new(h, w, hidden));
+        let k = g.input("k", Shape::new(h, w, hidden));
+        let fp = g.input("fp", Shape::new(h, w, cin));
+        let y = g.align("y", fq, q, k, fp);
+        g.output(y);
+        let inputs = vec![
+            values(seed, n * cin, 1.0),
+            values(seed + 1, n * hidden, logit_scale),
+            values(seed + 2, n * hidden, logit_scale),
+            values(seed + 3, n * cin, 1.0),
+        ];
+        // Sharp softmaxes amplify f32 logit rounding (the CPU computes logits in f64).
+        let tol = if logit_scale > 1.0 { 2e-3 } else { 2e-5 };
+        compare("align_matches_cpu", &weights, &g.finish(), &inputs, tol);
+    }
+}
