@@ -79,22 +79,6 @@ fn load_input(iy: i32, ix: i32, ci: u32) -> f32 {
     return v;
 }
 
-// Element k of the reduction for output pixel p (im2col addressing, never materialized).
-fn load_a(p: u32, k: u32) -> f32 {
-    let pixels = params.out_h * params.out_w;
-    let kk = KSIZE * KSIZE * params.cin;
-    if p >= pixels || k >= kk {
-        return 0.0;
-    }
-    let oy = p / params.out_w;
-    let ox = p % params.out_w;
-    let tap = k / params.cin;
-    let ci = k % params.cin;
-    let iy = i32(oy * STRIDE + tap / KSIZE) - i32(params.pad_top);
-    let ix = i32(ox * STRIDE + tap % KSIZE) - i32(params.pad_left);
-    return load_input(iy, ix, ci);
-}
-
 @compute @workgroup_size(16, 16, 1)
 fn conv2d_nhwc(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -115,16 +99,39 @@ fn conv2d_nhwc(
     let b_k = li / 16u;
     let b_co4 = co0 / 4u + li % 16u;
 
+    // The im2col addressing is incremental: this invocation's 4 pixels are fixed, and its
+    // reduction index advances by KT per step, so no division runs inside the loop.
+    let pixels = params.out_h * params.out_w;
+    var row: array<i32, 4>;
+    var col: array<i32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        let p = min(p0 + a_px + i, pixels - 1u);
+        row[i] = i32((p / params.out_w) * STRIDE) - i32(params.pad_top);
+        col[i] = i32((p % params.out_w) * STRIDE) - i32(params.pad_left);
+    }
+    var tap = a_k / params.cin;
+    var ci = a_k % params.cin;
+
     var total: array<vec4<f32>, 4>;
     var part: array<vec4<f32>, 4>;
     var steps = 0u;
     for (var k0 = 0u; k0 < kk; k0 += KT) {
-        xs[a_k * 16u + a_px / 4u] = vec4<f32>(
-            load_a(p0 + a_px, k0 + a_k),
-            load_a(p0 + a_px + 1u, k0 + a_k),
-            load_a(p0 + a_px + 2u, k0 + a_k),
-            load_a(p0 + a_px + 3u, k0 + a_k),
-        );
+        var av = vec4<f32>(0.0);
+        if k0 + a_k < kk {
+            let ky = i32(tap / KSIZE);
+            let kx = i32(tap % KSIZE);
+            for (var i = 0u; i < 4u; i++) {
+                if p0 + a_px + i < pixels {
+                    av[i] = load_input(row[i] + ky, col[i] + kx, ci);
+                }
+            }
+        }
+        xs[a_k * 16u + a_px / 4u] = av;
+        ci += KT;
+        while ci >= params.cin {
+            ci -= params.cin;
+            tap += 1u;
+        }
         var wv = vec4<f32>(0.0);
         if k0 + b_k < kk && b_co4 < params.cout_vec4 {
             wv = vec4<f32>(w[(k0 + b_k) * params.cout_vec4 + b_co4]);
@@ -149,7 +156,6 @@ fn conv2d_nhwc(
             steps = 0u;
         }
     }
-    let pixels = params.out_h * params.out_w;
     for (var i = 0u; i < 4u; i++) {
         let p = p0 + lid.y * 4u + i;
         let sum = total[i] + part[i];

@@ -121,7 +121,7 @@ def bench_size(size: int, a) -> dict:
     res = {"ours_full": [], "ours_cached": [], "ort": [], "torch": [], "rss": {}}
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     for r in range(a.rounds):
-        out = subprocess.run([a.binary, "bench", "--size", str(size), "--iters", str(a.iters), "--json"],
+        out = subprocess.run([a.binary, "bench", "--backend", "cpu", "--size", str(size), "--iters", str(a.iters), "--json"],
                              check=True, capture_output=True, text=True, env=env)
         m = json.loads(out.stdout)
         res["ours_full"].append(m["full_ms"])

@@ -47,7 +47,7 @@ def torch_times(model, size: int, iters: int) -> list:
 
 def metauas_run(binary: str, size: int, iters: int) -> dict:
     out = subprocess.run(
-        [binary, "bench", "--size", str(size), "--iters", str(iters), "--json"],
+        [binary, "bench", "--backend", "cpu", "--size", str(size), "--iters", str(iters), "--json"],
         check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout)

@@ -16,7 +16,8 @@ use super::{announce, engine_options, Backend, PrecisionArg};
 pub struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     size: usize,
-    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    /// Where to run (`auto`: a hardware GPU when there is one, else the CPU).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
     backend: Backend,
     /// Storage precision (f16: GPU only).
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]

@@ -88,6 +88,8 @@ impl Default for EngineOptions {
     }
 }
 
+// One per engine: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Runner {
     Cpu {
         backend: CpuBackend,
