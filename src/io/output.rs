@@ -22,7 +22,7 @@ const NPY_MAX_HEADER: usize = 64 * 1024;
 // ---------------------------------------------------------------- atomic writes
 
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
@@ -74,13 +74,13 @@ fn npy_header(shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Write `data` (C order, `shape`) as a `.npy` v1.0 file of `<f4`.
-pub fn write_npy_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
+/// `data` (C order, `shape`) as the bytes of a `.npy` v1.0 file of `<f4`.
+pub fn npy_f32_bytes(data: &[f32], shape: &[usize]) -> std::result::Result<Vec<u8>, String> {
     let count = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     if count != Some(data.len()) {
-        return Err(Error::at(
-            path,
-            format!("shape {shape:?} does not hold {} values", data.len()),
+        return Err(format!(
+            "shape {shape:?} does not hold {} values",
+            data.len()
         ));
     }
     let mut bytes = npy_header(shape);
@@ -88,6 +88,12 @@ pub fn write_npy_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
     for v in data {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
+    Ok(bytes)
+}
+
+/// Write `data` (C order, `shape`) as a `.npy` v1.0 file of `<f4`.
+pub fn write_npy_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
+    let bytes = npy_f32_bytes(data, shape).map_err(|p| Error::at(path, p))?;
     write_atomic(path, &bytes)
 }
 
@@ -294,42 +300,44 @@ pub fn jet_colormap(map: &[f32]) -> Vec<u8> {
 
 // ---------------------------------------------------------------- PNG outputs
 
-fn check_square(path: &Path, len: usize, side: usize, what: &str) -> Result<()> {
+fn check_square(len: usize, side: usize, what: &str) -> std::result::Result<(), String> {
     if side.checked_mul(side) != Some(len) || side == 0 {
-        return Err(Error::at(
-            path,
-            format!("{what} has {len} values, not {side} x {side}"),
-        ));
+        return Err(format!("{what} has {len} values, not {side} x {side}"));
     }
     Ok(())
 }
 
-fn write_png(path: &Path, pixels: &[u8], side: usize, color: ExtendedColorType) -> Result<()> {
-    let side32 = u32::try_from(side).map_err(|_| Error::at(path, "image too large for PNG"))?;
+fn png_bytes(
+    pixels: &[u8],
+    side: usize,
+    color: ExtendedColorType,
+) -> std::result::Result<Vec<u8>, String> {
+    let side32 = u32::try_from(side).map_err(|_| "image too large for PNG".to_string())?;
     let mut encoded = Vec::new();
     PngEncoder::new(&mut encoded)
         .write_image(pixels, side32, side32, color)
-        .map_err(|e| Error::at(path, format!("cannot encode PNG: {e}")))?;
-    write_atomic(path, &encoded)
+        .map_err(|e| format!("cannot encode PNG: {e}"))?;
+    Ok(encoded)
 }
 
-/// The anomaly map as a JET heatmap PNG (`side x side`, RGB).
-pub fn write_heatmap_png(path: &Path, map: &[f32], side: usize) -> Result<()> {
-    check_square(path, map.len(), side, "map")?;
-    write_png(path, &jet_colormap(map), side, ExtendedColorType::Rgb8)
+/// The anomaly map as the bytes of a JET heatmap PNG (`side x side`, RGB).
+pub fn heatmap_png_bytes(map: &[f32], side: usize) -> std::result::Result<Vec<u8>, String> {
+    check_square(map.len(), side, "map")?;
+    png_bytes(&jet_colormap(map), side, ExtendedColorType::Rgb8)
 }
 
-/// The JET heatmap blended 50/50 over `base` (already `side x side`):
+/// The JET heatmap blended 50/50 over `base` (already `side x side`), as PNG bytes:
 /// `out = round(0.5 * heat + 0.5 * base)`. (The upstream demo truncates instead of rounding.)
-pub fn write_overlay_png(path: &Path, map: &[f32], side: usize, base: &RgbImage8) -> Result<()> {
-    check_square(path, map.len(), side, "map")?;
+pub fn overlay_png_bytes(
+    map: &[f32],
+    side: usize,
+    base: &RgbImage8,
+) -> std::result::Result<Vec<u8>, String> {
+    check_square(map.len(), side, "map")?;
     if base.width != side || base.height != side || base.data.len() != side * side * 3 {
-        return Err(Error::at(
-            path,
-            format!(
-                "overlay base is {} x {}, not {side} x {side}",
-                base.width, base.height
-            ),
+        return Err(format!(
+            "overlay base is {} x {}, not {side} x {side}",
+            base.width, base.height
         ));
     }
     let heat = jet_colormap(map);
@@ -339,13 +347,39 @@ pub fn write_overlay_png(path: &Path, map: &[f32], side: usize, base: &RgbImage8
         .zip(&base.data)
         .map(|(&h, &b)| (u16::from(h) + u16::from(b)).div_ceil(2) as u8)
         .collect();
-    write_png(path, &blended, side, ExtendedColorType::Rgb8)
+    png_bytes(&blended, side, ExtendedColorType::Rgb8)
+}
+
+/// The binary mask of a map: 255 where the anomaly value is at least `threshold`, else 0.
+/// NaN is never anomalous.
+pub fn threshold_mask(map: &[f32], threshold: f32) -> Vec<u8> {
+    map.iter()
+        .map(|&v| if v >= threshold { 255 } else { 0 })
+        .collect()
+}
+
+/// A `side x side` 8-bit gray PNG (masks), as bytes.
+pub fn gray_png_bytes(data: &[u8], side: usize) -> std::result::Result<Vec<u8>, String> {
+    check_square(data.len(), side, "mask")?;
+    png_bytes(data, side, ExtendedColorType::L8)
+}
+
+/// The anomaly map as a JET heatmap PNG (`side x side`, RGB).
+pub fn write_heatmap_png(path: &Path, map: &[f32], side: usize) -> Result<()> {
+    let bytes = heatmap_png_bytes(map, side).map_err(|p| Error::at(path, p))?;
+    write_atomic(path, &bytes)
+}
+
+/// The JET heatmap blended 50/50 over `base`: see `overlay_png_bytes`.
+pub fn write_overlay_png(path: &Path, map: &[f32], side: usize, base: &RgbImage8) -> Result<()> {
+    let bytes = overlay_png_bytes(map, side, base).map_err(|p| Error::at(path, p))?;
+    write_atomic(path, &bytes)
 }
 
 /// A `side x side` 8-bit gray PNG (masks).
 pub fn write_png_gray(path: &Path, data: &[u8], side: usize) -> Result<()> {
-    check_square(path, data.len(), side, "mask")?;
-    write_png(path, data, side, ExtendedColorType::L8)
+    let bytes = gray_png_bytes(data, side).map_err(|p| Error::at(path, p))?;
+    write_atomic(path, &bytes)
 }
 
 #[cfg(test)]

@@ -110,6 +110,7 @@ pub struct Engine {
     /// backend's packed form (see `from_weights`).
     weights: ModelWeights,
     parameters: usize,
+    weights_hash: u64,
     runner: Runner,
     prompt_graph: Graph,
     query_graph: Graph,
@@ -189,6 +190,7 @@ impl Engine {
         let prompt_graph = build_prompt_graph(&weights, size);
         let query_graph = build_query_graph(&weights, size, false);
         let parameters = weights.parameter_count();
+        let weights_hash = weights.fingerprint();
         // The backend holds packed copies: keeping the unpacked ones would double the
         // resident weights (~85 MB) for nothing.
         weights.release_conv_data();
@@ -196,6 +198,7 @@ impl Engine {
             size,
             weights,
             parameters,
+            weights_hash,
             runner,
             prompt_graph,
             query_graph,
@@ -252,6 +255,12 @@ impl Engine {
     pub fn parameter_count(&self) -> usize {
         self.parameters
     }
+    /// The fingerprint of the loaded parameters (see `ModelWeights::fingerprint`), as
+    /// `"mw64:<16 hex digits>"`: the same for a `.ckpt` and its converted safetensors.
+    pub fn weights_hash(&self) -> String {
+        format!("mw64:{:016x}", self.weights_hash)
+    }
+
     pub fn prompt_graph(&self) -> &Graph {
         &self.prompt_graph
     }

@@ -1,10 +1,12 @@
 //! The MetaUAS model: architecture tables, weights (BN folded), the two subgraphs, the engine.
 
 pub mod arch;
+pub mod bank;
 pub mod engine;
 pub mod graphs;
 pub mod weights;
 
+pub use bank::{BankEntry, PromptBank};
 pub use engine::{
     check_size, AnomalyMap, BackendChoice, Engine, EngineOptions, PromptFeatures, Tap, MAX_SIZE,
 };

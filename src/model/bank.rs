@@ -1,0 +1,317 @@
+//! Prompt banks: normal images encoded once, stored as safetensors, reused by `segment` and
+//! `serve` without re-encoding. A bank records the weights' fingerprint and the model size and
+//! is refused by an engine with other weights or another size.
+
+use std::path::Path;
+
+use super::engine::{Engine, PromptFeatures};
+use super::graphs::prompt_shapes;
+use crate::error::{Error, Result};
+use crate::io::weights::{write_safetensors, Format, TensorData, WeightFile};
+
+/// Marks a safetensors file as a bank (metadata key `format`).
+const BANK_FORMAT: &str = "metauas-prompt-bank";
+const BANK_VERSION: &str = "1";
+/// Most prompts a bank may hold: each costs ~1.2 MB at 256 and ~5 MB at 512.
+pub const MAX_BANK_PROMPTS: usize = 4096;
+
+/// One encoded normal image.
+#[derive(Clone, Debug)]
+pub struct BankEntry {
+    /// A short name (unique within the bank), by default the image's file stem.
+    pub name: String,
+    /// Where the image came from (file name as given), for the record.
+    pub source: String,
+    pub features: PromptFeatures,
+}
+
+/// Encoded prompts for one engine (weights + size).
+#[derive(Clone, Debug)]
+pub struct PromptBank {
+    size: usize,
+    weights_hash: String,
+    entries: Vec<BankEntry>,
+}
+
+impl PromptBank {
+    /// An empty bank for `engine`'s weights and size.
+    pub fn new(engine: &Engine) -> PromptBank {
+        PromptBank {
+            size: engine.size(),
+            weights_hash: engine.weights_hash(),
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    pub fn weights_hash(&self) -> &str {
+        &self.weights_hash
+    }
+    pub fn entries(&self) -> &[BankEntry] {
+        &self.entries
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    pub fn get(&self, name: &str) -> Option<&BankEntry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// Adds an entry; its name must be new and its features of this bank's size.
+    pub fn push(&mut self, entry: BankEntry) -> Result<()> {
+        if self.get(&entry.name).is_some() {
+            return Err(Error::new(format!(
+                "prompt name `{}` is already in the bank",
+                entry.name
+            )));
+        }
+        if entry.features.size != self.size {
+            return Err(Error::new(format!(
+                "prompt `{}` was encoded at size {}, the bank holds size {}",
+                entry.name, entry.features.size, self.size
+            )));
+        }
+        if self.entries.len() >= MAX_BANK_PROMPTS {
+            return Err(Error::new(format!(
+                "a bank holds at most {MAX_BANK_PROMPTS} prompts"
+            )));
+        }
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    /// Writes the bank as safetensors (atomically: a temporary file, then a rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let shapes = prompt_shapes(self.size);
+        let mut tensors = Vec::with_capacity(self.entries.len() * shapes.len());
+        for (i, e) in self.entries.iter().enumerate() {
+            for (t, (data, shape)) in e.features.tensors.iter().zip(shapes).enumerate() {
+                tensors.push((
+                    format!("prompt.{i}.{t}"),
+                    TensorData::F32 {
+                        shape: vec![shape.h, shape.w, shape.c],
+                        data: data.clone(),
+                    },
+                ));
+            }
+        }
+        let names: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
+        let sources: Vec<&str> = self.entries.iter().map(|e| e.source.as_str()).collect();
+        let metadata = vec![
+            ("format".to_string(), BANK_FORMAT.to_string()),
+            ("version".to_string(), BANK_VERSION.to_string()),
+            ("weights_hash".to_string(), self.weights_hash.clone()),
+            ("size".to_string(), self.size.to_string()),
+            ("count".to_string(), self.entries.len().to_string()),
+            ("names".to_string(), serde_json::to_string(&names).unwrap()),
+            (
+                "sources".to_string(),
+                serde_json::to_string(&sources).unwrap(),
+            ),
+        ];
+        write_safetensors(path, &tensors, &metadata)
+    }
+
+    /// Reads a bank written by `save` and checks that it belongs to `engine` (same weights
+    /// fingerprint, same size). Every problem is one line naming the file.
+    pub fn load(path: &Path, engine: &Engine) -> Result<PromptBank> {
+        let file = WeightFile::open(path)?;
+        if file.format() != Format::Safetensors {
+            return Err(Error::at(path, "is not a prompt bank (not safetensors)"));
+        }
+        let meta = BankMeta::read(&file).map_err(|p| Error::at(path, p))?;
+        if meta.weights_hash != engine.weights_hash() {
+            return Err(Error::at(
+                path,
+                format!(
+                    "bank was built with other weights ({}; these are {}): rebuild it with `metauas bank build`",
+                    meta.weights_hash,
+                    engine.weights_hash()
+                ),
+            ));
+        }
+        if meta.size != engine.size() {
+            return Err(Error::at(
+                path,
+                format!(
+                    "bank was built at --size {}, this run uses --size {}",
+                    meta.size,
+                    engine.size()
+                ),
+            ));
+        }
+        let mut bank = PromptBank::new(engine);
+        let shapes = prompt_shapes(meta.size);
+        for (i, (name, source)) in meta.names.into_iter().zip(meta.sources).enumerate() {
+            let mut tensors = Vec::with_capacity(shapes.len());
+            for (t, shape) in shapes.iter().enumerate() {
+                let dims = [shape.h, shape.w, shape.c];
+                tensors.push(file.tensor_f32(&format!("prompt.{i}.{t}"), &dims)?);
+            }
+            let features = PromptFeatures {
+                size: meta.size,
+                tensors,
+            };
+            bank.push(BankEntry {
+                name,
+                source,
+                features,
+            })
+            .map_err(|e| Error::at(path, e))?;
+        }
+        Ok(bank)
+    }
+}
+
+/// The bank's metadata, validated.
+struct BankMeta {
+    weights_hash: String,
+    size: usize,
+    names: Vec<String>,
+    sources: Vec<String>,
+}
+
+impl BankMeta {
+    fn read(file: &WeightFile) -> std::result::Result<BankMeta, String> {
+        let get = |key: &str| {
+            file.metadata()
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+                .ok_or_else(|| format!("is not a prompt bank (no `{key}` in its metadata)"))
+        };
+        if get("format")? != BANK_FORMAT {
+            return Err("is not a prompt bank (metadata format is not metauas-prompt-bank)".into());
+        }
+        let version = get("version")?;
+        if version != BANK_VERSION {
+            return Err(format!(
+                "prompt bank version {version} is not supported (this build reads {BANK_VERSION})"
+            ));
+        }
+        let size: usize = get("size")?
+            .parse()
+            .map_err(|_| "bank metadata `size` is not a number".to_string())?;
+        crate::model::check_size(size).map_err(|e| format!("bank metadata: {e}"))?;
+        let list = |key: &str| -> std::result::Result<Vec<String>, String> {
+            serde_json::from_str(get(key)?)
+                .map_err(|_| format!("bank metadata `{key}` is not a JSON list of strings"))
+        };
+        let names = list("names")?;
+        let sources = list("sources")?;
+        let count: usize = get("count")?
+            .parse()
+            .map_err(|_| "bank metadata `count` is not a number".to_string())?;
+        if names.len() != count || sources.len() != count {
+            return Err(format!(
+                "bank metadata lists {} names and {} sources for {count} prompts",
+                names.len(),
+                sources.len()
+            ));
+        }
+        if count > MAX_BANK_PROMPTS {
+            return Err(format!(
+                "bank holds {count} prompts, more than the maximum {MAX_BANK_PROMPTS}"
+            ));
+        }
+        Ok(BankMeta {
+            weights_hash: get("weights_hash")?.to_string(),
+            size,
+            names,
+            sources,
+        })
+    }
+}
+
+/// The globally average-pooled f5 feature of a prompt (or of a query encoded as one).
+pub fn pooled_f5(features: &PromptFeatures) -> Vec<f32> {
+    let shape = prompt_shapes(features.size)[0];
+    let f5 = &features.tensors[0];
+    let mut sum = vec![0f64; shape.c];
+    for pixel in f5.chunks_exact(shape.c) {
+        for (s, &v) in sum.iter_mut().zip(pixel) {
+            *s += f64::from(v);
+        }
+    }
+    let n = (shape.h * shape.w) as f64;
+    sum.into_iter().map(|s| (s / n) as f32).collect()
+}
+
+/// Cosine similarity in float64 (0 when either vector is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
+/// Index of the candidate whose pooled f5 is most similar to the query's (the paper's
+/// MetaUAS* prompt selection); the first wins a tie. `None` when there are no candidates.
+pub fn most_similar(query_pooled: &[f32], candidates: &[Vec<f32>]) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, c) in candidates.iter().enumerate() {
+        let s = cosine(query_pooled, c);
+        if best.is_none_or(|(_, b)| s > b) {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_of_parallel_orthogonal_and_zero_vectors() {
+        assert!((cosine(&[1.0, 2.0], &[2.0, 4.0]) - 1.0).abs() < 1e-12);
+        assert!(cosine(&[1.0, 0.0], &[0.0, 3.0]).abs() < 1e-12);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 1.0]), 0.0);
+    }
+
+    #[test]
+    fn most_similar_picks_the_closest_direction_and_the_first_of_a_tie() {
+        let q = [1.0, 0.1];
+        let c = vec![
+            vec![0.0, 1.0],
+            vec![10.0, 1.0],
+            vec![1.0, 0.1],
+            vec![1.0, 0.1],
+        ];
+        assert_eq!(most_similar(&q, &c), Some(2));
+        assert_eq!(most_similar(&q, &[]), None);
+    }
+
+    #[test]
+    fn pooled_f5_averages_each_channel_over_pixels() {
+        let size = 64; // f5 is 2 x 2 x 448
+        let c = prompt_shapes(size)[0].c;
+        let mut f5 = vec![0f32; 4 * c];
+        for p in 0..4 {
+            f5[p * c] = p as f32; // channel 0: 0, 1, 2, 3
+            f5[p * c + 1] = 2.0;
+        }
+        let features = PromptFeatures {
+            size,
+            tensors: vec![f5],
+        };
+        let pooled = pooled_f5(&features);
+        assert_eq!(pooled.len(), c);
+        assert_eq!(pooled[0], 1.5);
+        assert_eq!(pooled[1], 2.0);
+        assert_eq!(pooled[2], 0.0);
+    }
+}
