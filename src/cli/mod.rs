@@ -1,7 +1,10 @@
 //! Command-line front end. Every failure is one line naming the file and the problem.
 
+mod bank;
 mod bench;
 mod info;
+mod inputs;
+mod progress;
 mod segment;
 
 use std::path::PathBuf;
@@ -62,8 +65,11 @@ pub fn announce(engine: &Engine) {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Segment query images against one normal prompt image.
+    /// Segment query images against normal prompt image(s) or a prompt bank.
     Segment(segment::SegmentArgs),
+    /// Prompt banks: normal images encoded once, reused without re-encoding.
+    #[command(subcommand)]
+    Bank(bank::BankCommand),
     /// Describe a weights file and the model graph.
     Info {
         /// Weights: safetensors or an official torch.save checkpoint (.ckpt).
@@ -77,11 +83,22 @@ enum Command {
     Convert { input: PathBuf, output: PathBuf },
     /// Time the forward pass (synthetic weights unless --weights is given).
     Bench(bench::BenchArgs),
+    /// Write deterministic synthetic weights (every official entry) as safetensors, to try the
+    /// tool without downloading a checkpoint; its maps mean nothing.
+    SynthWeights {
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the deterministic generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Segment(args) => segment::run(args),
+        Command::Bank(command) => bank::run(command).map(|_| ExitCode::SUCCESS),
         Command::Info { weights, size } => info::run(&weights, size).map(|_| ExitCode::SUCCESS),
         Command::Convert { input, output } => {
             let n = metauas::io::weights::convert_to_safetensors(&input, &output)?;
@@ -89,6 +106,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+        Command::SynthWeights { out, seed } => {
+            write_synthetic_weights(&out, seed)?;
+            eprintln!(
+                "metauas: wrote {} (synthetic weights, seed {seed})",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -104,4 +129,31 @@ pub fn emit(text: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(metauas::Error::new(format!("cannot write to stdout: {e}"))),
     }
+}
+
+fn write_synthetic_weights(out: &std::path::Path, seed: u64) -> Result<()> {
+    use metauas::io::weights::{write_safetensors, TensorData};
+    use metauas::synth::{synthetic_state_dict, SynthTensor, WeightRecipe};
+    let recipe = WeightRecipe {
+        seed,
+        gain_encoder: 1.0,
+        gain_alignment: 1.0,
+        gain_decoder: 1.0,
+        gain_head: 1.0,
+    };
+    let tensors: Vec<(String, TensorData)> = synthetic_state_dict(&recipe)
+        .into_iter()
+        .map(|(name, shape, t)| {
+            let data = match t {
+                SynthTensor::F32(data) => TensorData::F32 { shape, data },
+                SynthTensor::I64(data) => TensorData::I64 { shape, data },
+            };
+            (name, data)
+        })
+        .collect();
+    let meta = [(
+        "source".to_string(),
+        format!("metauas synth-weights --seed {seed}"),
+    )];
+    write_safetensors(out, &tensors, &meta)
 }

@@ -1,29 +1,51 @@
-//! `metauas segment`: one prompt, many queries; a map, a heatmap and an overlay per query.
+//! `metauas segment`: normal prompt image(s) or a bank, many queries (files or directories);
+//! a map, a heatmap, an overlay and optionally a mask per query, and a JSON line each.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Args;
-use metauas::io::image::{decode_image_file, resize_rgb8};
-use metauas::io::output::{write_heatmap_png, write_npy_f32, write_overlay_png};
-use metauas::model::{check_size, AnomalyMap, Engine, PromptFeatures};
+use clap::{Args, ValueEnum};
+use metauas::io::image::{decode_image_file, resize_rgb8, RgbImage8};
+use metauas::io::output::{
+    threshold_mask, write_atomic, write_heatmap_png, write_npy_f32, write_overlay_png,
+    write_png_gray,
+};
+use metauas::model::bank::{most_similar, pooled_f5};
+use metauas::model::{check_size, AnomalyMap, Engine, PromptBank, PromptFeatures};
 use metauas::{Error, Result};
 
+use super::inputs::{expand, name_inputs, ImageInput};
+use super::progress::progress_bar;
 use super::{announce, engine_options, Backend, PrecisionArg};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MultiPrompt {
+    /// The prompt whose average-pooled f5 feature is most similar (cosine) to the query's.
+    Best,
+    /// The mean of the maps against every prompt.
+    Mean,
+    /// The per-pixel minimum of the maps against every prompt.
+    Min,
+}
 
 #[derive(Args)]
 pub struct SegmentArgs {
     /// Weights: safetensors or an official torch.save checkpoint (.ckpt).
     #[arg(long)]
     weights: PathBuf,
-    /// The normal (defect-free) image of the product.
+    /// Normal (defect-free) image(s) of the product: files or directories; repeatable.
+    #[arg(long, required_unless_present = "bank")]
+    prompt: Vec<PathBuf>,
+    /// A prompt bank from `metauas bank build` (used with any --prompt images).
     #[arg(long)]
-    prompt: PathBuf,
-    /// Query image(s) to segment; repeat the flag for several.
+    bank: Option<PathBuf>,
+    /// Query images: files or directories (recursed, image files by extension); repeatable.
     #[arg(long, required = true)]
     query: Vec<PathBuf>,
+    /// How several prompts are used: `best` (most similar prompt), `mean` or `min` of the maps.
+    #[arg(long, value_enum, default_value_t = MultiPrompt::Best)]
+    multi_prompt: MultiPrompt,
     /// Model resolution: a multiple of 32 (the official checkpoints use 256 and 512).
     #[arg(long, default_value_t = 256)]
     size: usize,
@@ -36,36 +58,63 @@ pub struct SegmentArgs {
     /// Output directory.
     #[arg(long, default_value = "metauas-out")]
     out: PathBuf,
+    /// Also write the JSON lines to this file (complete when the run ends).
+    #[arg(long)]
+    jsonl: Option<PathBuf>,
+    /// Also write `<name>_mask.png`: 255 where the map is at least T, else 0.
+    #[arg(long, value_name = "T")]
+    threshold: Option<f32>,
+    /// Write only the maps (.npy) and the JSON lines: no heatmap, overlay or mask pictures.
+    #[arg(long)]
+    no_images: bool,
+}
+
+/// A prompt ready to use: its name in the JSON lines and its features.
+struct Prompt {
+    name: String,
+    features: PromptFeatures,
+    /// Average-pooled f5, only when `best` must choose among several.
+    pooled: Option<Vec<f32>>,
 }
 
 pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     check_size(args.size)?;
-    let stems = unique_stems(&args.query)?;
-    for q in &args.query {
-        if q.is_dir() {
-            return Err(Error::at(q, "is a directory, not an image file"));
-        }
-        if !q.is_file() {
-            return Err(Error::at(q, "no such file"));
+    if let Some(t) = args.threshold {
+        if !t.is_finite() {
+            return Err(Error::new(format!(
+                "--threshold {t}: must be a finite number"
+            )));
         }
     }
-    let mut inputs: Vec<&Path> = args.query.iter().map(|q| q.as_path()).collect();
-    inputs.extend([args.prompt.as_path(), args.weights.as_path()]);
-    outputs_spare_inputs(&args.out, &stems, &inputs)?;
-    let prompt_image = decode_image_file(&args.prompt)?;
+    let queries = name_inputs(expand(&args.query, "--query")?)?;
+    let prompt_files = expand(&args.prompt, "--prompt")?;
+    check_outputs_spare_inputs(&args, &queries, &prompt_files)?;
     let options = engine_options(args.backend, args.precision);
     let engine = Engine::from_file_with(&args.weights, args.size, options)?;
     announce(&engine);
+    let prompts = load_prompts(&engine, &args, &prompt_files)?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::at(&args.out, format!("cannot create output directory: {e}")))?;
-    let prompt = engine.encode_prompt(&prompt_image)?;
 
+    let bar = progress_bar(queries.len(), "segment");
+    let mut jsonl = Vec::new();
     let mut failures = 0;
-    for (query, stem) in args.query.iter().zip(&stems) {
-        if let Err(e) = segment_one(&engine, &prompt, &args, query, stem) {
-            eprintln!("metauas: {e}");
-            failures += 1;
+    for query in &queries {
+        match segment_one(&engine, &prompts, &args, query) {
+            Ok(line) => {
+                jsonl.extend_from_slice(line.as_bytes());
+                bar.suspend(|| super::emit(&line))?;
+            }
+            Err(e) => {
+                bar.suspend(|| eprintln!("metauas: {e}"));
+                failures += 1;
+            }
         }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let Some(path) = &args.jsonl {
+        write_atomic(path, &jsonl)?;
     }
     Ok(if failures == 0 {
         ExitCode::SUCCESS
@@ -74,94 +123,209 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     })
 }
 
-fn segment_one(
-    engine: &Engine,
-    prompt: &PromptFeatures,
-    args: &SegmentArgs,
-    query: &Path,
-    stem: &str,
-) -> Result<()> {
-    let image = decode_image_file(query)?;
-    let start = Instant::now();
-    let map = engine.segment(prompt, &image)?;
-    let ms = start.elapsed().as_secs_f64() * 1e3;
-    let npy = args.out.join(format!("{stem}.npy"));
-    write_outputs(&map, &image, &args.out, stem)?;
-    let line = serde_json::json!({
-        "query": query.display().to_string(),
-        "prompt": args.prompt.display().to_string(),
-        "score": map.score(),
-        "map": npy.display().to_string(),
-        "ms": (ms * 1000.0).round() / 1000.0,
-    });
-    super::emit(&format!("{line}\n"))
-}
-
-/// File names written for one query.
-fn output_names(stem: &str) -> [String; 3] {
-    [
-        format!("{stem}.npy"),
-        format!("{stem}_heatmap.png"),
-        format!("{stem}_overlay.png"),
-    ]
-}
-
-/// Refuses a run whose outputs would overwrite one of its own inputs before it is read.
-fn outputs_spare_inputs(out: &Path, stems: &[String], inputs: &[&Path]) -> Result<()> {
-    let Ok(out_dir) = out.canonicalize() else {
-        return Ok(()); // not created yet: nothing in it can be an input
-    };
-    let inputs: Vec<(PathBuf, &Path)> = inputs
-        .iter()
-        .filter_map(|p| p.canonicalize().ok().map(|c| (c, *p)))
-        .collect();
-    for name in stems.iter().flat_map(|s| output_names(s)) {
-        let target = out_dir.join(&name);
-        if let Some((_, input)) = inputs.iter().find(|(c, _)| *c == target) {
-            return Err(Error::at(input, format!("is an input but would be overwritten by the output `{name}`; choose another --out")));
+/// Encodes the `--prompt` images and loads the bank. Names: the bank's, and the image paths
+/// as given; they must not clash.
+fn load_prompts(engine: &Engine, args: &SegmentArgs, files: &[PathBuf]) -> Result<Vec<Prompt>> {
+    let mut prompts = Vec::new();
+    if let Some(path) = &args.bank {
+        let bank = PromptBank::load(path, engine)?;
+        if bank.is_empty() {
+            return Err(Error::at(path, "bank holds no prompts"));
+        }
+        for entry in bank.entries() {
+            prompts.push((entry.name.clone(), entry.features.clone()));
         }
     }
-    Ok(())
+    let bar = progress_bar(files.len(), "encode prompts");
+    for file in files {
+        let image = decode_image_file(file)?;
+        let name = file.display().to_string();
+        if prompts.iter().any(|(n, _)| *n == name) {
+            return Err(Error::at(file, "prompt name is also in the bank"));
+        }
+        prompts.push((name, engine.encode_prompt(&image)?));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let choose = prompts.len() > 1 && args.multi_prompt == MultiPrompt::Best;
+    Ok(prompts
+        .into_iter()
+        .map(|(name, features)| Prompt {
+            pooled: choose.then(|| pooled_f5(&features)),
+            name,
+            features,
+        })
+        .collect())
+}
+
+fn segment_one(
+    engine: &Engine,
+    prompts: &[Prompt],
+    args: &SegmentArgs,
+    query: &ImageInput,
+) -> Result<String> {
+    let image = decode_image_file(&query.path)?;
+    let start = Instant::now();
+    let (map, used) = segment_with_prompts(engine, prompts, args.multi_prompt, &image)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let written = write_outputs(&map, &image, args, &query.name)?;
+    let mut line = serde_json::json!({
+        "query": query.path.display().to_string(),
+        "prompt": used,
+        "score": map.score(),
+        "map": written.npy.display().to_string(),
+        "ms": (ms * 1000.0).round() / 1000.0,
+    });
+    if let Some(mask) = written.mask {
+        line["mask"] = mask.display().to_string().into();
+    }
+    Ok(format!("{line}\n"))
+}
+
+/// Runs the query against the prompt(s) as `--multi-prompt` says; returns the map and the
+/// JSON value naming the prompt(s) used (a name, or a list of names for `mean`/`min`).
+fn segment_with_prompts(
+    engine: &Engine,
+    prompts: &[Prompt],
+    mode: MultiPrompt,
+    image: &RgbImage8,
+) -> Result<(AnomalyMap, serde_json::Value)> {
+    if prompts.len() == 1 || mode == MultiPrompt::Best {
+        let chosen = if prompts.len() == 1 {
+            0
+        } else {
+            // The query's f5 comes from the prompt graph: one extra encoder pass.
+            let query_pooled = pooled_f5(&engine.encode_prompt(image)?);
+            let pooled: Vec<Vec<f32>> = prompts
+                .iter()
+                .map(|p| p.pooled.clone().unwrap_or_default())
+                .collect();
+            most_similar(&query_pooled, &pooled).unwrap_or(0)
+        };
+        let p = &prompts[chosen];
+        return Ok((engine.segment(&p.features, image)?, p.name.clone().into()));
+    }
+    let mut combined: Option<AnomalyMap> = None;
+    for p in prompts {
+        let map = engine.segment(&p.features, image)?;
+        combined = Some(match combined {
+            None => map,
+            Some(mut acc) => {
+                for (a, &v) in acc.data.iter_mut().zip(&map.data) {
+                    *a = if mode == MultiPrompt::Min {
+                        a.min(v)
+                    } else {
+                        *a + v
+                    };
+                }
+                acc
+            }
+        });
+    }
+    let mut map = combined.expect("at least one prompt");
+    if mode == MultiPrompt::Mean {
+        let n = prompts.len() as f32;
+        map.data.iter_mut().for_each(|v| *v /= n);
+    }
+    let names: Vec<serde_json::Value> = prompts.iter().map(|p| p.name.clone().into()).collect();
+    Ok((map, names.into()))
+}
+
+/// Paths written for one query.
+struct Written {
+    npy: PathBuf,
+    mask: Option<PathBuf>,
+}
+
+/// File names written for one query named `name` (which may hold `/`: a mirrored path).
+fn output_files(out: &Path, name: &str, images: bool, mask: bool) -> Vec<PathBuf> {
+    let mut files = vec![out.join(format!("{name}.npy"))];
+    if images {
+        files.push(out.join(format!("{name}_heatmap.png")));
+        files.push(out.join(format!("{name}_overlay.png")));
+        if mask {
+            files.push(out.join(format!("{name}_mask.png")));
+        }
+    }
+    files
 }
 
 fn write_outputs(
     map: &AnomalyMap,
-    image: &metauas::io::image::RgbImage8,
-    out: &Path,
-    stem: &str,
-) -> Result<()> {
+    image: &RgbImage8,
+    args: &SegmentArgs,
+    name: &str,
+) -> Result<Written> {
     let n = map.size;
-    write_npy_f32(&out.join(format!("{stem}.npy")), &map.data, &[n, n])?;
-    write_heatmap_png(&out.join(format!("{stem}_heatmap.png")), &map.data, n)?;
-    let base = resize_rgb8(image, n);
-    write_overlay_png(
-        &out.join(format!("{stem}_overlay.png")),
-        &map.data,
-        n,
-        &base,
-    )
+    let images = !args.no_images;
+    let files = output_files(&args.out, name, images, args.threshold.is_some());
+    if let Some(dir) = files[0].parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::at(dir, format!("cannot create output directory: {e}")))?;
+    }
+    write_npy_f32(&files[0], &map.data, &[n, n])?;
+    let mut mask = None;
+    if images {
+        write_heatmap_png(&files[1], &map.data, n)?;
+        write_overlay_png(&files[2], &map.data, n, &resize_rgb8(image, n))?;
+        if let Some(t) = args.threshold {
+            write_png_gray(&files[3], &threshold_mask(&map.data, t), n)?;
+            mask = Some(files[3].clone());
+        }
+    }
+    Ok(Written {
+        npy: files[0].clone(),
+        mask,
+    })
 }
 
-/// Output files are named by the query's file stem, so two queries must not share one.
-fn unique_stems(queries: &[PathBuf]) -> Result<Vec<String>> {
-    let mut seen: HashMap<String, &Path> = HashMap::new();
-    let mut stems = Vec::with_capacity(queries.len());
-    for q in queries {
-        let stem = q
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| Error::at(q, "query path has no file name"))?;
-        if let Some(first) = seen.insert(stem.clone(), q) {
+/// Refuses a run whose outputs would overwrite one of its own inputs before it is read.
+fn check_outputs_spare_inputs(
+    args: &SegmentArgs,
+    queries: &[ImageInput],
+    prompts: &[PathBuf],
+) -> Result<()> {
+    let mut inputs: Vec<&Path> = queries.iter().map(|q| q.path.as_path()).collect();
+    inputs.extend(prompts.iter().map(|p| p.as_path()));
+    inputs.push(args.weights.as_path());
+    inputs.extend(args.bank.as_deref());
+    let canonical: Vec<(PathBuf, &Path)> = inputs
+        .iter()
+        .filter_map(|p| p.canonicalize().ok().map(|c| (c, *p)))
+        .collect();
+    let clash = |target: &Path| -> Option<&Path> {
+        let target = target.canonicalize().ok()?;
+        canonical
+            .iter()
+            .find(|(c, _)| *c == target)
+            .map(|(_, p)| *p)
+    };
+    if let Some(jsonl) = &args.jsonl {
+        if let Some(input) = clash(jsonl) {
             return Err(Error::at(
-                q,
-                format!(
-                    "same file stem `{stem}` as {}: their outputs would overwrite each other",
-                    first.display()
-                ),
+                input,
+                "is an input but --jsonl would overwrite it",
             ));
         }
-        stems.push(stem);
     }
-    Ok(stems)
+    for q in queries {
+        let files = output_files(
+            &args.out,
+            &q.name,
+            !args.no_images,
+            args.threshold.is_some(),
+        );
+        for target in files {
+            if let Some(input) = clash(&target) {
+                return Err(Error::at(
+                    input,
+                    format!(
+                        "is an input but would be overwritten by the output {}; choose another --out",
+                        target.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,99 @@
+//! `metauas bank build`: encode normal images once, store their features for `segment --bank`
+//! and `serve --bank`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use metauas::io::image::decode_image_file;
+use metauas::model::{check_size, BankEntry, Engine, PromptBank};
+use metauas::{Error, Result};
+
+use super::inputs::{expand, name_inputs};
+use super::progress::progress_bar;
+use super::{announce, engine_options, Backend, PrecisionArg};
+
+#[derive(Subcommand)]
+pub enum BankCommand {
+    /// Encode normal images into a prompt bank (safetensors).
+    Build(BuildArgs),
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// Weights: safetensors or an official torch.save checkpoint (.ckpt).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Normal images: files or directories (recursed); several values or a repeated flag.
+    #[arg(long, required = true, num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// Model resolution the bank is for (segment/serve must use the same).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Where to run: `auto` takes a hardware GPU when there is one, else the CPU.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    backend: Backend,
+    /// Storage precision (f16 needs the GPU backend and an adapter with SHADER_F16).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
+    /// The bank file to write (safetensors; written atomically).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(command: BankCommand) -> Result<()> {
+    match command {
+        BankCommand::Build(args) => build(args),
+    }
+}
+
+fn build(args: BuildArgs) -> Result<()> {
+    check_size(args.size)?;
+    let images = name_inputs(expand(&args.images, "--images")?)?;
+    if images.len() > metauas::model::bank::MAX_BANK_PROMPTS {
+        return Err(Error::new(format!(
+            "--images: {} images, a bank holds at most {}",
+            images.len(),
+            metauas::model::bank::MAX_BANK_PROMPTS
+        )));
+    }
+    if let Some(clash) = images
+        .iter()
+        .map(|i| i.path.as_path())
+        .chain([args.weights.as_path()])
+        .find(|p| same_file(p, &args.out))
+    {
+        return Err(Error::at(clash, "is an input but --out would overwrite it"));
+    }
+    let engine = Engine::from_file_with(
+        &args.weights,
+        args.size,
+        engine_options(args.backend, args.precision),
+    )?;
+    announce(&engine);
+    let mut bank = PromptBank::new(&engine);
+    let bar = progress_bar(images.len(), "encode");
+    for input in images {
+        let image = decode_image_file(&input.path)?;
+        let features = engine.encode_prompt(&image)?;
+        bank.push(BankEntry {
+            name: input.name,
+            source: input.path.display().to_string(),
+            features,
+        })?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    bank.save(&args.out)?;
+    eprintln!(
+        "metauas: wrote {} ({} prompts, size {}, weights {})",
+        args.out.display(),
+        bank.len(),
+        bank.size(),
+        bank.weights_hash()
+    );
+    Ok(())
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
