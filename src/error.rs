@@ -4,6 +4,13 @@
 use std::fmt;
 use std::path::Path;
 
+/// ```
+/// use metauas::Engine;
+///
+/// let err = Engine::from_file("no-such.ckpt".as_ref(), 256).err().unwrap();
+/// assert!(err.to_string().starts_with("no-such.ckpt: "));
+/// assert_eq!(err.to_string().lines().count(), 1);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
     msg: String,

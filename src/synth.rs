@@ -71,6 +71,19 @@ pub struct WeightRecipe {
     pub gain_head: f64,
 }
 
+impl WeightRecipe {
+    /// Unit gains: the recipe `metauas bench` and `metauas synth-weights` use.
+    pub fn unit(seed: u64) -> WeightRecipe {
+        WeightRecipe {
+            seed,
+            gain_encoder: 1.0,
+            gain_alignment: 1.0,
+            gain_decoder: 1.0,
+            gain_head: 1.0,
+        }
+    }
+}
+
 /// All entries of the official state dict: name, shape, dtype string (`float32`, `int64`).
 pub fn official_entries() -> Vec<(String, Vec<usize>, String)> {
     STATE_DICT_TSV

@@ -134,13 +134,7 @@ pub fn emit(text: &str) -> Result<()> {
 fn write_synthetic_weights(out: &std::path::Path, seed: u64) -> Result<()> {
     use metauas::io::weights::{write_safetensors, TensorData};
     use metauas::synth::{synthetic_state_dict, SynthTensor, WeightRecipe};
-    let recipe = WeightRecipe {
-        seed,
-        gain_encoder: 1.0,
-        gain_alignment: 1.0,
-        gain_decoder: 1.0,
-        gain_head: 1.0,
-    };
+    let recipe = WeightRecipe::unit(seed);
     let tensors: Vec<(String, TensorData)> = synthetic_state_dict(&recipe)
         .into_iter()
         .map(|(name, shape, t)| {

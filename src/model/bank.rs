@@ -26,6 +26,27 @@ pub struct BankEntry {
 }
 
 /// Encoded prompts for one engine (weights + size).
+///
+/// ```
+/// use metauas::model::{BankEntry, MemorySource, PromptBank};
+/// use metauas::synth::{synthetic_image, WeightRecipe};
+/// use metauas::Engine;
+///
+/// let engine = Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(1)), 64)?;
+/// let mut bank = PromptBank::new(&engine);
+/// for (name, seed) in [("bottle", 1), ("cable", 7)] {
+///     let features = engine.encode_prompt(&synthetic_image(seed, 64, 64, None))?;
+///     bank.push(BankEntry { name: name.into(), source: format!("{name}.png"), features })?;
+/// }
+/// let path = std::env::temp_dir().join(format!("doc-bank-{}.safetensors", std::process::id()));
+/// bank.save(&path)?;
+/// let loaded = PromptBank::load(&path, &engine)?; // refused for other weights or sizes
+/// let cable = &loaded.get("cable").unwrap().features;
+/// let map = engine.segment(cable, &synthetic_image(8, 64, 64, Some((10, 10, 6))))?;
+/// # std::fs::remove_file(&path).unwrap();
+/// # assert_eq!(map.size, 64);
+/// # Ok::<(), metauas::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct PromptBank {
     size: usize,

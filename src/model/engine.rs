@@ -31,6 +31,21 @@ pub fn check_size(size: usize) -> Result<()> {
 }
 
 /// The prompt's features, computed once and reused for every query of the same product.
+///
+/// Cloneable and `Send`: one engine can serve many products, each with its own features.
+///
+/// ```
+/// # use metauas::{model::MemorySource, synth::{synthetic_image, WeightRecipe}, Engine};
+/// # let engine = Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(1)), 64)?;
+/// let bottle = engine.encode_prompt(&synthetic_image(1, 64, 64, None))?;
+/// let cable = engine.encode_prompt(&synthetic_image(7, 64, 64, None))?;
+/// assert_eq!((bottle.size, cable.size), (64, 64));
+/// // Features from an engine of another size are refused, not misread:
+/// let other = Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(1)), 96)?;
+/// let err = other.segment(&bottle, &synthetic_image(2, 64, 64, None)).unwrap_err();
+/// assert!(err.to_string().contains("size 64"));
+/// # Ok::<(), metauas::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct PromptFeatures {
     pub size: usize,
@@ -39,6 +54,21 @@ pub struct PromptFeatures {
 }
 
 /// A per-pixel anomaly map at model resolution, values in (0, 1), row-major.
+///
+/// ```
+/// use metauas::io::output::{heatmap_png_bytes, threshold_mask};
+/// # use metauas::{model::MemorySource, synth::{synthetic_image, WeightRecipe}, Engine};
+/// # let engine = Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(1)), 64)?;
+/// # let prompt = engine.encode_prompt(&synthetic_image(1, 64, 64, None))?;
+/// let map = engine.segment(&prompt, &synthetic_image(2, 64, 64, Some((20, 20, 8))))?;
+/// let (x, y) = (10, 20);
+/// let value = map.data[y * map.size + x];
+/// assert!(value <= map.score());
+/// let mask = threshold_mask(&map.data, 0.5); // 255 where anomalous
+/// let png = heatmap_png_bytes(&map.data, map.size).unwrap(); // what people look at
+/// assert_eq!((mask.len(), &png[1..4]), (64 * 64, &b"PNG"[..]));
+/// # Ok::<(), metauas::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct AnomalyMap {
     pub size: usize,
@@ -104,6 +134,25 @@ enum Runner {
     },
 }
 
+/// The model, loaded once: weights packed for one backend, graphs built and planned for one
+/// input size. `Sync`: share it between threads (runs on one engine are serialized per graph;
+/// the CPU backend uses every core for each run).
+///
+/// ```no_run
+/// use metauas::io::image::decode_image_file;
+/// use metauas::model::{BackendChoice, EngineOptions};
+/// use metauas::Engine;
+///
+/// let options = EngineOptions { backend: BackendChoice::Auto, ..Default::default() };
+/// let engine = Engine::from_file_with("metauas-256.ckpt".as_ref(), 256, options)?;
+/// eprintln!("running on {}", engine.backend_description());
+/// let prompt = engine.encode_prompt(&decode_image_file("good.png".as_ref())?)?;
+/// for frame in ["frame1.png", "frame2.png"] {
+///     let map = engine.segment(&prompt, &decode_image_file(frame.as_ref())?)?;
+///     println!("{frame}: score {:.3}", map.score());
+/// }
+/// # Ok::<(), metauas::Error>(())
+/// ```
 pub struct Engine {
     size: usize,
     /// Parameter tables for building graphs; the conv weights themselves live only in the
