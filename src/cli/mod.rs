@@ -1,6 +1,7 @@
 //! Command-line front end. Every failure is one line naming the file and the problem.
 
 mod bench;
+mod eval;
 mod info;
 mod segment;
 
@@ -77,6 +78,8 @@ enum Command {
     Convert { input: PathBuf, output: PathBuf },
     /// Time the forward pass (synthetic weights unless --weights is given).
     Bench(bench::BenchArgs),
+    /// Evaluate on MVTec AD / VisA: the paper's seven metrics per class.
+    Eval(eval::EvalArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -89,6 +92,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Eval(args) => eval::run(args),
     }
 }
 

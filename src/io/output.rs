@@ -46,6 +46,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Write any file (a report, a table) atomically: a temporary file, then a rename.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes)
+}
+
 // ---------------------------------------------------------------- .npy
 
 /// The NPY v1.0 header for a little-endian float32 C-order array, padded (as numpy does) so
