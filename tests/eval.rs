@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use metauas::eval::metrics::{aupro, class_metrics, label_regions, ranking, METRIC_NAMES};
+use metauas::eval::synthetic;
 use metauas::io::output::read_npy_f32;
 use metauas::synth::synthetic_image;
 use serde_json::Value;
@@ -182,33 +183,12 @@ fn assert_one_line_error(out: &Output, needle: &str) {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// A tiny MVTec AD layout: 2 classes, 3 train/good, 2 test/good and 3 test/defect images
-/// (two defect types) with masks, plus synthetic weights.
+/// A tiny MVTec AD layout (`metauas::eval::synthetic`, the README's example): 2 classes,
+/// 3 train/good, 2 test/good and 3 test/defect images (two defect types) with masks, plus
+/// synthetic weights.
 struct Dataset {
     root: PathBuf,
     weights: PathBuf,
-}
-
-fn write_mask(path: &Path, width: usize, height: usize, square: (usize, usize, usize)) {
-    let (x0, y0, side) = square;
-    let data: Vec<u8> = (0..width * height)
-        .map(|i| {
-            let (y, x) = (i / width, i % width);
-            if x >= x0 && x < x0 + side && y >= y0 && y < y0 + side {
-                255
-            } else {
-                0
-            }
-        })
-        .collect();
-    image::save_buffer(
-        path,
-        &data,
-        width as u32,
-        height as u32,
-        image::ExtendedColorType::L8,
-    )
-    .expect("write mask");
 }
 
 fn dataset() -> &'static Dataset {
@@ -218,42 +198,7 @@ fn dataset() -> &'static Dataset {
         let weights = dir.join("weights.safetensors");
         common::write_synthetic_weights(&weights, &common::default_recipe(11));
         let root = dir.join("mvtec");
-        let mut seed = 100;
-        for class in ["bottle", "screw"] {
-            let c = root.join(class);
-            for sub in ["train/good", "test/good", "test/crack", "test/scratch"] {
-                std::fs::create_dir_all(c.join(sub)).unwrap();
-            }
-            for sub in ["ground_truth/crack", "ground_truth/scratch"] {
-                std::fs::create_dir_all(c.join(sub)).unwrap();
-            }
-            let (w, h) = (72, 64);
-            for i in 0..3 {
-                seed += 1;
-                let img = synthetic_image(seed, w, h, None);
-                common::write_png(&c.join(format!("train/good/{i:03}.png")), &img);
-            }
-            for i in 0..2 {
-                seed += 1;
-                let img = synthetic_image(seed, w, h, None);
-                common::write_png(&c.join(format!("test/good/{i:03}.png")), &img);
-            }
-            for (defect, i, square) in [
-                ("crack", 0, (10, 12, 14)),
-                ("crack", 1, (40, 30, 18)),
-                ("scratch", 0, (20, 40, 9)),
-            ] {
-                seed += 1;
-                let img = synthetic_image(seed, w, h, Some(square));
-                common::write_png(&c.join(format!("test/{defect}/{i:03}.png")), &img);
-                write_mask(
-                    &c.join(format!("ground_truth/{defect}/{i:03}_mask.png")),
-                    w,
-                    h,
-                    square,
-                );
-            }
-        }
+        synthetic::write_mvtec_layout(&root, &["bottle", "screw"], 72, 64).expect("dataset");
         Dataset { root, weights }
     })
 }

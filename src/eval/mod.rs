@@ -8,6 +8,7 @@
 pub mod dataset;
 pub mod metrics;
 pub mod report;
+pub mod synthetic;
 
 use std::io::Read;
 use std::path::Path;
