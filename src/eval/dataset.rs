@@ -455,6 +455,19 @@ mod tests {
     }
 
     #[test]
+    fn images_without_a_mask_are_all_their_label() {
+        let sample = |label| Sample {
+            name: "x.png".into(),
+            image: "x.png".into(),
+            label,
+            mask: None,
+            prompt: "p.png".into(),
+        };
+        assert_eq!(load_mask(&sample(0), 4).unwrap(), vec![0; 16]);
+        assert_eq!(load_mask(&sample(1), 4).unwrap(), vec![1; 16]);
+    }
+
+    #[test]
     fn resized_masks_follow_the_bilinear_rule() {
         // One set pixel in a 3x3 mask, resized to 5x5 with align_corners: the centre maps
         // to source (1, 1) exactly, its neighbours (0.5 away) share its weight.
