@@ -24,6 +24,7 @@
 
 pub mod cpu;
 pub mod error;
+pub mod eval;
 pub mod gpu;
 pub mod graph;
 pub mod io;

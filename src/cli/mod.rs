@@ -2,6 +2,7 @@
 
 mod bank;
 mod bench;
+mod eval;
 mod info;
 mod inputs;
 mod progress;
@@ -93,6 +94,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Evaluate on MVTec AD / VisA: the paper's seven metrics per class.
+    Eval(eval::EvalArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -114,6 +117,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Eval(args) => eval::run(args),
     }
 }
 

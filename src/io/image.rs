@@ -261,6 +261,29 @@ pub fn resize_rgb8(img: &RgbImage8, size: usize) -> RgbImage8 {
     }
 }
 
+/// The same bilinear align_corners resize on a binary `width x height` mask (non-zero = 1),
+/// to `size x size`; an output pixel is 1 when its interpolated value is above 0 (the
+/// MetaUAS evaluation's `mask[mask > 0] = 1` after the resize).
+pub fn resize_mask(mask: &[u8], width: usize, height: usize, size: usize) -> Vec<u8> {
+    assert!(
+        width > 0 && height > 0 && mask.len() == width * height,
+        "resize_mask: {} values are not a {width}x{height} mask",
+        mask.len()
+    );
+    let cols = linear_taps(width, size);
+    let rows = linear_taps(height, size);
+    let at = |y: usize, x: usize| f64::from(u8::from(mask[y * width + x] != 0));
+    let mut out = Vec::with_capacity(size * size);
+    for ty in &rows {
+        for tx in &cols {
+            let top = tx.w0 * at(ty.i0, tx.i0) + tx.w1 * at(ty.i0, tx.i1);
+            let bottom = tx.w0 * at(ty.i1, tx.i0) + tx.w1 * at(ty.i1, tx.i1);
+            out.push(u8::from(ty.w0 * top + ty.w1 * bottom > 0.0));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,486 @@
+//! The seven anomaly metrics of the MetaUAS paper, computed as the authors compute them:
+//! scikit-learn's ranking metrics and the authors' AUPRO procedure. Pure functions on
+//! float32 scores and 0/1 labels; every sum and ratio in float64.
+//!
+//! Conventions (checked against scikit-learn 1.9 / scikit-image 0.26 by `tests/eval.rs`):
+//! - ties: all samples with the same score form one ROC / PR point, as in scikit-learn's
+//!   `_binary_clf_curve` (`-0.0` and `0.0` are the same score);
+//! - a metric scikit-learn leaves undefined is `NaN` (AUROC with one label class: sklearn
+//!   returns NaN with a warning); AP with no positive is 0 and F1max is 0, as sklearn gives;
+//! - AUPRO is `NaN` wherever the authors' code raises or returns NaN (constant maps, no
+//!   defective pixel, no normal pixel, fewer than two thresholds with FPR < 0.3, or all kept
+//!   FPRs 0 -- a perfect separation -- where `fpr / fpr.max()` is 0/0);
+//! - a NaN score makes every metric of that call NaN.
+
+use rayon::prelude::*;
+
+/// Thresholds of the authors' AUPRO (`max_step`).
+pub const PRO_STEPS: usize = 200;
+/// AUPRO integrates the PRO curve up to this false positive rate.
+pub const PRO_FPR_LIMIT: f64 = 0.3;
+
+/// AUROC, average precision and F1max of one ranking.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ranking {
+    /// Area under the ROC curve (scikit-learn's `roc_auc_score`); NaN with one label class.
+    pub auroc: f64,
+    /// scikit-learn's `average_precision_score`.
+    pub ap: f64,
+    /// Largest finite F1 over scikit-learn's `precision_recall_curve`.
+    pub f1max: f64,
+}
+
+impl Ranking {
+    const UNDEFINED: Ranking = Ranking {
+        auroc: f64::NAN,
+        ap: f64::NAN,
+        f1max: f64::NAN,
+    };
+}
+
+/// A sort key that orders float32 values like `<` (with `-0.0 == 0.0`).
+fn order_key(v: f32) -> u32 {
+    let v = if v == 0.0 { 0.0 } else { v };
+    let bits = v.to_bits();
+    if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
+/// Cumulative true and false positives at each distinct score, from the highest score
+/// down: scikit-learn's `_binary_clf_curve` (without sample weights).
+fn binary_curve(scores: &[f32], labels: &[u8]) -> Option<(Vec<u64>, Vec<u64>)> {
+    assert_eq!(
+        scores.len(),
+        labels.len(),
+        "scores and labels differ in length"
+    );
+    if scores.is_empty() || scores.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    let mut keys: Vec<u64> = scores
+        .par_iter()
+        .zip(labels.par_iter())
+        .map(|(&s, &l)| (u64::from(order_key(s)) << 1) | u64::from(l != 0))
+        .collect();
+    keys.par_sort_unstable();
+    let (mut tps, mut fps) = (Vec::new(), Vec::new());
+    let (mut tp, mut fp) = (0u64, 0u64);
+    let mut iter = keys.iter().rev().peekable();
+    while let Some(&k) = iter.next() {
+        if k & 1 == 1 {
+            tp += 1;
+        } else {
+            fp += 1;
+        }
+        let next_differs = iter.peek().is_none_or(|&&n| n >> 1 != k >> 1);
+        if next_differs {
+            tps.push(tp);
+            fps.push(fp);
+        }
+    }
+    Some((tps, fps))
+}
+
+/// AUROC, AP and F1max of `scores` against `labels` (non-zero = positive), one sort for all
+/// three.
+pub fn ranking(scores: &[f32], labels: &[u8]) -> Ranking {
+    let Some((tps, fps)) = binary_curve(scores, labels) else {
+        return Ranking::UNDEFINED;
+    };
+    let positives = *tps.last().expect("non-empty curve");
+    let negatives = *fps.last().expect("non-empty curve");
+
+    // ROC area by trapezoids from (0, 0), exactly in integers: the sum of
+    // d(fps) * (tps + tps_prev) is twice the area in units of 1 / (P * N).
+    let auroc = if positives == 0 || negatives == 0 {
+        f64::NAN
+    } else {
+        let (mut prev_tp, mut prev_fp, mut twice) = (0u64, 0u64, 0u128);
+        for (&tp, &fp) in tps.iter().zip(&fps) {
+            twice += u128::from(fp - prev_fp) * u128::from(tp + prev_tp);
+            (prev_tp, prev_fp) = (tp, fp);
+        }
+        twice as f64 / (2.0 * positives as f64 * negatives as f64)
+    };
+
+    // precision_recall_curve: one point per distinct score plus the final (1, 0); with no
+    // positive, recall is 1 everywhere (scikit-learn's choice).
+    let mut ap = 0.0;
+    let mut prev_recall = 0.0;
+    let mut f1max = 0.0f64; // the final point (precision 1, recall 0) has F1 = 0
+    for (&tp, &fp) in tps.iter().zip(&fps) {
+        let precision = tp as f64 / (tp + fp) as f64;
+        let recall = if positives == 0 {
+            1.0
+        } else {
+            tp as f64 / positives as f64
+        };
+        ap += (recall - prev_recall) * precision;
+        prev_recall = recall;
+        let f1 = 2.0 * precision * recall / (precision + recall);
+        if f1.is_finite() {
+            f1max = f1max.max(f1);
+        }
+    }
+    Ranking { auroc, ap, f1max }
+}
+
+/// scikit-learn's `roc_auc_score` for binary labels (NaN with one label class).
+pub fn roc_auc(scores: &[f32], labels: &[u8]) -> f64 {
+    ranking(scores, labels).auroc
+}
+
+/// scikit-learn's `average_precision_score`.
+pub fn average_precision(scores: &[f32], labels: &[u8]) -> f64 {
+    ranking(scores, labels).ap
+}
+
+/// The largest finite F1 over scikit-learn's `precision_recall_curve`.
+pub fn f1_max(scores: &[f32], labels: &[u8]) -> f64 {
+    ranking(scores, labels).f1max
+}
+
+/// The authors' convention: an AUROC below 0.5 is reported as `1 - AUROC`.
+pub fn flip_auroc(auroc: f64) -> f64 {
+    if auroc < 0.5 {
+        1.0 - auroc
+    } else {
+        auroc
+    }
+}
+
+/// Labels the 8-connected regions (scikit-image `label(mask, connectivity=2)`) of a
+/// `height x width` mask (non-zero = foreground): per pixel 0 for background or the region
+/// number from 1, and the number of regions. Regions are numbered in raster order of their
+/// first pixel, as scikit-image does.
+pub fn label_regions(mask: &[u8], height: usize, width: usize) -> (Vec<u32>, usize) {
+    assert_eq!(mask.len(), height * width, "mask is not height x width");
+    let mut labels = vec![0u32; mask.len()];
+    let mut count = 0usize;
+    let mut stack = Vec::new();
+    for start in 0..mask.len() {
+        if mask[start] == 0 || labels[start] != 0 {
+            continue;
+        }
+        count += 1;
+        let id = count as u32;
+        labels[start] = id;
+        stack.push(start);
+        while let Some(p) = stack.pop() {
+            let (y, x) = (p / width, p % width);
+            for ny in y.saturating_sub(1)..(y + 2).min(height) {
+                for nx in x.saturating_sub(1)..(x + 2).min(width) {
+                    let q = ny * width + nx;
+                    if mask[q] != 0 && labels[q] == 0 {
+                        labels[q] = id;
+                        stack.push(q);
+                    }
+                }
+            }
+        }
+    }
+    (labels, count)
+}
+
+/// The thresholds of the authors' AUPRO on float32 maps with extremes `min < max`:
+/// `np.arange(min, max, (max - min) / 200)` as numpy 2 evaluates it on float32 scalars
+/// (checked on 30 000 random cases): the step and the length `ceil((max - min) / step)` in
+/// float32; then float64 values `min`, `min + step` (the sum taken in float32), and
+/// `min + i * d` with `d` the difference of those two in float64. None for a zero step
+/// (numpy raises).
+pub fn pro_thresholds(min: f32, max: f32) -> Option<Vec<f64>> {
+    let step = (max - min) / PRO_STEPS as f32;
+    if step == 0.0 || !step.is_finite() {
+        return None;
+    }
+    let len = f64::from((max - min) / step).ceil();
+    if len.is_nan() || len < 1.0 {
+        return None;
+    }
+    let len = len as usize;
+    let first = f64::from(min);
+    let second = f64::from(min + step);
+    let d = second - first;
+    Some(
+        (0..len)
+            .map(|i| match i {
+                0 => first,
+                1 => second,
+                _ => first + i as f64 * d,
+            })
+            .collect(),
+    )
+}
+
+/// Per-image tallies for AUPRO: for each region (and for the normal pixels), how many of
+/// its pixels clear exactly `k` thresholds, `k = 0..=len`.
+struct ImageTally {
+    normal: Vec<u64>,
+    regions: Vec<(u64, Vec<u64>)>,
+}
+
+/// The authors' AUPRO ("compute_pro"): 200 evenly spaced thresholds from the smallest to
+/// the largest value of `maps` (all images of a class, `height x width` each, concatenated);
+/// at each, the mean over all 8-connected ground-truth regions of all images of the share
+/// of the region above the threshold (PRO), and the false positive rate over normal pixels;
+/// thresholds with FPR < 0.3 are kept, their FPRs divided by the largest kept one, and the
+/// area under PRO(FPR) taken by trapezoids (`sklearn.metrics.auc`).
+pub fn aupro(maps: &[f32], masks: &[u8], height: usize, width: usize) -> f64 {
+    let plane = height * width;
+    assert_eq!(maps.len(), masks.len(), "maps and masks differ in length");
+    assert!(
+        plane > 0 && maps.len().is_multiple_of(plane),
+        "maps are not whole height x width images"
+    );
+    if maps.is_empty() || maps.iter().any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
+    let min = maps.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = maps.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let Some(thresholds) = pro_thresholds(min, max) else {
+        return f64::NAN;
+    };
+    let levels = thresholds.len() + 1;
+    // A pixel of value v is above thresholds[..k] with k = #{t : t < v} (`amap > th`).
+    let above = |v: f32| thresholds.partition_point(|&t| t < f64::from(v));
+
+    let tallies: Vec<ImageTally> = maps
+        .par_chunks(plane)
+        .zip(masks.par_chunks(plane))
+        .map(|(map, mask)| {
+            let (labels, count) = label_regions(mask, height, width);
+            let mut normal = vec![0u64; levels];
+            let mut regions = vec![(0u64, vec![0u64; levels]); count];
+            for (&v, &l) in map.iter().zip(&labels) {
+                let k = above(v);
+                if l == 0 {
+                    normal[k] += 1;
+                } else {
+                    let r = &mut regions[l as usize - 1];
+                    r.0 += 1;
+                    r.1[k] += 1;
+                }
+            }
+            ImageTally { normal, regions }
+        })
+        .collect();
+
+    // Suffix sums: pixels above threshold t are those with k > t.
+    let above_counts = |hist: &[u64]| -> Vec<u64> {
+        let mut out = vec![0u64; levels - 1];
+        let mut acc = 0;
+        for t in (0..levels - 1).rev() {
+            acc += hist[t + 1];
+            out[t] = acc;
+        }
+        out
+    };
+    let mut normal = vec![0u64; levels];
+    let mut region_count = 0usize;
+    let mut pro_sum = vec![0.0f64; levels - 1];
+    for tally in &tallies {
+        for (n, h) in normal.iter_mut().zip(&tally.normal) {
+            *n += h;
+        }
+        for (area, hist) in &tally.regions {
+            region_count += 1;
+            for (s, tp) in pro_sum.iter_mut().zip(above_counts(hist)) {
+                *s += tp as f64 / *area as f64;
+            }
+        }
+    }
+    let normal_total: u64 = normal.iter().sum();
+    if region_count == 0 || normal_total == 0 {
+        return f64::NAN;
+    }
+    let fp = above_counts(&normal);
+    let (mut fprs, mut pros) = (Vec::new(), Vec::new());
+    for (t, &f) in fp.iter().enumerate() {
+        let fpr = f as f64 / normal_total as f64;
+        if fpr < PRO_FPR_LIMIT {
+            fprs.push(fpr);
+            pros.push(pro_sum[t] / region_count as f64);
+        }
+    }
+    if fprs.len() < 2 {
+        return f64::NAN;
+    }
+    let largest = fprs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let x: Vec<f64> = fprs.iter().map(|f| f / largest).collect();
+    trapezoid_auc(&x, &pros)
+}
+
+/// `sklearn.metrics.auc`: trapezoids, sign flipped when `x` decreases.
+fn trapezoid_auc(x: &[f64], y: &[f64]) -> f64 {
+    let mut area = 0.0;
+    let mut decreasing = false;
+    for i in 1..x.len() {
+        let dx = x[i] - x[i - 1];
+        decreasing |= dx < 0.0;
+        area += dx * (y[i] + y[i - 1]) / 2.0;
+    }
+    if decreasing {
+        -area
+    } else {
+        area
+    }
+}
+
+/// Min-max normalization over all maps of a class together, in float32 as numpy does it on
+/// float32 arrays: `(v - min) / (max - min)`. Constant maps (where the authors' code would
+/// divide 0 by 0) become all 0.
+pub fn normalize_min_max(maps: &mut [f32]) {
+    let min = maps.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = maps.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let range = max - min;
+    if range > 0.0 && range.is_finite() {
+        maps.par_iter_mut().for_each(|v| *v = (*v - min) / range);
+    } else {
+        maps.iter_mut().for_each(|v| *v = 0.0);
+    }
+}
+
+/// The names of the seven metrics, in the paper's order.
+pub const METRIC_NAMES: [&str; 7] = [
+    "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "P-AUPRO",
+];
+
+/// The seven metrics of one class, in `METRIC_NAMES` order, and which AUROCs were flipped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassMetrics {
+    pub values: [f64; 7],
+    /// `(metric name, AUROC before the flip)` for every AUROC reported as `1 - AUROC`.
+    pub flipped: Vec<(&'static str, f64)>,
+}
+
+/// All seven metrics of a class from its raw maps (`n` images of `height x width`,
+/// concatenated; normalized here in place), ground-truth masks and image labels.
+pub fn class_metrics(
+    maps: &mut [f32],
+    masks: &[u8],
+    labels: &[u8],
+    height: usize,
+    width: usize,
+) -> ClassMetrics {
+    let plane = height * width;
+    assert_eq!(maps.len(), labels.len() * plane, "maps do not match labels");
+    normalize_min_max(maps);
+    let scores: Vec<f32> = maps
+        .chunks(plane)
+        .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .collect();
+    let image = ranking(&scores, labels);
+    let pixel = ranking(maps, masks);
+    let pro = aupro(maps, masks, height, width);
+    let mut flipped = Vec::new();
+    let mut flip = |name: &'static str, v: f64| {
+        let f = flip_auroc(v);
+        if f != v {
+            flipped.push((name, v));
+        }
+        f
+    };
+    let values = [
+        flip("I-AUROC", image.auroc),
+        image.ap,
+        image.f1max,
+        flip("P-AUROC", pixel.auroc),
+        pixel.ap,
+        pixel.f1max,
+        pro,
+    ];
+    ClassMetrics { values, flipped }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranking_on_a_hand_computed_case() {
+        // scores 0.1 0.4 0.35 0.8, labels 0 0 1 1: sklearn gives 0.75, AP 0.8333, F1 0.8.
+        let r = ranking(&[0.1, 0.4, 0.35, 0.8], &[0, 0, 1, 1]);
+        assert!((r.auroc - 0.75).abs() < 1e-12);
+        assert!((r.ap - 5.0 / 6.0).abs() < 1e-12);
+        assert!((r.f1max - 0.8).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_label_class_is_undefined_auroc() {
+        let r = ranking(&[0.1, 0.2, 0.3], &[0, 0, 0]);
+        assert!(r.auroc.is_nan());
+        assert_eq!(r.ap, 0.0);
+        assert_eq!(r.f1max, 0.0);
+        let r = ranking(&[0.1, 0.2, 0.3], &[1, 1, 1]);
+        assert!(r.auroc.is_nan());
+        assert_eq!(r.ap, 1.0);
+        assert_eq!(r.f1max, 1.0);
+    }
+
+    #[test]
+    fn ties_form_one_point_and_signed_zeros_tie() {
+        assert_eq!(roc_auc(&[0.5; 4], &[0, 1, 0, 1]), 0.5);
+        assert_eq!(roc_auc(&[-0.0, 0.0], &[0, 1]), 0.5);
+        assert!(ranking(&[f32::NAN, 1.0], &[0, 1]).auroc.is_nan());
+    }
+
+    #[test]
+    fn flip_only_below_half() {
+        assert_eq!(flip_auroc(0.25), 0.75);
+        assert_eq!(flip_auroc(0.5), 0.5);
+        assert!(flip_auroc(f64::NAN).is_nan());
+    }
+
+    #[test]
+    fn regions_are_8_connected() {
+        #[rustfmt::skip]
+        let mask = [
+            1, 0, 0, 1,
+            0, 1, 0, 0,
+            0, 0, 0, 1,
+            1, 1, 0, 1,
+        ];
+        let (labels, count) = label_regions(&mask, 4, 4);
+        assert_eq!(count, 4);
+        assert_eq!(labels[0], labels[5]); // diagonal neighbours
+        assert_eq!(labels[3], 2);
+        assert_eq!(labels[11], labels[15]);
+        assert_ne!(labels[12], labels[15]);
+    }
+
+    #[test]
+    fn thresholds_follow_numpy_arange() {
+        // np.arange(np.float32(0), np.float32(1), np.float32(1) / 200): 200 values.
+        let t = pro_thresholds(0.0, 1.0).unwrap();
+        assert_eq!(t.len(), 200);
+        assert_eq!(t[1], f64::from(0.005f32));
+        assert!(pro_thresholds(0.3, 0.3).is_none());
+    }
+
+    #[test]
+    fn perfect_maps_give_the_authors_nan_aupro() {
+        // Two 4x4 images; the defect scores 1, everything else 0: every kept FPR is 0, so
+        // the authors' `fpr / fpr.max()` is 0/0 and their AUPRO NaN.
+        let mut masks = vec![0u8; 32];
+        masks[5] = 1;
+        masks[6] = 1;
+        let mut maps: Vec<f32> = masks.iter().map(|&m| f32::from(m)).collect();
+        assert!(aupro(&maps, &masks, 4, 4).is_nan());
+        // One normal pixel above most thresholds: PRO stays 1, the area is 1.
+        maps[20] = 0.9;
+        assert!((aupro(&maps, &masks, 4, 4) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn normalization_of_constant_maps_is_zero() {
+        let mut m = vec![0.7f32; 6];
+        normalize_min_max(&mut m);
+        assert!(m.iter().all(|&v| v == 0.0));
+        let mut m = vec![1.0f32, 3.0, 2.0];
+        normalize_min_max(&mut m);
+        assert_eq!(m, vec![0.0, 1.0, 0.5]);
+    }
+}

@@ -1,0 +1,109 @@
+//! A tiny synthetic MVTec AD layout (and synthetic weights) to try `metauas eval` without
+//! downloads: `cargo run --release --example synthetic_mvtec -- DIR`. The images are
+//! `synth::synthetic_image` (a smooth pattern plus noise; defects are inverted squares)
+//! and every defective image has its square as a ground-truth mask.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::io::weights::{write_safetensors, TensorData};
+use crate::synth::{synthetic_image, synthetic_state_dict, SynthTensor, WeightRecipe};
+
+/// Per class: 3 `train/good`, 2 `test/good`, 2 `test/crack` and 1 `test/scratch` images.
+pub const DEFECTS: [(&str, usize, (usize, usize, usize)); 3] = [
+    ("crack", 0, (10, 12, 14)),
+    ("crack", 1, (40, 30, 18)),
+    ("scratch", 0, (20, 40, 9)),
+];
+
+fn save(path: &Path, data: &[u8], width: usize, height: usize, gray: bool) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::at(dir, format!("cannot create directory: {e}")))?;
+    }
+    let color = if gray {
+        image::ExtendedColorType::L8
+    } else {
+        image::ExtendedColorType::Rgb8
+    };
+    image::save_buffer(path, data, width as u32, height as u32, color)
+        .map_err(|e| Error::at(path, format!("cannot write: {e}")))
+}
+
+/// Writes the layout for `classes` under `root`, images of `width x height` (at least
+/// 60 x 60, so that the defect squares fit).
+pub fn write_mvtec_layout(
+    root: &Path,
+    classes: &[&str],
+    width: usize,
+    height: usize,
+) -> Result<()> {
+    if width < 60 || height < 60 {
+        return Err(Error::new("synthetic images must be at least 60 x 60"));
+    }
+    let mut seed = 100;
+    for class in classes {
+        let c = root.join(class);
+        for (sub, count) in [("train/good", 3), ("test/good", 2)] {
+            for i in 0..count {
+                seed += 1;
+                let img = synthetic_image(seed, width, height, None);
+                save(
+                    &c.join(format!("{sub}/{i:03}.png")),
+                    &img.data,
+                    width,
+                    height,
+                    false,
+                )?;
+            }
+        }
+        for (defect, i, square) in DEFECTS {
+            seed += 1;
+            let img = synthetic_image(seed, width, height, Some(square));
+            save(
+                &c.join(format!("test/{defect}/{i:03}.png")),
+                &img.data,
+                width,
+                height,
+                false,
+            )?;
+            let (x0, y0, side) = square;
+            let mask: Vec<u8> = (0..width * height)
+                .map(|p| {
+                    let (y, x) = (p / width, p % width);
+                    let inside = x >= x0 && x < x0 + side && y >= y0 && y < y0 + side;
+                    if inside {
+                        255
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let mask_path = c.join(format!("ground_truth/{defect}/{i:03}_mask.png"));
+            save(&mask_path, &mask, width, height, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes synthetic weights (every official entry; see `docs/SYNTHETIC.md`) as safetensors.
+pub fn write_weights(path: &Path, seed: u64) -> Result<()> {
+    let recipe = WeightRecipe {
+        seed,
+        gain_encoder: 1.0,
+        gain_alignment: 1.0,
+        gain_decoder: 1.0,
+        gain_head: 1.0,
+    };
+    let tensors: Vec<(String, TensorData)> = synthetic_state_dict(&recipe)
+        .into_iter()
+        .map(|(name, shape, t)| {
+            let data = match t {
+                SynthTensor::F32(data) => TensorData::F32 { shape, data },
+                SynthTensor::I64(data) => TensorData::I64 { shape, data },
+            };
+            (name, data)
+        })
+        .collect();
+    write_safetensors(path, &tensors, &[])
+}
