@@ -241,7 +241,7 @@ fn check_report_structure(report: &Value, classes: &[&str]) {
     assert!(report["weights_hash"]
         .as_str()
         .unwrap()
-        .starts_with("fnv1a64:"));
+        .starts_with("mw64:"));
     assert_eq!(report["size"], SIZE);
     assert!(report["backend"].as_str().unwrap().starts_with("cpu"));
     assert!(report["command"].as_str().unwrap().contains(" eval "));
