@@ -256,6 +256,27 @@ pub fn synthetic_image(
     }
 }
 
+/// Writes the synthetic state dict of `recipe` (every official entry, counters as int64) as
+/// safetensors, with `metadata`: weights for tests, benchmarks and trying the tool.
+pub fn write_synthetic_safetensors(
+    path: &std::path::Path,
+    recipe: &WeightRecipe,
+    metadata: &[(String, String)],
+) -> crate::Result<()> {
+    use crate::io::weights::{write_safetensors, TensorData};
+    let tensors: Vec<(String, TensorData)> = synthetic_state_dict(recipe)
+        .into_iter()
+        .map(|(name, shape, t)| {
+            let data = match t {
+                SynthTensor::F32(data) => TensorData::F32 { shape, data },
+                SynthTensor::I64(data) => TensorData::I64 { shape, data },
+            };
+            (name, data)
+        })
+        .collect();
+    write_safetensors(path, &tensors, metadata)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,22 +136,10 @@ pub fn emit(text: &str) -> Result<()> {
 }
 
 fn write_synthetic_weights(out: &std::path::Path, seed: u64) -> Result<()> {
-    use metauas::io::weights::{write_safetensors, TensorData};
-    use metauas::synth::{synthetic_state_dict, SynthTensor, WeightRecipe};
-    let recipe = WeightRecipe::unit(seed);
-    let tensors: Vec<(String, TensorData)> = synthetic_state_dict(&recipe)
-        .into_iter()
-        .map(|(name, shape, t)| {
-            let data = match t {
-                SynthTensor::F32(data) => TensorData::F32 { shape, data },
-                SynthTensor::I64(data) => TensorData::I64 { shape, data },
-            };
-            (name, data)
-        })
-        .collect();
+    use metauas::synth::{write_synthetic_safetensors, WeightRecipe};
     let meta = [(
         "source".to_string(),
         format!("metauas synth-weights --seed {seed}"),
     )];
-    write_safetensors(out, &tensors, &meta)
+    write_synthetic_safetensors(out, &WeightRecipe::unit(seed), &meta)
 }

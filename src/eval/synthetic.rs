@@ -6,8 +6,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::io::weights::{write_safetensors, TensorData};
-use crate::synth::{synthetic_image, synthetic_state_dict, SynthTensor, WeightRecipe};
+use crate::synth::{synthetic_image, WeightRecipe};
 
 /// Per class: 3 `train/good`, 2 `test/good`, 2 `test/crack` and 1 `test/scratch` images.
 pub const DEFECTS: [(&str, usize, (usize, usize, usize)); 3] = [
@@ -88,22 +87,5 @@ pub fn write_mvtec_layout(
 
 /// Writes synthetic weights (every official entry; see `docs/SYNTHETIC.md`) as safetensors.
 pub fn write_weights(path: &Path, seed: u64) -> Result<()> {
-    let recipe = WeightRecipe {
-        seed,
-        gain_encoder: 1.0,
-        gain_alignment: 1.0,
-        gain_decoder: 1.0,
-        gain_head: 1.0,
-    };
-    let tensors: Vec<(String, TensorData)> = synthetic_state_dict(&recipe)
-        .into_iter()
-        .map(|(name, shape, t)| {
-            let data = match t {
-                SynthTensor::F32(data) => TensorData::F32 { shape, data },
-                SynthTensor::I64(data) => TensorData::I64 { shape, data },
-            };
-            (name, data)
-        })
-        .collect();
-    write_safetensors(path, &tensors, &[])
+    crate::synth::write_synthetic_safetensors(path, &WeightRecipe::unit(seed), &[])
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use metauas::io::image::RgbImage8;
 use metauas::io::weights::{write_safetensors, TensorData};
-use metauas::synth::{synthetic_state_dict, SynthTensor, WeightRecipe};
+use metauas::synth::{SynthTensor, WeightRecipe};
 
 /// A fresh, empty directory under the system temp dir, unique per process and call.
 pub fn temp_dir(label: &str) -> PathBuf {
@@ -20,18 +20,13 @@ pub fn temp_dir(label: &str) -> PathBuf {
 }
 
 pub fn default_recipe(seed: u64) -> WeightRecipe {
-    WeightRecipe {
-        seed,
-        gain_encoder: 1.0,
-        gain_alignment: 1.0,
-        gain_decoder: 1.0,
-        gain_head: 1.0,
-    }
+    WeightRecipe::unit(seed)
 }
 
 /// Writes the synthetic state dict (every official entry, counters as int64) as safetensors.
 pub fn write_synthetic_weights(path: &Path, recipe: &WeightRecipe) {
-    write_state_dict(path, synthetic_state_dict(recipe));
+    metauas::synth::write_synthetic_safetensors(path, recipe, &[])
+        .expect("write synthetic weights");
 }
 
 /// Writes a (possibly edited) synthetic state dict as safetensors.
