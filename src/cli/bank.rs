@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use metauas::io::image::decode_image_file;
-use metauas::model::{check_size, BankEntry, Engine, PromptBank};
+use metauas::model::{check_size, BankEntry, PromptBank};
 use metauas::{Error, Result};
 
 use super::inputs::{expand, name_inputs};
 use super::progress::progress_bar;
-use super::{announce, engine_options, Backend, PrecisionArg};
+use super::RunOptions;
 
 #[derive(Subcommand)]
 pub enum BankCommand {
@@ -26,15 +26,8 @@ pub struct BuildArgs {
     /// Normal images: files or directories (recursed); several values or a repeated flag.
     #[arg(long, required = true, num_args = 1..)]
     images: Vec<PathBuf>,
-    /// Model resolution the bank is for (segment/serve must use the same).
-    #[arg(long, default_value_t = 256)]
-    size: usize,
-    /// Where to run: `auto` takes a hardware GPU when there is one, else the CPU.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    backend: Backend,
-    /// Storage precision (f16 needs the GPU backend and an adapter with SHADER_F16).
-    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
-    precision: PrecisionArg,
+    #[command(flatten)]
+    run: RunOptions,
     /// The bank file to write (safetensors; written atomically).
     #[arg(long)]
     out: PathBuf,
@@ -47,7 +40,7 @@ pub fn run(command: BankCommand) -> Result<()> {
 }
 
 fn build(args: BuildArgs) -> Result<()> {
-    check_size(args.size)?;
+    check_size(args.run.size)?;
     let images = name_inputs(expand(&args.images, "--images")?)?;
     if images.len() > metauas::model::bank::MAX_BANK_PROMPTS {
         return Err(Error::new(format!(
@@ -64,12 +57,7 @@ fn build(args: BuildArgs) -> Result<()> {
     {
         return Err(Error::at(clash, "is an input but --out would overwrite it"));
     }
-    let engine = Engine::from_file_with(
-        &args.weights,
-        args.size,
-        engine_options(args.backend, args.precision),
-    )?;
-    announce(&engine);
+    let engine = args.run.load_engine(&args.weights)?;
     let mut bank = PromptBank::new(&engine);
     let bar = progress_bar(images.len(), "encode");
     for input in images {

@@ -10,18 +10,12 @@ use metauas::model::{check_size, Engine, MemorySource};
 use metauas::synth::{synthetic_image, WeightRecipe};
 use metauas::Result;
 
-use super::{announce, engine_options, Backend, PrecisionArg};
+use super::RunOptions;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value_t = 256)]
-    size: usize,
-    /// Where to run (`auto`: a hardware GPU when there is one, else the CPU).
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    backend: Backend,
-    /// Storage precision (f16: GPU only).
-    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
-    precision: PrecisionArg,
+    #[command(flatten)]
+    run: RunOptions,
     /// Real weights; by default deterministic synthetic ones (time does not depend on values).
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -37,10 +31,10 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    check_size(args.size)?;
-    let options = engine_options(args.backend, args.precision);
+    check_size(args.run.size)?;
+    let options = args.run.engine_options();
     let engine = match &args.weights {
-        Some(path) => Engine::from_file_with(path, args.size, options)?,
+        Some(path) => Engine::from_file_with(path, args.run.size, options)?,
         None => {
             let recipe = WeightRecipe {
                 seed: 1,
@@ -49,16 +43,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 gain_decoder: 1.0,
                 gain_head: 1.0,
             };
-            Engine::with_options(&MemorySource::synthetic(&recipe), args.size, options)?
+            Engine::with_options(&MemorySource::synthetic(&recipe), args.run.size, options)?
         }
     };
-    announce(&engine);
-    let prompt_img = synthetic_image(1, args.size, args.size, None);
+    super::announce(&engine);
+    let prompt_img = synthetic_image(1, args.run.size, args.run.size, None);
     let query_img = synthetic_image(
         2,
-        args.size,
-        args.size,
-        Some((args.size / 3, args.size / 3, args.size / 8)),
+        args.run.size,
+        args.run.size,
+        Some((args.run.size / 3, args.run.size / 3, args.run.size / 8)),
     );
 
     let mut full = Vec::with_capacity(args.iters);
@@ -84,7 +78,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let obj = serde_json::json!({
             "full_ms": full_med, "cached_ms": cached_med,
             "p90_full_ms": full_p90, "p90_cached_ms": cached_p90,
-            "peak_rss_mb": rss, "backend": engine.backend_kind(), "size": args.size,
+            "peak_rss_mb": rss, "backend": engine.backend_kind(), "size": args.run.size,
             "threads": rayon::current_num_threads(), "iters": args.iters,
             "device": engine.backend_description(), "dispatches": engine.gpu_dispatches(),
         });
@@ -92,7 +86,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         println!(
             "metauas bench: size {} backend {} iters {}",
-            args.size,
+            args.run.size,
             engine.backend_description(),
             args.iters
         );

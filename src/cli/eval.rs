@@ -8,10 +8,10 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use metauas::eval::report::{Report, RunInfo};
 use metauas::eval::{dataset, evaluate_class};
-use metauas::model::{check_size, Engine};
+use metauas::model::check_size;
 use metauas::{Error, Result};
 
-use super::{announce, engine_options, Backend, PrecisionArg};
+use super::RunOptions;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Layout {
@@ -45,15 +45,8 @@ pub struct EvalArgs {
     /// Evaluate only this class (repeat for several); default: all.
     #[arg(long = "class")]
     classes: Vec<String>,
-    /// Model resolution: a multiple of 32 (the paper's Table 1 uses 256).
-    #[arg(long, default_value_t = 256)]
-    size: usize,
-    /// Where to run: `auto` takes a hardware GPU when there is one, else the CPU.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    backend: Backend,
-    /// Storage precision (f16 needs the GPU backend and an adapter with SHADER_F16).
-    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
-    precision: PrecisionArg,
+    #[command(flatten)]
+    run: RunOptions,
     /// Output directory for report.{md,csv,json} (and maps/ with --save-maps).
     #[arg(long, default_value = "metauas-eval")]
     out: PathBuf,
@@ -80,7 +73,7 @@ fn command_line() -> String {
 }
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
-    check_size(args.size)?;
+    check_size(args.run.size)?;
     let (classes, source, dataset_text) = match (&args.layout, &args.test_json, &args.prompt_json) {
         (Some(Layout::Mvtec), _, _) => (
             dataset::mvtec_layout(&args.root, args.prompt_seed)?,
@@ -109,9 +102,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     };
     let classes = dataset::select_classes(classes, &args.classes, &source)?;
     dataset::check_files(&classes)?;
-    let options = engine_options(args.backend, args.precision);
-    let engine = Engine::from_file_with(&args.weights, args.size, options)?;
-    announce(&engine);
+    let engine = args.run.load_engine(&args.weights)?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::at(&args.out, format!("cannot create output directory: {e}")))?;
     let maps_dir = args.save_maps.then(|| args.out.join("maps"));
@@ -147,7 +138,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
             command: command_line(),
             weights: args.weights.display().to_string(),
             weights_hash: engine.weights_hash(),
-            size: args.size,
+            size: args.run.size,
             backend: engine.backend_description(),
             dataset: dataset_text,
         },

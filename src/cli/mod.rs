@@ -11,9 +11,9 @@ mod segment;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use metauas::gpu::Precision;
-use metauas::model::{BackendChoice, Engine, EngineOptions};
+use metauas::model::{check_size, BackendChoice, Engine, EngineOptions};
 use metauas::Result;
 
 #[derive(Parser)]
@@ -42,6 +42,35 @@ pub enum PrecisionArg {
     F32,
     /// f16 storage with f32 accumulation (GPU with SHADER_F16 only).
     F16,
+}
+
+/// Where and how a command runs the model: the options `segment`, `bank`, `eval`, `bench`
+/// and `serve` share.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Model resolution: a multiple of 32 (the official checkpoints use 256 and 512).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Where to run: `auto` takes a hardware GPU when there is one, else the CPU.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Storage precision (f16 needs the GPU backend and an adapter with SHADER_F16).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
+}
+
+impl RunOptions {
+    pub fn engine_options(&self) -> EngineOptions {
+        engine_options(self.backend, self.precision)
+    }
+
+    /// Loads `weights` for these options and says on stderr which backend runs.
+    pub fn load_engine(&self, weights: &std::path::Path) -> Result<Engine> {
+        check_size(self.size)?;
+        let engine = Engine::from_file_with(weights, self.size, self.engine_options())?;
+        announce(&engine);
+        Ok(engine)
+    }
 }
 
 /// Engine options from the command line.

@@ -17,7 +17,7 @@ use metauas::{Error, Result};
 
 use super::inputs::{expand, name_inputs, ImageInput};
 use super::progress::progress_bar;
-use super::{announce, engine_options, Backend, PrecisionArg};
+use super::RunOptions;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum MultiPrompt {
@@ -46,15 +46,8 @@ pub struct SegmentArgs {
     /// How several prompts are used: `best` (most similar prompt), `mean` or `min` of the maps.
     #[arg(long, value_enum, default_value_t = MultiPrompt::Best)]
     multi_prompt: MultiPrompt,
-    /// Model resolution: a multiple of 32 (the official checkpoints use 256 and 512).
-    #[arg(long, default_value_t = 256)]
-    size: usize,
-    /// Where to run: `auto` takes a hardware GPU when there is one, else the CPU.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    backend: Backend,
-    /// Storage precision (f16 needs the GPU backend and an adapter with SHADER_F16).
-    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
-    precision: PrecisionArg,
+    #[command(flatten)]
+    run: RunOptions,
     /// Output directory.
     #[arg(long, default_value = "metauas-out")]
     out: PathBuf,
@@ -78,7 +71,7 @@ struct Prompt {
 }
 
 pub fn run(args: SegmentArgs) -> Result<ExitCode> {
-    check_size(args.size)?;
+    check_size(args.run.size)?;
     if let Some(t) = args.threshold {
         if !t.is_finite() {
             return Err(Error::new(format!(
@@ -89,9 +82,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     let queries = name_inputs(expand(&args.query, "--query")?)?;
     let prompt_files = expand(&args.prompt, "--prompt")?;
     check_outputs_spare_inputs(&args, &queries, &prompt_files)?;
-    let options = engine_options(args.backend, args.precision);
-    let engine = Engine::from_file_with(&args.weights, args.size, options)?;
-    announce(&engine);
+    let engine = args.run.load_engine(&args.weights)?;
     let prompts = load_prompts(&engine, &args, &prompt_files)?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::at(&args.out, format!("cannot create output directory: {e}")))?;
