@@ -478,3 +478,47 @@ fn f16_on_the_cpu_is_refused() {
     ]);
     assert_one_line_error(&out, "--precision f16 needs the GPU backend");
 }
+
+/// `bench --json` carries the keys tools read, and `--batch N` adds the batched throughput.
+#[test]
+fn bench_json_keys_and_batch_throughput() {
+    let out = metauas(&[
+        "bench",
+        "--size",
+        "64",
+        "--backend",
+        "cpu",
+        "--iters",
+        "1",
+        "--batch",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "full_ms",
+        "cached_ms",
+        "p90_full_ms",
+        "p90_cached_ms",
+        "peak_rss_mb",
+    ] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    assert_eq!(
+        (v["backend"].as_str(), v["size"].as_u64()),
+        (Some("cpu"), Some(64))
+    );
+    assert_eq!(v["batch"], 2);
+    let (ms, per_s) = (
+        v["batch_ms"].as_f64().unwrap(),
+        v["batch_images_per_s"].as_f64().unwrap(),
+    );
+    assert!((per_s - 2.0 / (ms * 1e-3)).abs() < 1e-6 * per_s, "{v}");
+    let refused = metauas(&["bench", "--size", "64", "--batch", "0"]);
+    assert_eq!(refused.status.code(), Some(2));
+}

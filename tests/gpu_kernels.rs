@@ -232,3 +232,40 @@ proptest! {
         compare("align_matches_cpu", &weights, &g.finish(), &inputs, tol);
     }
 }
+
+/// `segment_batch` (one submission for several queries on the GPU) gives each query the map
+/// `segment` gives it, bit for bit, on both backends; queries differ so a mix-up would show.
+#[test]
+fn batched_queries_match_one_by_one() {
+    use metauas::model::{Engine, MemorySource};
+    use metauas::synth::{synthetic_image, WeightRecipe};
+    let recipe = WeightRecipe {
+        gain_alignment: 14.0,
+        gain_decoder: 1.5,
+        gain_head: 4.0,
+        ..WeightRecipe::unit(5)
+    };
+    let weights = MemorySource::synthetic(&recipe);
+    let prompt_image = synthetic_image(1, 70, 64, None);
+    let queries: Vec<_> = (0..3)
+        .map(|i| synthetic_image(10 + i, 64, 72, Some((8 + 12 * i as usize, 20, 10))))
+        .collect();
+    let refs: Vec<_> = queries.iter().collect();
+    let mut options = vec![metauas::model::EngineOptions::default()];
+    options.extend(common::gpu_options(
+        "batched_queries_match_one_by_one",
+        Precision::F32,
+    ));
+    for opts in options {
+        let engine = Engine::with_options(&weights, 64, opts).unwrap();
+        let prompt = engine.encode_prompt(&prompt_image).unwrap();
+        let batch = engine.segment_batch(&prompt, &refs).unwrap();
+        assert_eq!(batch.len(), queries.len());
+        for (q, b) in queries.iter().zip(&batch) {
+            let single = engine.segment(&prompt, q).unwrap();
+            assert_eq!(single.data, b.data, "{}", engine.backend_kind());
+        }
+        assert_ne!(batch[0].data, batch[1].data);
+        assert!(engine.segment_batch(&prompt, &[]).unwrap().is_empty());
+    }
+}

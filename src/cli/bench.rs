@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also time batches of N queries against one prompt (`segment_batch`: one submission
+    /// per batch on the GPU) and report images per second.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    batch: Option<u16>,
     /// Add a per-op table (time and GFLOP/s) of the query graph.
     #[arg(long)]
     profile: bool,
@@ -36,13 +40,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let engine = match &args.weights {
         Some(path) => Engine::from_file_with(path, args.run.size, options)?,
         None => {
-            let recipe = WeightRecipe {
-                seed: 1,
-                gain_encoder: 1.0,
-                gain_alignment: 1.0,
-                gain_decoder: 1.0,
-                gain_head: 1.0,
-            };
+            let recipe = WeightRecipe::unit(1);
             Engine::with_options(&MemorySource::synthetic(&recipe), args.run.size, options)?
         }
     };
@@ -73,6 +71,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let (full_med, full_p90) = (percentile(&full, 50.0), percentile(&full, 90.0));
     let (cached_med, cached_p90) = (percentile(&cached, 50.0), percentile(&cached, 90.0));
+    let batch = match args.batch {
+        Some(n) => Some(time_batches(
+            &engine,
+            &prompt,
+            &query_img,
+            n.into(),
+            args.iters,
+        )?),
+        None => None,
+    };
     let rss = peak_rss_mb();
     if args.json {
         let obj = serde_json::json!({
@@ -82,6 +90,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "threads": rayon::current_num_threads(), "iters": args.iters,
             "device": engine.backend_description(), "dispatches": engine.gpu_dispatches(),
         });
+        let mut obj = obj;
+        if let (Some(n), Some((ms, per_s))) = (args.batch, batch) {
+            obj["batch"] = n.into();
+            obj["batch_ms"] = ms.into();
+            obj["batch_images_per_s"] = per_s.into();
+        }
         println!("{obj}");
     } else {
         println!(
@@ -94,6 +108,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "query with cached prompt:      median {cached_med:.2} ms, p90 {cached_p90:.2} ms"
         );
+        if let (Some(n), Some((ms, per_s))) = (args.batch, batch) {
+            println!("batch of {n} queries, one prompt: median {ms:.2} ms, {per_s:.1} images/s");
+        }
         println!("peak RSS: {rss:.1} MB");
     }
     if args.profile && engine.backend_kind() == "gpu" {
@@ -102,6 +119,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         profile(&engine, &prompt, &query_img, args.iters.max(1))?;
     }
     Ok(())
+}
+
+/// Median time of `segment_batch` over batches of `n` copies of the query (after one
+/// warm-up batch), and the images per second it means.
+fn time_batches(
+    engine: &Engine,
+    prompt: &metauas::model::PromptFeatures,
+    query: &metauas::io::image::RgbImage8,
+    n: usize,
+    iters: usize,
+) -> Result<(f64, f64)> {
+    let images = vec![query; n];
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters.max(1) + 1 {
+        let t = Instant::now();
+        engine.segment_batch(prompt, &images)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let ms = percentile(&times, 50.0);
+    Ok((ms, n as f64 / (ms * 1e-3)))
 }
 
 fn profile(

@@ -65,4 +65,13 @@ impl GpuBackend {
     pub fn run(&self, program: &GpuProgram, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
         program.run(&self.ctx, inputs)
     }
+
+    /// Several runs of `program` in one submit (see `GpuProgram::run_many`).
+    pub fn run_many(
+        &self,
+        program: &GpuProgram,
+        runs: &[Vec<&[f32]>],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        program.run_many(&self.ctx, runs)
+    }
 }

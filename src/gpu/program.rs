@@ -152,7 +152,87 @@ impl GpuProgram {
 
     /// Records every step (one compute pass; with `timestamps`, one pass per step so that
     /// each is timed) and the copies of the outputs to the readback buffer.
+    /// Several runs in one command encoder and one submit (e.g. a batch of queries against
+    /// one prompt): per run, its inputs are copied into their slots from one upload buffer,
+    /// the forward pass is recorded, and its outputs are copied out; one readback at the end.
+    /// Inputs shared by every run (the same slice, e.g. the prompt) are uploaded once.
+    pub fn run_many(&self, ctx: &GpuContext, runs: &[Vec<&[f32]>]) -> Result<Vec<Vec<Vec<f32>>>> {
+        for inputs in runs {
+            self.check_inputs(inputs)?;
+        }
+        let Some(first) = runs.first() else {
+            return Ok(Vec::new());
+        };
+        // Upload layout: every distinct input slice once, 256-byte aligned (copy offsets
+        // need 4; 256 keeps each start on a nice boundary).
+        let mut upload = Vec::new();
+        let mut placement: Vec<Vec<u64>> = Vec::with_capacity(runs.len());
+        for inputs in runs {
+            let mut offsets = Vec::with_capacity(inputs.len());
+            for (k, data) in inputs.iter().enumerate() {
+                let shared = std::ptr::eq(*data, first[k]) && !placement.is_empty();
+                if shared {
+                    offsets.push(placement[0][k]);
+                    continue;
+                }
+                offsets.push(upload.len() as u64);
+                upload.extend_from_slice(&self.to_store_bytes(data));
+                upload.resize(upload.len().next_multiple_of(256), 0);
+            }
+            placement.push(offsets);
+        }
+        let source = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("batch inputs"),
+            size: (upload.len() as u64).max(4),
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.queue.write_buffer(&source, 0, &upload);
+        let per_run = self.staging.size();
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("batch readback"),
+            size: per_run * runs.len() as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        for (r, offsets) in placement.iter().enumerate() {
+            for (&v, &offset) in self.lowered.inputs.iter().zip(offsets) {
+                let size = self.value_bytes(v).next_multiple_of(4);
+                let slot = &self.slots[self.value_slot[v]];
+                encoder.copy_buffer_to_buffer(&source, offset, slot, 0, size);
+            }
+            self.record_forward(&mut encoder, None);
+            self.copy_outputs(&mut encoder, &staging, r as u64 * per_run);
+        }
+        ctx.queue.submit([encoder.finish()]);
+        let bytes = map_read(ctx, &staging)?;
+        Ok((0..runs.len())
+            .map(|r| self.decode_outputs(&bytes[r * per_run as usize..]))
+            .collect())
+    }
+
     fn record(&self, encoder: &mut wgpu::CommandEncoder, timestamps: Option<&wgpu::QuerySet>) {
+        self.record_forward(encoder, timestamps);
+        self.copy_outputs(encoder, &self.staging, 0);
+    }
+
+    /// Copies every output into `staging` from `base` on, at the offsets of `output_offsets`.
+    fn copy_outputs(&self, encoder: &mut wgpu::CommandEncoder, staging: &wgpu::Buffer, base: u64) {
+        for (&o, &offset) in self.lowered.outputs.iter().zip(&self.output_offsets) {
+            let size = self.value_bytes(o).next_multiple_of(4);
+            let slot = &self.slots[self.value_slot[o]];
+            encoder.copy_buffer_to_buffer(slot, 0, staging, base + offset, size);
+        }
+    }
+
+    fn record_forward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        timestamps: Option<&wgpu::QuerySet>,
+    ) {
         let n = self.lowered.steps.len();
         match timestamps {
             None => {
@@ -176,11 +256,6 @@ impl GpuProgram {
                     self.dispatch(&mut pass, i);
                 }
             }
-        }
-        for (&o, &offset) in self.lowered.outputs.iter().zip(&self.output_offsets) {
-            let size = self.value_bytes(o).next_multiple_of(4);
-            let slot = &self.slots[self.value_slot[o]];
-            encoder.copy_buffer_to_buffer(slot, 0, &self.staging, offset, size);
         }
     }
 
@@ -247,6 +322,16 @@ impl GpuProgram {
     }
 
     fn upload_inputs(&self, ctx: &GpuContext, inputs: &[&[f32]]) -> Result<()> {
+        self.check_inputs(inputs)?;
+        for (&v, data) in self.lowered.inputs.iter().zip(inputs) {
+            let bytes = self.to_store_bytes(data);
+            ctx.queue
+                .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
+        }
+        Ok(())
+    }
+
+    fn check_inputs(&self, inputs: &[&[f32]]) -> Result<()> {
         if inputs.len() != self.lowered.inputs.len() {
             return Err(Error::new("GPU program: wrong number of inputs"));
         }
@@ -259,41 +344,28 @@ impl GpuProgram {
                     self.lowered.values[v].elems
                 )));
             }
-            let bytes = self.to_store_bytes(data);
-            ctx.queue
-                .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
         }
         Ok(())
     }
 
     fn read_outputs(&self, ctx: &GpuContext) -> Result<Vec<Vec<f32>>> {
-        let slice = self.staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.wait()?;
-        rx.recv()
-            .map_err(|_| Error::new("GPU readback was dropped"))?
-            .map_err(|e| Error::new(format!("GPU {}: readback failed: {e}", ctx.adapter)))?;
-        let outputs = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::new(format!("GPU {}: readback failed: {e}", ctx.adapter)))?;
-            self.lowered
-                .outputs
-                .iter()
-                .zip(&self.output_offsets)
-                .map(|(&o, &offset)| {
-                    let n = self.lowered.values[o].elems;
-                    let start = offset as usize;
-                    let end = start + self.value_bytes(o) as usize;
-                    self.decode_store_bytes(&view[start..end], n)
-                })
-                .collect()
-        };
-        self.staging.unmap();
-        Ok(outputs)
+        let bytes = map_read(ctx, &self.staging)?;
+        Ok(self.decode_outputs(&bytes))
+    }
+
+    /// The outputs of one run from its readback bytes (laid out by `output_offsets`).
+    fn decode_outputs(&self, bytes: &[u8]) -> Vec<Vec<f32>> {
+        self.lowered
+            .outputs
+            .iter()
+            .zip(&self.output_offsets)
+            .map(|(&o, &offset)| {
+                let n = self.lowered.values[o].elems;
+                let start = offset as usize;
+                let end = start + self.value_bytes(o) as usize;
+                self.decode_store_bytes(&bytes[start..end], n)
+            })
+            .collect()
     }
 
     fn value_bytes(&self, v: usize) -> u64 {
@@ -326,27 +398,31 @@ impl GpuProgram {
     }
 }
 
-fn read_u64s(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u64>> {
+/// Maps `buffer` (MAP_READ) after the queued work and returns a copy of its bytes.
+fn map_read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
     let slice = buffer.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
     ctx.wait()?;
-    let failed = |e: String| Error::new(format!("GPU {}: timestamp readback: {e}", ctx.adapter));
+    let failed = |e: String| Error::new(format!("GPU {}: readback failed: {e}", ctx.adapter));
     rx.recv()
         .map_err(|e| failed(e.to_string()))?
         .map_err(|e| failed(e.to_string()))?;
-    let values = {
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| failed(e.to_string()))?;
-        view.chunks_exact(8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .collect()
-    };
+    let bytes = slice
+        .get_mapped_range()
+        .map_err(|e| failed(e.to_string()))?
+        .to_vec();
     buffer.unmap();
-    Ok(values)
+    Ok(bytes)
+}
+
+fn read_u64s(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u64>> {
+    Ok(map_read(ctx, buffer)?
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect())
 }
 
 fn element_bytes(always_f32: bool, precision: Precision) -> u64 {

@@ -12,6 +12,9 @@ use crate::graph::{Graph, Shape};
 use crate::io::image::{preprocess, RgbImage8};
 use crate::io::weights::WeightFile;
 
+/// Queries per GPU submission in `segment_batch` (bounds the upload and readback buffers).
+pub const MAX_GPU_BATCH: usize = 16;
+
 /// Largest input side accepted: the arena at 2048 already needs several GiB.
 pub const MAX_SIZE: usize = 2048;
 
@@ -354,6 +357,37 @@ impl Engine {
             size: self.size,
             data: outputs.swap_remove(0),
         })
+    }
+
+    /// Segments several query images against one prompt. On the GPU backend each chunk of
+    /// up to `MAX_GPU_BATCH` queries is one command submission (one readback); on the CPU
+    /// the queries run one after another, each on every core. The maps are those `segment`
+    /// gives, bit for bit.
+    pub fn segment_batch(
+        &self,
+        prompt: &PromptFeatures,
+        images: &[&RgbImage8],
+    ) -> Result<Vec<AnomalyMap>> {
+        self.check_prompt(prompt)?;
+        let Runner::Gpu { backend, query, .. } = &self.runner else {
+            return images.iter().map(|im| self.segment(prompt, im)).collect();
+        };
+        let mut maps = Vec::with_capacity(images.len());
+        for chunk in images.chunks(MAX_GPU_BATCH) {
+            let inputs: Vec<Vec<f32>> = chunk.iter().map(|im| preprocess(im, self.size)).collect();
+            let runs: Vec<Vec<&[f32]>> = inputs
+                .iter()
+                .map(|input| self.query_inputs(input, prompt))
+                .collect();
+            let program = lock(query);
+            for mut outputs in backend.run_many(&program, &runs)? {
+                maps.push(AnomalyMap {
+                    size: self.size,
+                    data: outputs.swap_remove(0),
+                });
+            }
+        }
+        Ok(maps)
     }
 
     /// Like `segment`, also returning the intermediates named in `graphs::TAPS` (slower:
