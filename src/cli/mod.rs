@@ -3,6 +3,7 @@
 mod bench;
 mod info;
 mod segment;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +78,8 @@ enum Command {
     Convert { input: PathBuf, output: PathBuf },
     /// Time the forward pass (synthetic weights unless --weights is given).
     Bench(bench::BenchArgs),
+    /// Serve segmentation over HTTP/1.1 with JSON (see README, "Serve").
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -89,6 +92,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

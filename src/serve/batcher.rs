@@ -1,0 +1,200 @@
+//! The segment queue and its worker: a bounded queue of jobs, one worker thread that takes the
+//! first waiting job, gathers more for up to `window` (at most `max_batch` in all), then runs
+//! them on the shared engine and answers each through its own channel.
+//!
+//! The engine's forward pass is batch 1, so a batch runs its jobs one after the other; the
+//! batch is the seam where a batched forward would go. What batching buys today is bounded
+//! work per wake-up and the batch-size metric; a failing (or panicking) job answers its own
+//! error and the others in its batch still get their maps.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::metrics::Metrics;
+use crate::io::image::RgbImage8;
+use crate::model::{AnomalyMap, Engine, PromptFeatures};
+
+/// Total bytes of decoded images the queue may hold; past it a new job is refused like a full
+/// queue, unless the queue is empty (so that one large image is always served).
+const MAX_QUEUED_IMAGE_BYTES: usize = 1 << 30;
+
+/// One query to segment.
+pub struct Job {
+    pub prompt: Arc<PromptFeatures>,
+    pub image: RgbImage8,
+    pub reply: mpsc::Sender<JobOutcome>,
+}
+
+/// The answer to one job.
+#[derive(Debug)]
+pub struct JobOutcome {
+    pub result: Result<AnomalyMap, String>,
+    /// Engine time for this job, milliseconds.
+    pub ms: f64,
+    /// Jobs in the batch this one ran in.
+    pub batch: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct BatchConfig {
+    pub queue: usize,
+    pub max_batch: usize,
+    pub window: Duration,
+    /// Testing aid: sleep this long before each job (0 in production).
+    pub job_delay: Duration,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is at capacity (or holds too many image bytes).
+    Full,
+    /// The worker has stopped (shutting down).
+    Closed,
+}
+
+pub struct Batcher {
+    tx: Mutex<Option<SyncSender<Job>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    depth: Arc<AtomicUsize>,
+    queued_bytes: Arc<AtomicUsize>,
+    /// Set when the grace period is over: queued jobs are dropped, not run.
+    abandon: Arc<AtomicBool>,
+}
+
+impl Batcher {
+    pub fn start(
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        config: BatchConfig,
+    ) -> std::io::Result<Batcher> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(config.queue.max(1));
+        let depth = metrics.queue_depth.clone();
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let abandon = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (depth, queued_bytes, abandon) =
+                (depth.clone(), queued_bytes.clone(), abandon.clone());
+            std::thread::Builder::new()
+                .name("metauas-batcher".into())
+                .spawn(move || {
+                    let taken = |job: &Job| {
+                        depth.fetch_sub(1, Ordering::SeqCst);
+                        queued_bytes.fetch_sub(job.image.data.len(), Ordering::SeqCst);
+                    };
+                    work(&engine, &metrics, &rx, &config, &abandon, taken)
+                })?
+        };
+        Ok(Batcher {
+            tx: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+            depth,
+            queued_bytes,
+            abandon,
+        })
+    }
+
+    /// Queues a job without waiting; its outcome comes on `job.reply`.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let tx = match &*lock(&self.tx) {
+            Some(tx) => tx.clone(),
+            None => return Err(SubmitError::Closed),
+        };
+        let bytes = job.image.data.len();
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+        if before > 0 && before + bytes > MAX_QUEUED_IMAGE_BYTES {
+            self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            return Err(SubmitError::Full);
+        }
+        // Counted before the send so that the worker's decrement never runs first.
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::Full,
+                    TrySendError::Disconnected(_) => SubmitError::Closed,
+                })
+            }
+        }
+    }
+
+    /// Stops taking jobs and joins the worker. With `abandon`, jobs still queued are dropped
+    /// (their clients get an error); otherwise they run first.
+    pub fn close(&self, abandon: bool) {
+        self.abandon.store(abandon, Ordering::SeqCst);
+        lock(&self.tx).take();
+        if let Some(worker) = lock(&self.worker).take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn work(
+    engine: &Engine,
+    metrics: &Metrics,
+    rx: &Receiver<Job>,
+    config: &BatchConfig,
+    abandon: &AtomicBool,
+    taken: impl Fn(&Job),
+) {
+    while let Ok(first) = rx.recv() {
+        taken(&first);
+        let mut batch = vec![first];
+        let deadline = Instant::now() + config.window;
+        while batch.len() < config.max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(job) => {
+                    taken(&job);
+                    batch.push(job);
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        metrics.record_batch(batch.len());
+        let size = batch.len();
+        for job in batch {
+            if abandon.load(Ordering::SeqCst) {
+                continue; // dropping `reply` tells the client
+            }
+            if !config.job_delay.is_zero() {
+                std::thread::sleep(config.job_delay);
+            }
+            let start = Instant::now();
+            let result =
+                match catch_unwind(AssertUnwindSafe(|| engine.segment(&job.prompt, &job.image))) {
+                    Ok(Ok(map)) => Ok(map),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(panic) => Err(format!("internal error: {}", panic_message(&panic))),
+                };
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            // The client may have gone: nothing to do then.
+            let _ = job.reply.send(JobOutcome {
+                result,
+                ms,
+                batch: size,
+            });
+        }
+    }
+}
+
+/// The text of a caught panic.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
