@@ -550,6 +550,8 @@ fn malformed_http_and_slow_clients() {
         "2",
         "--max-connections",
         "16",
+        "--body-timeout-s",
+        "1",
     ]);
     let addr = server.addr.as_str();
     let a = agent();
@@ -603,9 +605,13 @@ fn malformed_http_and_slow_clients() {
         .unwrap();
     let mut buf = Vec::new();
     assert_eq!(silent.read_to_end(&mut buf).unwrap(), 0);
-    // A body that stops halfway: 408 after the body timeout... (default 60 s: too slow for a
-    // test; the body path shares the head path's deadline logic) -- instead, a client that
-    // leaves halfway must not disturb anything.
+    // A body that stops halfway: 408 after the body timeout.
+    raw_error(
+        addr,
+        b"POST /v1/segment?prompt=p1 HTTP/1.1\r\nContent-Length: 1000\r\n\r\nabc",
+        408,
+    );
+    // A client that leaves halfway through its body must not disturb anything.
     {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(b"POST /v1/segment?prompt=p1 HTTP/1.1\r\nContent-Length: 1000\r\n\r\nabc")
@@ -856,4 +862,14 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     assert!(TcpStream::connect(&server.addr).is_err());
     drop(idle);
     let _ = f;
+}
+
+/// Not a test: writes the synthetic weights (every official entry) to the path in
+/// `METAUAS_SYNTH_WEIGHTS`, for benchmarking the server without official weights:
+/// `METAUAS_SYNTH_WEIGHTS=/tmp/synth.safetensors cargo test --release --test serve -- --ignored write_synthetic_weights_file`
+#[test]
+#[ignore]
+fn write_synthetic_weights_file() {
+    let path = std::env::var("METAUAS_SYNTH_WEIGHTS").expect("set METAUAS_SYNTH_WEIGHTS");
+    common::write_synthetic_weights(path.as_ref(), &common::default_recipe(3));
 }

@@ -456,7 +456,7 @@ fn read_body(
 ) -> std::result::Result<(), Option<HttpError>> {
     let deadline = Instant::now() + shared.config.body_timeout;
     let mut chunk = vec![0u8; 64 * 1024];
-    buf.reserve(end.saturating_sub(buf.len()));
+    // No reservation up front: a claimed Content-Length costs memory only as bytes arrive.
     while buf.len() < end {
         if Instant::now() >= deadline {
             return Err(Some(HttpError::new(
