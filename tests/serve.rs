@@ -703,7 +703,7 @@ fn malformed_http_and_slow_clients() {
 #[test]
 fn concurrent_clients_are_batched_and_all_correct() {
     let f = fixture();
-    let server = Server::start(&["--max-batch", "8", "--batch-window-ms", "400"]);
+    let server = Server::start(&["--max-batch", "8", "--batch-window-ms", "1000"]);
     let id = add_prompt(&agent(), &server, "good");
     let url = server.url(&format!("/v1/segment?prompt={id}&map=npy"));
     let threads: Vec<_> = (0..6)
@@ -754,7 +754,7 @@ fn full_queue_is_503_and_the_queued_requests_still_finish() {
         "--batch-window-ms",
         "0",
         "--debug-job-delay-ms",
-        "3000",
+        "4000",
     ]);
     let id = add_prompt(&agent(), &server, "good");
     let url = server.url(&format!("/v1/segment?prompt={id}&map=npy"));
@@ -762,7 +762,7 @@ fn full_queue_is_503_and_the_queued_requests_still_finish() {
         let url = url.clone();
         std::thread::spawn(move || post(&agent(), &url, &fixture().queries[q]))
     };
-    let first = send(0); // taken by the worker, which then waits 3 s
+    let first = send(0); // taken by the worker, which then waits 4 s
     server.await_metric("metauas_batch_size_count 1");
     let second = send(1); // waits in the queue
     server.await_metric("metauas_queue_depth 1");

@@ -198,3 +198,127 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MemorySource;
+    use crate::synth::{synthetic_image, WeightRecipe};
+
+    fn engine() -> Arc<Engine> {
+        let recipe = WeightRecipe {
+            seed: 3,
+            gain_encoder: 1.0,
+            gain_alignment: 1.0,
+            gain_decoder: 1.0,
+            gain_head: 1.0,
+        };
+        Arc::new(Engine::new(&MemorySource::synthetic(&recipe), 32).unwrap())
+    }
+
+    #[test]
+    fn a_failing_job_does_not_lose_the_others_in_its_batch() {
+        let engine = engine();
+        let metrics = Arc::new(Metrics::default());
+        let config = BatchConfig {
+            queue: 8,
+            max_batch: 3,
+            window: Duration::from_secs(30), // the batch fills long before
+            job_delay: Duration::ZERO,
+        };
+        let batcher = Batcher::start(engine.clone(), metrics.clone(), config).unwrap();
+        let prompt = Arc::new(
+            engine
+                .encode_prompt(&synthetic_image(1, 40, 40, None))
+                .unwrap(),
+        );
+        // Features of another size: the engine refuses them for this job only.
+        let wrong = Arc::new(PromptFeatures {
+            size: 64,
+            tensors: vec![vec![0.0; 4]],
+        });
+        let images: Vec<RgbImage8> = (0..3)
+            .map(|i| synthetic_image(10 + i, 48, 40, Some((8, 8, 8))))
+            .collect();
+        let replies: Vec<_> = images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| {
+                let (reply, rx) = mpsc::channel();
+                let prompt = if i == 1 {
+                    wrong.clone()
+                } else {
+                    prompt.clone()
+                };
+                batcher
+                    .submit(Job {
+                        prompt,
+                        image: image.clone(),
+                        reply,
+                    })
+                    .unwrap();
+                rx
+            })
+            .collect();
+        let outcomes: Vec<JobOutcome> = replies.iter().map(|rx| rx.recv().unwrap()).collect();
+        for (i, o) in outcomes.iter().enumerate() {
+            assert_eq!(o.batch, 3, "job {i}");
+            if i == 1 {
+                let e = o.result.as_ref().unwrap_err();
+                assert!(e.contains("size 64"), "{e}");
+            } else {
+                let map = o.result.as_ref().unwrap();
+                assert_eq!(map.data, engine.segment(&prompt, &images[i]).unwrap().data);
+            }
+        }
+        assert!(metrics.render(0).contains("metauas_batch_size_count 1\n"));
+        assert_eq!(metrics.queue_depth.load(Ordering::SeqCst), 0);
+        batcher.close(false);
+        let (reply, _rx) = mpsc::channel();
+        let late = Job {
+            prompt,
+            image: images[0].clone(),
+            reply,
+        };
+        assert_eq!(batcher.submit(late), Err(SubmitError::Closed));
+    }
+
+    #[test]
+    fn a_panicking_job_answers_an_error_and_the_worker_goes_on() {
+        let engine = engine();
+        let metrics = Arc::new(Metrics::default());
+        let config = BatchConfig {
+            queue: 8,
+            max_batch: 1,
+            window: Duration::ZERO,
+            job_delay: Duration::ZERO,
+        };
+        let batcher = Batcher::start(engine.clone(), metrics, config).unwrap();
+        let prompt = Arc::new(
+            engine
+                .encode_prompt(&synthetic_image(1, 40, 40, None))
+                .unwrap(),
+        );
+        let run = |image: RgbImage8| {
+            let (reply, rx) = mpsc::channel();
+            batcher
+                .submit(Job {
+                    prompt: prompt.clone(),
+                    image,
+                    reply,
+                })
+                .unwrap();
+            rx.recv().unwrap().result
+        };
+        // Pixels missing: preprocessing indexes past the end (a bug the server must survive).
+        let broken = RgbImage8 {
+            width: 40,
+            height: 40,
+            data: vec![0; 10],
+        };
+        let e = run(broken).unwrap_err();
+        assert!(e.starts_with("internal error"), "{e}");
+        assert!(run(synthetic_image(2, 40, 40, None)).is_ok());
+        batcher.close(false);
+    }
+}
