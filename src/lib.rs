@@ -29,6 +29,7 @@ pub mod gpu;
 pub mod graph;
 pub mod io;
 pub mod model;
+pub mod serve;
 pub mod synth;
 
 pub use error::{Error, Result};

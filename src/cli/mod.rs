@@ -7,6 +7,7 @@ mod info;
 mod inputs;
 mod progress;
 mod segment;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -125,6 +126,8 @@ enum Command {
     },
     /// Evaluate on MVTec AD / VisA: the paper's seven metrics per class.
     Eval(eval::EvalArgs),
+    /// Serve segmentation over HTTP/1.1 with JSON (see README, "Serve").
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -147,6 +150,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => eval::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
