@@ -353,7 +353,8 @@ impl Api {
         });
         if let Some(t) = threshold {
             let mask = gray_png_bytes(&threshold_mask(&map.data, t), n).map_err(internal)?;
-            body["threshold"] = json!(t);
+            // The f32 as written (0.55, not 0.550000011920929).
+            body["threshold"] = json!(t.to_string().parse::<f64>().unwrap_or(f64::from(t)));
             body["mask"] = json!(base64::encode(&mask));
         }
         Ok(Response::json(200, &body))
