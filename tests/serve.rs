@@ -863,13 +863,3 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     drop(idle);
     let _ = f;
 }
-
-/// Not a test: writes the synthetic weights (every official entry) to the path in
-/// `METAUAS_SYNTH_WEIGHTS`, for benchmarking the server without official weights:
-/// `METAUAS_SYNTH_WEIGHTS=/tmp/synth.safetensors cargo test --release --test serve -- --ignored write_synthetic_weights_file`
-#[test]
-#[ignore]
-fn write_synthetic_weights_file() {
-    let path = std::env::var("METAUAS_SYNTH_WEIGHTS").expect("set METAUAS_SYNTH_WEIGHTS");
-    common::write_synthetic_weights(path.as_ref(), &common::default_recipe(3));
-}
