@@ -5,7 +5,7 @@
 //! file that opens can be read entry by entry without surprises other than I/O or CRC errors.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -14,7 +14,7 @@ use zip::{CompressionMethod, ZipArchive};
 
 use super::pickle::{self, TensorDecl};
 use super::strided::{ByteOrder, View};
-use super::{element_count, DType, TensorInfo};
+use super::{element_count, DType, TensorInfo, WeightLimits};
 use crate::error::{Error, Result};
 
 /// A state dict's pickle is small (about 100 bytes per entry).
@@ -24,8 +24,32 @@ const MAX_VIEW_ELEMENTS: usize = 1 << 32;
 /// Deflate cannot expand data by more than ~1032x; a record claiming more is corrupt.
 const MAX_DEFLATE_RATIO: u64 = 1100;
 
+/// The archive's bytes: a file, or a buffer in memory.
+pub(crate) enum Input {
+    File(File),
+    Memory(Cursor<Vec<u8>>),
+}
+
+impl Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Input::File(f) => f.read(buf),
+            Input::Memory(c) => c.read(buf),
+        }
+    }
+}
+
+impl Seek for Input {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Input::File(f) => f.seek(pos),
+            Input::Memory(c) => c.seek(pos),
+        }
+    }
+}
+
 pub(crate) struct TorchZipSource {
-    archive: Mutex<ZipArchive<File>>,
+    archive: Mutex<ZipArchive<Input>>,
     /// Per entry, in the sorted entry order.
     tensors: Vec<TensorDecl>,
     /// Per storage of the pickle; `None` when no entry uses it.
@@ -41,10 +65,30 @@ struct StorageRecord {
     record_size: u64,
 }
 
-pub(crate) fn open(path: &Path) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
+pub(crate) fn open(
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
+    let file = File::open(path).map_err(|e| Error::at(path, format!("cannot open: {e}")))?;
+    from_input(Input::File(file), path, limits)
+}
+
+/// A checkpoint held in memory; `path` only names it in errors.
+pub(crate) fn open_bytes(
+    bytes: Vec<u8>,
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
+    from_input(Input::Memory(Cursor::new(bytes)), path, limits)
+}
+
+fn from_input(
+    input: Input,
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
     let at = |problem: String| Error::at(path, problem);
-    let file = File::open(path).map_err(|e| at(format!("cannot open: {e}")))?;
-    let mut archive = ZipArchive::new(file).map_err(|e| {
+    let mut archive = ZipArchive::new(input).map_err(|e| {
         at(format!(
             "not a readable zip archive (truncated or corrupt?): {e}"
         ))
@@ -54,6 +98,7 @@ pub(crate) fn open(path: &Path) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
     let pickle_name = format!("{prefix}/data.pkl");
     let pickle = read_record(&mut archive, &pickle_name, MAX_PICKLE_BYTES).map_err(at)?;
     let state = pickle::load_state_dict(&pickle).map_err(at)?;
+    limits.check_tensor_count(state.tensors.len()).map_err(at)?;
 
     let mut storages: Vec<Option<StorageRecord>> = vec![None; state.storages.len()];
     let mut entries = Vec::with_capacity(state.tensors.len());
@@ -126,7 +171,7 @@ impl TorchZipSource {
 }
 
 /// The archive's top folder: the one holding `data.pkl`.
-fn find_prefix(archive: &ZipArchive<File>) -> std::result::Result<String, String> {
+fn find_prefix(archive: &ZipArchive<Input>) -> std::result::Result<String, String> {
     let mut prefixes: Vec<&str> = archive
         .file_names()
         .filter_map(|n| n.strip_suffix("/data.pkl"))
@@ -147,7 +192,7 @@ fn find_prefix(archive: &ZipArchive<File>) -> std::result::Result<String, String
 }
 
 fn read_byte_order(
-    archive: &mut ZipArchive<File>,
+    archive: &mut ZipArchive<Input>,
     prefix: &str,
 ) -> std::result::Result<ByteOrder, String> {
     let name = format!("{prefix}/byteorder");
@@ -167,7 +212,7 @@ fn read_byte_order(
 
 /// Reads a whole record (verifying its CRC), refusing records larger than `limit` bytes.
 fn read_record(
-    archive: &mut ZipArchive<File>,
+    archive: &mut ZipArchive<Input>,
     name: &str,
     limit: u64,
 ) -> std::result::Result<Vec<u8>, String> {
@@ -201,7 +246,7 @@ fn record_error(name: &str, e: ZipError) -> String {
 
 /// Finds a storage's record and checks that it holds the declared elements.
 fn storage_record(
-    archive: &mut ZipArchive<File>,
+    archive: &mut ZipArchive<Input>,
     prefix: &str,
     storage: &pickle::StorageDecl,
 ) -> std::result::Result<StorageRecord, String> {
