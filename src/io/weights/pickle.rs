@@ -954,6 +954,17 @@ mod pickle_tests {
     }
 
     #[test]
+    fn tensors_have_at_most_32_dims() {
+        let ones = [1u8; 33];
+        let err = load_state_dict(&one_tensor("w", 1, 0, &ones, &ones)).unwrap_err();
+        assert!(
+            err.contains("tensor size has 33 dims (at most 32)"),
+            "{err}"
+        );
+        assert!(load_state_dict(&one_tensor("w", 1, 0, &ones[..32], &ones[..32])).is_ok());
+    }
+
+    #[test]
     fn marks_fence_the_stack() {
         // TUPLE1 right after MARK must not reach the value below the mark.
         let err = load_state_dict(b"\x80\x02K\x01(\x85.").unwrap_err();

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use zip::result::ZipError;
@@ -54,6 +55,8 @@ pub(crate) struct TorchZipSource {
     tensors: Vec<TensorDecl>,
     /// Per storage of the pickle; `None` when no entry uses it.
     storages: Vec<Option<StorageRecord>>,
+    /// Per storage: whether one read already went through the whole record and its CRC.
+    verified: Vec<AtomicBool>,
     order: ByteOrder,
 }
 
@@ -62,7 +65,6 @@ struct StorageRecord {
     zip_name: String,
     dtype: DType,
     numel: usize,
-    record_size: u64,
 }
 
 pub(crate) fn open(
@@ -126,6 +128,7 @@ fn from_input(
     let source = TorchZipSource {
         archive: Mutex::new(archive),
         tensors,
+        verified: storages.iter().map(|_| AtomicBool::new(false)).collect(),
         storages,
         order,
     };
@@ -153,21 +156,52 @@ impl TorchZipSource {
             .get(decl.storage)
             .and_then(Option::as_ref)
             .ok_or("storage record was not checked at open")?;
+        // Only the part of the storage the view reaches is kept in memory: a deflated record
+        // may expand ~1000x, and a tiny view on a huge storage must not allocate all of it.
+        let size = record.dtype.size();
+        let wanted = decl
+            .view
+            .extent()
+            .and_then(|e| e.checked_mul(size))
+            .filter(|&b| b <= record.numel.saturating_mul(size))
+            .ok_or("view reaches past its storage")?;
+        let verified = &self.verified[decl.storage];
         let bytes = {
             // A panic elsewhere cannot leave the archive inconsistent: every read seeks afresh.
             let mut archive = self.archive.lock().unwrap_or_else(|p| p.into_inner());
-            read_record(&mut archive, &record.zip_name, record.record_size)?
+            let verify = !verified.load(Ordering::Relaxed);
+            read_record_prefix(&mut archive, &record.zip_name, wanted as u64, verify)?
         };
-        let needed = record.numel.saturating_mul(record.dtype.size());
-        if bytes.len() < needed {
-            return Err(format!(
-                "storage record `{}` holds {} bytes, {needed} expected",
-                record.zip_name,
-                bytes.len()
-            ));
-        }
-        f(&bytes[..needed], &decl.view, self.order)
+        verified.store(true, Ordering::Relaxed);
+        f(&bytes, &decl.view, self.order)
     }
+}
+
+/// The first `wanted` bytes of a record. With `verify`, the rest is read too (into nothing)
+/// so that the record's CRC is checked; the bytes kept stay `wanted`.
+fn read_record_prefix(
+    archive: &mut ZipArchive<Input>,
+    name: &str,
+    wanted: u64,
+    verify: bool,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut file = archive.by_name(name).map_err(|e| record_error(name, e))?;
+    let mut buf = Vec::with_capacity(wanted.min(1 << 20) as usize);
+    (&mut file)
+        .take(wanted)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read record `{name}`: {e}"))?;
+    if (buf.len() as u64) < wanted {
+        return Err(format!(
+            "storage record `{name}` holds {} bytes, {wanted} expected",
+            buf.len()
+        ));
+    }
+    if verify {
+        std::io::copy(&mut file, &mut std::io::sink())
+            .map_err(|e| format!("cannot read record `{name}`: {e}"))?;
+    }
+    Ok(buf)
 }
 
 /// The archive's top folder: the one holding `data.pkl`.
@@ -280,7 +314,6 @@ fn storage_record(
         zip_name,
         dtype: storage.dtype,
         numel: storage.numel,
-        record_size: size,
     })
 }
 
