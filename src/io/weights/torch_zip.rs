@@ -185,21 +185,22 @@ fn read_record_prefix(
     wanted: u64,
     verify: bool,
 ) -> std::result::Result<Vec<u8>, String> {
+    let shown = name.escape_debug(); // names come from the archive: keep messages on one line
     let mut file = archive.by_name(name).map_err(|e| record_error(name, e))?;
     let mut buf = Vec::with_capacity(wanted.min(1 << 20) as usize);
     (&mut file)
         .take(wanted)
         .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read record `{name}`: {e}"))?;
+        .map_err(|e| format!("cannot read record `{shown}`: {e}"))?;
     if (buf.len() as u64) < wanted {
         return Err(format!(
-            "storage record `{name}` holds {} bytes, {wanted} expected",
+            "storage record `{shown}` holds {} bytes, {wanted} expected",
             buf.len()
         ));
     }
     if verify {
         std::io::copy(&mut file, &mut std::io::sink())
-            .map_err(|e| format!("cannot read record `{name}`: {e}"))?;
+            .map_err(|e| format!("cannot read record `{shown}`: {e}"))?;
     }
     Ok(buf)
 }
@@ -250,21 +251,22 @@ fn read_record(
     name: &str,
     limit: u64,
 ) -> std::result::Result<Vec<u8>, String> {
+    let shown = name.escape_debug(); // names come from the archive: keep messages on one line
     let file = archive.by_name(name).map_err(|e| record_error(name, e))?;
     let size = file.size();
     if size > limit {
         return Err(format!(
-            "record `{name}` is {size} bytes, more than the {limit} expected"
+            "record `{shown}` is {size} bytes, more than the {limit} expected"
         ));
     }
     // Grow with the data actually read, not with the size the header claims.
     let mut buf = Vec::with_capacity(size.min(1 << 20) as usize);
     file.take(limit.saturating_add(1))
         .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read record `{name}`: {e}"))?;
+        .map_err(|e| format!("cannot read record `{shown}`: {e}"))?;
     if buf.len() as u64 != size {
         return Err(format!(
-            "record `{name}` holds {} bytes but its header says {size}",
+            "record `{shown}` holds {} bytes but its header says {size}",
             buf.len()
         ));
     }
@@ -272,9 +274,10 @@ fn read_record(
 }
 
 fn record_error(name: &str, e: ZipError) -> String {
+    let shown = name.escape_debug();
     match e {
-        ZipError::FileNotFound => format!("storage record `{name}` is missing from the archive"),
-        other => format!("cannot open record `{name}`: {other}"),
+        ZipError::FileNotFound => format!("storage record `{shown}` is missing from the archive"),
+        other => format!("cannot open record `{shown}`: {other}"),
     }
 }
 
@@ -285,6 +288,7 @@ fn storage_record(
     storage: &pickle::StorageDecl,
 ) -> std::result::Result<StorageRecord, String> {
     let zip_name = format!("{prefix}/data/{}", storage.key);
+    let zip_shown = zip_name.escape_debug();
     let file = archive
         .by_name(&zip_name)
         .map_err(|e| record_error(&zip_name, e))?;
@@ -297,7 +301,7 @@ fn storage_record(
     };
     if !plausible {
         return Err(format!(
-            "storage record `{zip_name}` ({method}, {compressed} -> {size} bytes) is not a plain storage"
+            "storage record `{zip_shown}` ({method}, {compressed} -> {size} bytes) is not a plain storage"
         ));
     }
     let needed = storage
@@ -306,7 +310,7 @@ fn storage_record(
         .ok_or_else(|| format!("storage `{}` size overflows", storage.key.escape_debug()))?;
     if (needed as u64) > size {
         return Err(format!(
-            "storage record `{zip_name}` holds {size} bytes but the checkpoint declares {} {:?} elements ({needed} bytes)",
+            "storage record `{zip_shown}` holds {size} bytes but the checkpoint declares {} {:?} elements ({needed} bytes)",
             storage.numel, storage.dtype
         ));
     }
@@ -322,5 +326,5 @@ fn check_view(view: &View, record: &StorageRecord) -> std::result::Result<(), St
         .filter(|&n| n <= MAX_VIEW_ELEMENTS)
         .ok_or_else(|| format!("shape {:?} has too many elements", view.shape))?;
     view.check_within(record.numel)
-        .map_err(|e| format!("{e} (storage record `{}`)", record.zip_name))
+        .map_err(|e| format!("{e} (storage record `{}`)", record.zip_name.escape_debug()))
 }
