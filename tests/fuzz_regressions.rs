@@ -123,3 +123,23 @@ fn archive_names_with_newlines_stay_on_one_line() {
     let err = WeightFile::from_bytes(input.1, "fuzz.ckpt", &WeightLimits::default()).unwrap_err();
     assert!(err.message().contains("`a\\nchive/data.pkl`"), "{err}");
 }
+
+/// Finding 2 (image, 367 executions in): zune-jpeg's error text ends in a newline, which went
+/// into our message as is; decoder messages are now folded onto one line.
+#[test]
+fn decoder_messages_are_folded_onto_one_line() {
+    let input = inputs("image")
+        .into_iter()
+        .find(|(p, _)| p.ends_with("jpeg-error-with-newline"))
+        .expect("regression input");
+    let err = decode_image_bytes_with(&input.1, "fuzz", &ImageLimits::default()).unwrap_err();
+    assert!(
+        err.message()
+            .starts_with("fuzz: not a decodable image (Format error decoding Jpeg"),
+        "{err}"
+    );
+    assert!(
+        !err.message().contains('\n') && err.message().ends_with(')'),
+        "{err:?}"
+    );
+}

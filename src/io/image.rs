@@ -139,7 +139,10 @@ fn decode_from_reader<R: BufRead + Seek>(
     image_limits: &ImageLimits,
 ) -> Result<RgbImage8> {
     let not_decodable = |detail: &dyn std::fmt::Display| {
-        Error::new(format!("{label}: not a decodable image ({detail})"))
+        Error::new(format!(
+            "{label}: not a decodable image ({})",
+            one_line(&detail.to_string())
+        ))
     };
     let cannot_read = |e: std::io::Error| Error::new(format!("{label}: cannot read: {e}"));
     // The PNG decoder reads up to the first IDAT before it reports the size; check the IHDR
@@ -168,6 +171,11 @@ fn decode_from_reader<R: BufRead + Seek>(
     decoder.set_limits(limits).map_err(|e| not_decodable(&e))?;
     let decoded = DynamicImage::from_decoder(decoder).map_err(|e| not_decodable(&e))?;
     Ok(to_rgb8(decoded))
+}
+
+/// A decoder's message on one line: some end in (or contain) newlines.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Width and height from a PNG's IHDR, if the stream starts like a PNG; the stream is left
