@@ -26,39 +26,130 @@ pub struct RgbImage8 {
     pub data: Vec<u8>,
 }
 
-/// Largest image (width * height) we agree to decode; checked from the header, before any
-/// pixel buffer is allocated.
+/// Default of [`ImageLimits::max_pixels`]: the largest image (width * height) we agree to
+/// decode; checked from the header, before any pixel buffer is allocated.
 pub const MAX_IMAGE_PIXELS: u64 = 100_000_000;
+/// Default of [`ImageLimits::max_side`]: the longest side, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 65_535;
+/// Environment variable overriding [`ImageLimits::max_pixels`].
+pub const ENV_MAX_IMAGE_PIXELS: &str = "METAUAS_MAX_IMAGE_PIXELS";
+/// Environment variable overriding [`ImageLimits::max_side`].
+pub const ENV_MAX_IMAGE_SIDE: &str = "METAUAS_MAX_IMAGE_SIDE";
 
-/// Decoder memory cap: the largest accepted image as 16-bit RGBA (8 bytes a pixel) plus room
-/// for the decoders' own working buffers.
-const MAX_DECODER_ALLOC: u64 = MAX_IMAGE_PIXELS * 8 + (256 << 20);
+/// Bounds on what an image may make the decoder allocate. Width, height and pixel count are
+/// checked from the file's header before any pixel buffer exists; the decoders' own
+/// allocations are capped by [`ImageLimits::max_alloc`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageLimits {
+    pub max_pixels: u64,
+    pub max_side: u32,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_pixels: MAX_IMAGE_PIXELS,
+            max_side: MAX_IMAGE_SIDE,
+        }
+    }
+}
+
+impl ImageLimits {
+    /// The defaults with `METAUAS_MAX_IMAGE_PIXELS` / `METAUAS_MAX_IMAGE_SIDE` applied.
+    pub fn from_env() -> Result<ImageLimits> {
+        ImageLimits::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Like [`ImageLimits::from_env`], reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<ImageLimits> {
+        let mut limits = ImageLimits::default();
+        if let Some(v) = super::env_limit(&lookup, ENV_MAX_IMAGE_PIXELS)? {
+            limits.max_pixels = v;
+        }
+        if let Some(v) = super::env_limit(&lookup, ENV_MAX_IMAGE_SIDE)? {
+            limits.max_side = u32::try_from(v).unwrap_or(u32::MAX);
+        }
+        Ok(limits)
+    }
+
+    /// Decoder memory cap: the largest accepted image as 16-bit RGBA (8 bytes a pixel) plus
+    /// room for the decoders' own working buffers.
+    pub fn max_alloc(&self) -> u64 {
+        self.max_pixels.saturating_mul(8).saturating_add(256 << 20)
+    }
+
+    fn check(&self, width: u32, height: u32) -> std::result::Result<(), String> {
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels == 0 {
+            return Err(format!(
+                "image is {width} x {height} pixels: it has no pixels"
+            ));
+        }
+        if width.max(height) > self.max_side {
+            return Err(format!(
+                "image is {width} x {height} pixels, over the limit of {} pixels a side (raise it with {ENV_MAX_IMAGE_SIDE})",
+                self.max_side
+            ));
+        }
+        if pixels > self.max_pixels {
+            return Err(format!(
+                "image is {width} x {height} pixels, over the limit of {} pixels (raise it with {ENV_MAX_IMAGE_PIXELS})",
+                self.max_pixels
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// ImageNet statistics used by MetaUAS.
 const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 const STD: [f64; 3] = [0.229, 0.224, 0.225];
 
-/// Decode an image file (format detected from its content, not its name).
+/// Decode an image file (format detected from its content, not its name), under
+/// [`ImageLimits::from_env`].
 pub fn decode_image_file(path: &Path) -> Result<RgbImage8> {
+    decode_image_file_with(path, &ImageLimits::from_env()?)
+}
+
+/// [`decode_image_file`] under explicit limits.
+pub fn decode_image_file_with(path: &Path, limits: &ImageLimits) -> Result<RgbImage8> {
     let label = path.display().to_string();
     let file = File::open(path).map_err(|e| Error::at(path, format!("cannot read: {e}")))?;
-    decode_from_reader(BufReader::new(file), &label)
+    decode_from_reader(BufReader::new(file), &label, limits)
 }
 
-/// Decode an image held in memory; `label` names it in errors, in place of a path.
+/// Decode an image held in memory; `label` names it in errors, in place of a path. Under
+/// [`ImageLimits::from_env`].
 pub fn decode_image_bytes(bytes: &[u8], label: &str) -> Result<RgbImage8> {
-    decode_from_reader(Cursor::new(bytes), label)
+    decode_image_bytes_with(bytes, label, &ImageLimits::from_env()?)
 }
 
-fn decode_from_reader<R: BufRead + Seek>(mut reader: R, label: &str) -> Result<RgbImage8> {
+/// [`decode_image_bytes`] under explicit limits.
+pub fn decode_image_bytes_with(
+    bytes: &[u8],
+    label: &str,
+    limits: &ImageLimits,
+) -> Result<RgbImage8> {
+    decode_from_reader(Cursor::new(bytes), label, limits)
+}
+
+fn decode_from_reader<R: BufRead + Seek>(
+    mut reader: R,
+    label: &str,
+    image_limits: &ImageLimits,
+) -> Result<RgbImage8> {
     let not_decodable = |detail: &dyn std::fmt::Display| {
-        Error::new(format!("{label}: not a decodable image ({detail})"))
+        Error::new(format!(
+            "{label}: not a decodable image ({})",
+            one_line(&detail.to_string())
+        ))
     };
     let cannot_read = |e: std::io::Error| Error::new(format!("{label}: cannot read: {e}"));
     // The PNG decoder reads up to the first IDAT before it reports the size; check the IHDR
     // ourselves so that an oversized PNG is refused whatever follows its header.
     if let Some((width, height)) = peek_png_dimensions(&mut reader).map_err(cannot_read)? {
-        check_dimensions(width, height)
+        image_limits
+            .check(width, height)
             .map_err(|problem| Error::new(format!("{label}: {problem}")))?;
     }
     let mut reader = ImageReader::new(reader)
@@ -70,14 +161,21 @@ fn decode_from_reader<R: BufRead + Seek>(mut reader: R, label: &str) -> Result<R
     // No dimension limits yet: the header must be read before we can say what is too big,
     // and we want our own message for that.
     let mut limits = Limits::no_limits();
-    limits.max_alloc = Some(MAX_DECODER_ALLOC);
+    limits.max_alloc = Some(image_limits.max_alloc());
     reader.limits(limits.clone());
     let mut decoder = reader.into_decoder().map_err(|e| not_decodable(&e))?;
     let (width, height) = decoder.dimensions();
-    check_dimensions(width, height).map_err(|problem| Error::new(format!("{label}: {problem}")))?;
+    image_limits
+        .check(width, height)
+        .map_err(|problem| Error::new(format!("{label}: {problem}")))?;
     decoder.set_limits(limits).map_err(|e| not_decodable(&e))?;
     let decoded = DynamicImage::from_decoder(decoder).map_err(|e| not_decodable(&e))?;
     Ok(to_rgb8(decoded))
+}
+
+/// A decoder's message on one line: some end in (or contain) newlines.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Width and height from a PNG's IHDR, if the stream starts like a PNG; the stream is left
@@ -92,21 +190,6 @@ fn peek_png_dimensions<R: Read + Seek>(reader: &mut R) -> std::io::Result<Option
     }
     let be = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
     Ok(Some((be(16), be(20))))
-}
-
-fn check_dimensions(width: u32, height: u32) -> std::result::Result<(), String> {
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels == 0 {
-        return Err(format!(
-            "image is {width} x {height} pixels: it has no pixels"
-        ));
-    }
-    if pixels > MAX_IMAGE_PIXELS {
-        return Err(format!(
-            "image is {width} x {height} pixels, over the limit of {MAX_IMAGE_PIXELS} pixels"
-        ));
-    }
-    Ok(())
 }
 
 /// Convert any decoded layout to 8-bit RGB (see the module comment for the rules).
@@ -650,13 +733,22 @@ mod tests {
     fn refuses_a_decompression_bomb_from_its_header() {
         // Sanity: the CRC helper is right, or the error below would be about the CRC.
         assert_eq!(&png_header_only(1, 1)[29..33], &[0x3a, 0x7e, 0x9b, 0x55]);
-        let err = decode_image_bytes(&png_header_only(100_000, 100_000), "bomb.png").unwrap_err();
+        let limits = ImageLimits::default();
+        let err = decode_image_bytes_with(&png_header_only(60_000, 60_000), "bomb.png", &limits)
+            .unwrap_err();
         assert_eq!(
             err.message(),
-            "bomb.png: image is 100000 x 100000 pixels, over the limit of 100000000 pixels"
+            "bomb.png: image is 60000 x 60000 pixels, over the limit of 100000000 pixels (raise it with METAUAS_MAX_IMAGE_PIXELS)"
+        );
+        let err = decode_image_bytes_with(&png_header_only(100_000, 100_000), "bomb.png", &limits)
+            .unwrap_err();
+        assert_eq!(
+            err.message(),
+            "bomb.png: image is 100000 x 100000 pixels, over the limit of 65535 pixels a side (raise it with METAUAS_MAX_IMAGE_SIDE)"
         );
         // Just under the limit, the header passes and the missing data is what fails.
-        let err = decode_image_bytes(&png_header_only(10_000, 10_000), "big.png").unwrap_err();
+        let err = decode_image_bytes_with(&png_header_only(10_000, 10_000), "big.png", &limits)
+            .unwrap_err();
         assert!(
             err.message().starts_with("big.png: not a decodable image"),
             "{err}"

@@ -142,31 +142,49 @@ impl PromptBank {
     /// fingerprint, same size). Every problem is one line naming the file.
     pub fn load(path: &Path, engine: &Engine) -> Result<PromptBank> {
         let file = WeightFile::open(path)?;
+        PromptBank::read(&file, Some(engine))
+    }
+
+    /// Reads and validates a bank (metadata, prompt count, every feature tensor) without
+    /// checking which weights it belongs to: for inspection, and for the fuzz target, which
+    /// has no engine. Use [`PromptBank::load`] to segment with it.
+    pub fn from_weight_file(file: &WeightFile) -> Result<PromptBank> {
+        PromptBank::read(file, None)
+    }
+
+    fn read(file: &WeightFile, engine: Option<&Engine>) -> Result<PromptBank> {
+        let path = file.path();
         if file.format() != Format::Safetensors {
             return Err(Error::at(path, "is not a prompt bank (not safetensors)"));
         }
-        let meta = BankMeta::read(&file).map_err(|p| Error::at(path, p))?;
-        if meta.weights_hash != engine.weights_hash() {
-            return Err(Error::at(
-                path,
-                format!(
-                    "bank was built with other weights ({}; these are {}): rebuild it with `metauas bank build`",
-                    meta.weights_hash,
-                    engine.weights_hash()
-                ),
-            ));
+        let meta = BankMeta::read(file).map_err(|p| Error::at(path, p))?;
+        if let Some(engine) = engine {
+            if meta.weights_hash != engine.weights_hash() {
+                return Err(Error::at(
+                    path,
+                    format!(
+                        "bank was built with other weights ({}; these are {}): rebuild it with `metauas bank build`",
+                        meta.weights_hash,
+                        engine.weights_hash()
+                    ),
+                ));
+            }
+            if meta.size != engine.size() {
+                return Err(Error::at(
+                    path,
+                    format!(
+                        "bank was built at --size {}, this run uses --size {}",
+                        meta.size,
+                        engine.size()
+                    ),
+                ));
+            }
         }
-        if meta.size != engine.size() {
-            return Err(Error::at(
-                path,
-                format!(
-                    "bank was built at --size {}, this run uses --size {}",
-                    meta.size,
-                    engine.size()
-                ),
-            ));
-        }
-        let mut bank = PromptBank::new(engine);
+        let mut bank = PromptBank {
+            size: meta.size,
+            weights_hash: meta.weights_hash,
+            entries: Vec::new(),
+        };
         let shapes = prompt_shapes(meta.size);
         for (i, (name, source)) in meta.names.into_iter().zip(meta.sources).enumerate() {
             let mut tensors = Vec::with_capacity(shapes.len());

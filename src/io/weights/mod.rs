@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-pub use safetensors_io::write_safetensors;
+pub use safetensors_io::{write_safetensors, MAX_HEADER_BYTES};
 
 /// Element type of a stored tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,22 +220,131 @@ impl std::fmt::Debug for WeightFile {
 const ZIP_MAGIC: &[u8; 4] = b"PK\x03\x04";
 const EMPTY_ZIP_MAGIC: &[u8; 4] = b"PK\x05\x06";
 
+/// Default of [`WeightLimits::max_file_bytes`]: the official checkpoints are ~100 MB, a full
+/// prompt bank at 512 ~20 GB would already be unusual.
+pub const MAX_WEIGHTS_FILE_BYTES: u64 = 64 << 30;
+/// Default of [`WeightLimits::max_tensors`]: the model has 820 entries, a full bank
+/// (4096 prompts) 24576.
+pub const MAX_TENSORS: usize = 100_000;
+/// Environment variable overriding [`WeightLimits::max_file_bytes`].
+pub const ENV_MAX_WEIGHTS_BYTES: &str = "METAUAS_MAX_WEIGHTS_BYTES";
+/// Environment variable overriding [`WeightLimits::max_tensors`].
+pub const ENV_MAX_TENSORS: &str = "METAUAS_MAX_TENSORS";
+
+/// Resource bounds applied while opening a weights file (or a prompt bank). The fixed,
+/// internal bounds (safetensors header size, pickle stack / memo / object counts) are listed
+/// in the README's Limits section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightLimits {
+    /// Largest file accepted, in bytes.
+    pub max_file_bytes: u64,
+    /// Most entries (tensors) a file may hold.
+    pub max_tensors: usize,
+}
+
+impl Default for WeightLimits {
+    fn default() -> Self {
+        WeightLimits {
+            max_file_bytes: MAX_WEIGHTS_FILE_BYTES,
+            max_tensors: MAX_TENSORS,
+        }
+    }
+}
+
+impl WeightLimits {
+    /// The defaults, with `METAUAS_MAX_WEIGHTS_BYTES` / `METAUAS_MAX_TENSORS` applied.
+    pub fn from_env() -> Result<WeightLimits> {
+        WeightLimits::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Like [`WeightLimits::from_env`], reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<WeightLimits> {
+        let mut limits = WeightLimits::default();
+        if let Some(v) = crate::io::env_limit(&lookup, ENV_MAX_WEIGHTS_BYTES)? {
+            limits.max_file_bytes = v;
+        }
+        if let Some(v) = crate::io::env_limit(&lookup, ENV_MAX_TENSORS)? {
+            limits.max_tensors = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        Ok(limits)
+    }
+
+    fn check_file_size(&self, len: u64) -> std::result::Result<(), String> {
+        if len > self.max_file_bytes {
+            return Err(format!(
+                "file is {len} bytes, over the limit of {} bytes (raise it with {ENV_MAX_WEIGHTS_BYTES})",
+                self.max_file_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_tensor_count(&self, count: usize) -> std::result::Result<(), String> {
+        if count > self.max_tensors {
+            return Err(format!(
+                "file declares {count} tensors, over the limit of {} (raise it with {ENV_MAX_TENSORS})",
+                self.max_tensors
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl WeightFile {
     /// Opens by content (safetensors header vs zip magic "PK\x03\x04"), not by extension.
     /// safetensors is memory-mapped (memmap2); the torch zip is read through the `zip` crate.
+    /// Applies [`WeightLimits::from_env`].
     pub fn open(path: &Path) -> Result<WeightFile> {
+        let limits = WeightLimits::from_env()?;
+        WeightFile::open_with(path, &limits)
+    }
+
+    /// [`WeightFile::open`] under explicit limits.
+    pub fn open_with(path: &Path, limits: &WeightLimits) -> Result<WeightFile> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| Error::at(path, format!("cannot open: {e}")))?
+            .len();
+        limits
+            .check_file_size(len)
+            .map_err(|p| Error::at(path, p))?;
         let head = read_head(path)?;
         let (entries, source) = if head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC)
         {
-            let (entries, src) = torch_zip::open(path)?;
+            let (entries, src) = torch_zip::open(path, limits)?;
             (entries, Source::TorchZip(src))
         } else if safetensors_io::looks_like_safetensors(&head) {
-            let (entries, src) = safetensors_io::open(path)?;
+            let (entries, src) = safetensors_io::open(path, limits)?;
             (entries, Source::Safetensors(src))
         } else {
             return Err(Error::at(path, unrecognized_format(&head)));
         };
         debug_assert!(entries.windows(2).all(|w| w[0].name < w[1].name));
+        Ok(WeightFile {
+            path: path.to_path_buf(),
+            entries,
+            source,
+        })
+    }
+
+    /// A weights file held in memory (same formats and checks as [`WeightFile::open_with`]);
+    /// `label` stands for the path in errors. Used by the fuzz targets and by callers that
+    /// receive weights or banks over the network.
+    pub fn from_bytes(bytes: Vec<u8>, label: &str, limits: &WeightLimits) -> Result<WeightFile> {
+        let path = Path::new(label);
+        limits
+            .check_file_size(bytes.len() as u64)
+            .map_err(|p| Error::at(path, p))?;
+        let head = &bytes[..bytes.len().min(16)];
+        let (entries, source) = if head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC)
+        {
+            let (entries, src) = torch_zip::open_bytes(bytes, path, limits)?;
+            (entries, Source::TorchZip(src))
+        } else if safetensors_io::looks_like_safetensors(head) {
+            let (entries, src) = safetensors_io::open_bytes(bytes, path, limits)?;
+            (entries, Source::Safetensors(src))
+        } else {
+            return Err(Error::at(path, unrecognized_format(head)));
+        };
         Ok(WeightFile {
             path: path.to_path_buf(),
             entries,

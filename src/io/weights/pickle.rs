@@ -15,9 +15,32 @@ use std::collections::{BTreeMap, HashMap};
 use super::strided::View;
 use super::DType;
 
-const MAX_STACK: usize = 1 << 20;
-const MAX_MEMO: usize = 1 << 22;
-const MAX_OBJECTS: usize = 1 << 24;
+/// Bounds of the machine. A real state dict needs a few dozen stack slots and about ten objects
+/// and memo entries per tensor (the official checkpoint: 820 tensors, ~10k objects).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PickleLimits {
+    /// Values on the stack plus open MARKs (nesting depth is bounded by this too: the
+    /// machine never recurses, so deeper nesting costs nothing else).
+    pub stack: usize,
+    /// Memo entries.
+    pub memo: usize,
+    /// Objects (strings, tuples, lists, dicts, ...) created in total.
+    pub objects: usize,
+}
+
+pub(crate) const MAX_STACK: usize = 1 << 20;
+pub(crate) const MAX_MEMO: usize = 1 << 20;
+pub(crate) const MAX_OBJECTS: usize = 1 << 22;
+
+impl Default for PickleLimits {
+    fn default() -> Self {
+        PickleLimits {
+            stack: MAX_STACK,
+            memo: MAX_MEMO,
+            objects: MAX_OBJECTS,
+        }
+    }
+}
 const MAX_GLOBAL_LINE: usize = 256;
 const MAX_TENSOR_DIMS: usize = 32;
 const HIGHEST_PROTOCOL: u8 = 5;
@@ -48,7 +71,15 @@ pub(crate) struct StateDict {
 /// Interprets `pickle` and returns its state dict: the top-level dict, or the dict under its
 /// `"state_dict"` key when it has one.
 pub(crate) fn load_state_dict(pickle: &[u8]) -> Result<StateDict, String> {
-    let mut machine = Machine::new(pickle);
+    load_state_dict_with(pickle, PickleLimits::default())
+}
+
+/// [`load_state_dict`] under explicit limits.
+pub(crate) fn load_state_dict_with(
+    pickle: &[u8],
+    limits: PickleLimits,
+) -> Result<StateDict, String> {
+    let mut machine = Machine::new(pickle, limits);
     let root = machine.run()?;
     let tensors = machine.state_dict_entries(root)?;
     Ok(StateDict {
@@ -90,6 +121,7 @@ enum Obj {
 
 struct Machine<'a> {
     input: &'a [u8],
+    limits: PickleLimits,
     pos: usize,
     stack: Vec<Value>,
     marks: Vec<usize>,
@@ -100,9 +132,10 @@ struct Machine<'a> {
 }
 
 impl<'a> Machine<'a> {
-    fn new(input: &'a [u8]) -> Self {
+    fn new(input: &'a [u8], limits: PickleLimits) -> Self {
         Machine {
             input,
+            limits,
             pos: 0,
             stack: Vec::new(),
             marks: Vec::new(),
@@ -131,8 +164,11 @@ impl<'a> Machine<'a> {
                     format!("pickle opcode 0x{op:02x} at byte {at}: {e}")
                 }
             })?;
-            if self.stack.len() > MAX_STACK || self.marks.len() > MAX_STACK {
-                return Err(format!("pickle stack deeper than {MAX_STACK}"));
+            if self.stack.len() + self.marks.len() > self.limits.stack {
+                return Err(format!(
+                    "pickle stack deeper than the limit of {}",
+                    self.limits.stack
+                ));
             }
         }
     }
@@ -365,8 +401,11 @@ impl<'a> Machine<'a> {
 
     // ---------------------------------------------------------------- stack
     fn push_obj(&mut self, obj: Obj) -> Result<(), String> {
-        if self.objs.len() >= MAX_OBJECTS {
-            return Err(format!("more than {MAX_OBJECTS} objects"));
+        if self.objs.len() >= self.limits.objects {
+            return Err(format!(
+                "pickle creates more than the limit of {} objects",
+                self.limits.objects
+            ));
         }
         self.objs.push(obj);
         self.stack.push(Value::Obj(self.objs.len() - 1));
@@ -408,8 +447,11 @@ impl<'a> Machine<'a> {
 
     fn memo_put(&mut self, index: u32) -> Result<(), String> {
         let top = *self.stack.last().ok_or("memoizes from an empty stack")?;
-        if self.memo.len() >= MAX_MEMO && !self.memo.contains_key(&index) {
-            return Err(format!("memo larger than {MAX_MEMO} entries"));
+        if self.memo.len() >= self.limits.memo && !self.memo.contains_key(&index) {
+            return Err(format!(
+                "pickle memo larger than the limit of {} entries",
+                self.limits.memo
+            ));
         }
         self.memo.insert(index, top);
         Ok(())
@@ -526,8 +568,13 @@ impl<'a> Machine<'a> {
             Some(Obj::Global(g, name)) => (*g, name.clone()),
             _ => return Err(format!("REDUCE calls {}, not a function", self.kind(func))),
         };
-        let args = match self.obj(args) {
-            Some(Obj::Tuple(items)) => items.clone(),
+        // Only the first few arguments ever matter: copy those, not a (possibly huge, possibly
+        // memo-shared) tuple per call.
+        let (args, arg_count) = match self.obj(args) {
+            Some(Obj::Tuple(items)) => (
+                items.iter().take(4).copied().collect::<Vec<Value>>(),
+                items.len(),
+            ),
             _ => {
                 return Err(format!(
                     "REDUCE arguments are {}, not a tuple",
@@ -536,7 +583,7 @@ impl<'a> Machine<'a> {
             }
         };
         match global {
-            Global::OrderedDict if args.is_empty() => self.push_obj(Obj::Dict(Vec::new())),
+            Global::OrderedDict if arg_count == 0 => self.push_obj(Obj::Dict(Vec::new())),
             Global::RebuildTensorV2 | Global::RebuildTensor => {
                 let tensor = self.rebuild_tensor(&args)?;
                 self.push_obj(Obj::Tensor(tensor))
@@ -551,7 +598,7 @@ impl<'a> Machine<'a> {
             _ => Err(format!(
                 "checkpoint calls `{}` with {} arguments, which a state dict never does",
                 name.escape_debug(),
-                args.len()
+                arg_count
             )),
         }
     }
@@ -830,6 +877,91 @@ mod pickle_tests {
         p.extend_from_slice(b"0]q\x01h\x01a.");
         let err = load_state_dict(&p).unwrap_err();
         assert!(err.contains("a list, not a state dict"), "{err}");
+    }
+
+    #[test]
+    fn stack_memo_and_object_limits_are_enforced() {
+        let small = PickleLimits {
+            stack: 10,
+            memo: 3,
+            objects: 5,
+        };
+        // 11 values on the stack (depth counts open MARKs too).
+        let mut p = b"\x80\x02".to_vec();
+        p.extend([b'N'; 11]);
+        p.push(b'.');
+        let err = load_state_dict_with(&p, small).unwrap_err();
+        assert!(
+            err.contains("pickle stack deeper than the limit of 10"),
+            "{err}"
+        );
+        let mut p = b"\x80\x02".to_vec();
+        p.extend([b'('; 11]);
+        let err = load_state_dict_with(&p, small).unwrap_err();
+        assert!(
+            err.contains("pickle stack deeper than the limit of 10"),
+            "{err}"
+        );
+        // A fourth memo slot.
+        let err = load_state_dict_with(b"\x80\x02N\x94\x94\x94\x94.", small).unwrap_err();
+        assert!(
+            err.contains("pickle memo larger than the limit of 3 entries"),
+            "{err}"
+        );
+        // Overwriting a slot is not growth.
+        assert!(
+            !load_state_dict_with(b"\x80\x02Nq\x00q\x00q\x00q\x00q\x00.", small)
+                .unwrap_err()
+                .contains("memo")
+        );
+        // A sixth object (empty tuples popped right away: the stack stays shallow).
+        let err = load_state_dict_with(b"\x80\x02)0)0)0)0)0)0}.", small).unwrap_err();
+        assert!(
+            err.contains("pickle creates more than the limit of 5 objects"),
+            "{err}"
+        );
+        // The defaults.
+        assert_eq!(
+            PickleLimits::default(),
+            PickleLimits {
+                stack: 1 << 20,
+                memo: 1 << 20,
+                objects: 1 << 22
+            }
+        );
+    }
+
+    /// Fuzz-style regression: REDUCE on a memoized huge argument tuple must not copy it per
+    /// call (that was quadratic: ~16 MB copied per 5-byte REDUCE).
+    #[test]
+    fn reduce_does_not_copy_large_argument_tuples() {
+        let mut p = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x00((".to_vec();
+        p.extend(unicode("storage"));
+        p.extend_from_slice(b"ctorch\nFloatStorage\n");
+        p.extend(unicode("0"));
+        p.extend(unicode("cpu"));
+        p.extend_from_slice(b"K\x06tQK\x00(K\x02t(K\x01t");
+        p.extend(std::iter::repeat_n(b'N', 500_000));
+        p.extend_from_slice(b"tq\x01");
+        for _ in 0..20_000 {
+            p.extend_from_slice(b"h\x00h\x01R0");
+        }
+        p.extend_from_slice(b"}.");
+        let start = std::time::Instant::now();
+        let sd = load_state_dict(&p).unwrap();
+        assert!(sd.tensors.is_empty());
+        assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn tensors_have_at_most_32_dims() {
+        let ones = [1u8; 33];
+        let err = load_state_dict(&one_tensor("w", 1, 0, &ones, &ones)).unwrap_err();
+        assert!(
+            err.contains("tensor size has 33 dims (at most 32)"),
+            "{err}"
+        );
+        assert!(load_state_dict(&one_tensor("w", 1, 0, &ones[..32], &ones[..32])).is_ok());
     }
 
     #[test]

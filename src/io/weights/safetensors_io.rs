@@ -12,15 +12,32 @@ use memmap2::Mmap;
 use serde_json::{Map, Value};
 
 use super::strided::View;
-use super::{element_count, DType, TensorData, TensorInfo};
+use super::{element_count, DType, TensorData, TensorInfo, WeightLimits};
 use crate::error::{Error, Result};
 
-/// Same bound as the reference implementation: a header is metadata, not data.
-const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Largest safetensors JSON header, in bytes (same bound as the reference implementation: a
+/// header is metadata, not data).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 const METADATA_KEY: &str = "__metadata__";
 
+/// The whole file: memory-mapped, or held in memory.
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 pub(crate) struct SafetensorsSource {
-    mmap: Mmap,
+    mmap: Bytes,
     /// Absolute byte range of each entry, in the order of the sorted entry list.
     ranges: Vec<(usize, usize)>,
     metadata: Vec<(String, String)>,
@@ -43,13 +60,33 @@ pub(crate) fn looks_like_safetensors(head: &[u8]) -> bool {
     head.len() > 8 && head[8] == b'{'
 }
 
-pub(crate) fn open(path: &Path) -> Result<(Vec<TensorInfo>, SafetensorsSource)> {
+pub(crate) fn open(
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, SafetensorsSource)> {
     let file = File::open(path).map_err(|e| Error::at(path, format!("cannot open: {e}")))?;
     // SAFETY: the map is read-only; as with any memory-mapped input, another process
     // truncating or rewriting the file while it is open is outside what we can defend against.
     let mmap = unsafe { Mmap::map(&file) }
         .map_err(|e| Error::at(path, format!("cannot memory-map: {e}")))?;
-    let header = parse(&mmap)
+    from_source(Bytes::Mapped(mmap), path, limits)
+}
+
+/// A safetensors file held in memory; `path` only names it in errors.
+pub(crate) fn open_bytes(
+    bytes: Vec<u8>,
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, SafetensorsSource)> {
+    from_source(Bytes::Owned(bytes), path, limits)
+}
+
+fn from_source(
+    mmap: Bytes,
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, SafetensorsSource)> {
+    let header = parse(&mmap, limits.max_tensors)
         .map_err(|problem| Error::at(path, format!("not a valid safetensors file: {problem}")))?;
     let (infos, ranges) = header.entries.into_iter().unzip();
     Ok((
@@ -69,7 +106,7 @@ pub(crate) struct Header {
 }
 
 /// Parses and validates a whole safetensors buffer.
-pub(crate) fn parse(bytes: &[u8]) -> std::result::Result<Header, String> {
+pub(crate) fn parse(bytes: &[u8], max_tensors: usize) -> std::result::Result<Header, String> {
     let len_bytes: [u8; 8] = bytes
         .get(..8)
         .and_then(|b| b.try_into().ok())
@@ -91,6 +128,13 @@ pub(crate) fn parse(bytes: &[u8]) -> std::result::Result<Header, String> {
     let json: Map<String, Value> =
         serde_json::from_str(text).map_err(|e| format!("header is not a JSON object: {e}"))?;
     let data_len = bytes.len() - data_start;
+    let declared = json.len() - usize::from(json.contains_key(METADATA_KEY));
+    if declared > max_tensors {
+        return Err(format!(
+            "header declares {declared} tensors, over the limit of {max_tensors} (raise it with {})",
+            super::ENV_MAX_TENSORS
+        ));
+    }
 
     let mut metadata = Vec::new();
     let mut entries = Vec::new();

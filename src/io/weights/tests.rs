@@ -974,3 +974,83 @@ fn damaged_pickles_never_panic() {
     // Some single-byte edits are harmless (a value inside a name or a float); most are not.
     assert!(opened > 0 && opened < 1500, "opened {opened}");
 }
+
+/// A view reads only the part of its storage it reaches, yet the record's CRC is still checked
+/// (on the first read of each storage), even where the damage lies outside the view.
+#[test]
+fn partial_storage_reads_still_check_the_crc() {
+    let scratch = Scratch::new("zip-crc");
+    let floats: Vec<u8> = (0..1000).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let mut p = b"\x80\x02}".to_vec();
+    p.extend(unicode("w"));
+    p.extend(tensor_pickle("FloatStorage", "0", 250, 1, &[2], &[1]));
+    p.extend_from_slice(b"s.");
+    // Stored (not deflated): the storage bytes appear as they are in the archive.
+    let mut bytes = zip_bytes(&[("a/data.pkl", &p), ("a/data/0", &floats)], false);
+    let good = WeightFile::open(&scratch.file("good.pt", &bytes)).unwrap();
+    assert_eq!(good.tensor_f32("w", &[2]).unwrap(), [1.0, 2.0]);
+    let at = bytes
+        .windows(4)
+        .position(|w| w == 999f32.to_le_bytes())
+        .unwrap();
+    bytes[at] ^= 1;
+    let bad = WeightFile::open(&scratch.file("bad.pt", &bytes)).unwrap();
+    let err = bad.tensor_f32("w", &[2]).unwrap_err().to_string();
+    assert!(err.contains("cannot read record `a/data/0`"), "{err}");
+    assert!(err.to_lowercase().contains("checksum"), "{err}");
+}
+
+/// Regression (unbounded allocation): a one-element view on a storage that inflates to
+/// 256 MiB used to read the whole record into memory; now it keeps 4 bytes and streams the
+/// rest through the CRC check once.
+#[test]
+fn a_tiny_view_on_a_huge_deflated_storage_reads_only_its_bytes() {
+    let scratch = Scratch::new("zip-huge-storage");
+    let numel = 64usize << 20;
+    let zeros = vec![0u8; numel * 4];
+    let mut p = b"\x80\x02}".to_vec();
+    p.extend(unicode("w"));
+    let mut t = tensor_pickle("FloatStorage", "0", 0, 0, &[1], &[1]);
+    // Patch the storage size (a K opcode holding 0) to `numel` as a BININT.
+    let k = t.windows(3).position(|w| w == b"K\x00t").unwrap();
+    t.splice(
+        k..k + 2,
+        [b'J'].into_iter().chain((numel as i32).to_le_bytes()),
+    );
+    p.extend(t);
+    p.extend_from_slice(b"s.");
+    let bytes = zip_bytes(&[("a/data.pkl", &p), ("a/data/0", &zeros)], true);
+    drop(zeros);
+    assert!(bytes.len() < 1 << 20, "{}", bytes.len());
+    let file = WeightFile::open(&scratch.file("huge.pt", &bytes)).unwrap();
+    for _ in 0..3 {
+        assert_eq!(file.tensor_f32("w", &[1]).unwrap(), [0.0]);
+    }
+}
+
+/// The pickle record of a `.ckpt` is read whole, so its size is bounded (256 MiB), from the
+/// archive's header, before it is read.
+#[test]
+fn an_oversized_pickle_record_is_refused() {
+    use zip::write::SimpleFileOptions;
+    let scratch = Scratch::new("zip-big-pickle");
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    w.start_file(
+        "a/data.pkl",
+        SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .large_file(true),
+    )
+    .unwrap();
+    let chunk = vec![b'N'; 1 << 20];
+    for _ in 0..256 {
+        w.write_all(&chunk).unwrap();
+    }
+    w.write_all(b".").unwrap();
+    let bytes = w.finish().unwrap().into_inner();
+    let err = open_err(&scratch.file("big.pt", &bytes));
+    assert!(
+        err.contains("record `a/data.pkl` is 268435457 bytes, more than the 268435456 expected"),
+        "{err}"
+    );
+}

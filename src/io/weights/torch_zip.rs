@@ -5,8 +5,9 @@
 //! file that opens can be read entry by entry without surprises other than I/O or CRC errors.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use zip::result::ZipError;
@@ -14,7 +15,7 @@ use zip::{CompressionMethod, ZipArchive};
 
 use super::pickle::{self, TensorDecl};
 use super::strided::{ByteOrder, View};
-use super::{element_count, DType, TensorInfo};
+use super::{element_count, DType, TensorInfo, WeightLimits};
 use crate::error::{Error, Result};
 
 /// A state dict's pickle is small (about 100 bytes per entry).
@@ -24,12 +25,38 @@ const MAX_VIEW_ELEMENTS: usize = 1 << 32;
 /// Deflate cannot expand data by more than ~1032x; a record claiming more is corrupt.
 const MAX_DEFLATE_RATIO: u64 = 1100;
 
+/// The archive's bytes: a file, or a buffer in memory.
+pub(crate) enum Input {
+    File(File),
+    Memory(Cursor<Vec<u8>>),
+}
+
+impl Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Input::File(f) => f.read(buf),
+            Input::Memory(c) => c.read(buf),
+        }
+    }
+}
+
+impl Seek for Input {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Input::File(f) => f.seek(pos),
+            Input::Memory(c) => c.seek(pos),
+        }
+    }
+}
+
 pub(crate) struct TorchZipSource {
-    archive: Mutex<ZipArchive<File>>,
+    archive: Mutex<ZipArchive<Input>>,
     /// Per entry, in the sorted entry order.
     tensors: Vec<TensorDecl>,
     /// Per storage of the pickle; `None` when no entry uses it.
     storages: Vec<Option<StorageRecord>>,
+    /// Per storage: whether one read already went through the whole record and its CRC.
+    verified: Vec<AtomicBool>,
     order: ByteOrder,
 }
 
@@ -38,13 +65,32 @@ struct StorageRecord {
     zip_name: String,
     dtype: DType,
     numel: usize,
-    record_size: u64,
 }
 
-pub(crate) fn open(path: &Path) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
+pub(crate) fn open(
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
+    let file = File::open(path).map_err(|e| Error::at(path, format!("cannot open: {e}")))?;
+    from_input(Input::File(file), path, limits)
+}
+
+/// A checkpoint held in memory; `path` only names it in errors.
+pub(crate) fn open_bytes(
+    bytes: Vec<u8>,
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
+    from_input(Input::Memory(Cursor::new(bytes)), path, limits)
+}
+
+fn from_input(
+    input: Input,
+    path: &Path,
+    limits: &WeightLimits,
+) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
     let at = |problem: String| Error::at(path, problem);
-    let file = File::open(path).map_err(|e| at(format!("cannot open: {e}")))?;
-    let mut archive = ZipArchive::new(file).map_err(|e| {
+    let mut archive = ZipArchive::new(input).map_err(|e| {
         at(format!(
             "not a readable zip archive (truncated or corrupt?): {e}"
         ))
@@ -54,6 +100,7 @@ pub(crate) fn open(path: &Path) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
     let pickle_name = format!("{prefix}/data.pkl");
     let pickle = read_record(&mut archive, &pickle_name, MAX_PICKLE_BYTES).map_err(at)?;
     let state = pickle::load_state_dict(&pickle).map_err(at)?;
+    limits.check_tensor_count(state.tensors.len()).map_err(at)?;
 
     let mut storages: Vec<Option<StorageRecord>> = vec![None; state.storages.len()];
     let mut entries = Vec::with_capacity(state.tensors.len());
@@ -81,6 +128,7 @@ pub(crate) fn open(path: &Path) -> Result<(Vec<TensorInfo>, TorchZipSource)> {
     let source = TorchZipSource {
         archive: Mutex::new(archive),
         tensors,
+        verified: storages.iter().map(|_| AtomicBool::new(false)).collect(),
         storages,
         order,
     };
@@ -108,25 +156,57 @@ impl TorchZipSource {
             .get(decl.storage)
             .and_then(Option::as_ref)
             .ok_or("storage record was not checked at open")?;
+        // Only the part of the storage the view reaches is kept in memory: a deflated record
+        // may expand ~1000x, and a tiny view on a huge storage must not allocate all of it.
+        let size = record.dtype.size();
+        let wanted = decl
+            .view
+            .extent()
+            .and_then(|e| e.checked_mul(size))
+            .filter(|&b| b <= record.numel.saturating_mul(size))
+            .ok_or("view reaches past its storage")?;
+        let verified = &self.verified[decl.storage];
         let bytes = {
             // A panic elsewhere cannot leave the archive inconsistent: every read seeks afresh.
             let mut archive = self.archive.lock().unwrap_or_else(|p| p.into_inner());
-            read_record(&mut archive, &record.zip_name, record.record_size)?
+            let verify = !verified.load(Ordering::Relaxed);
+            read_record_prefix(&mut archive, &record.zip_name, wanted as u64, verify)?
         };
-        let needed = record.numel.saturating_mul(record.dtype.size());
-        if bytes.len() < needed {
-            return Err(format!(
-                "storage record `{}` holds {} bytes, {needed} expected",
-                record.zip_name,
-                bytes.len()
-            ));
-        }
-        f(&bytes[..needed], &decl.view, self.order)
+        verified.store(true, Ordering::Relaxed);
+        f(&bytes, &decl.view, self.order)
     }
 }
 
+/// The first `wanted` bytes of a record. With `verify`, the rest is read too (into nothing)
+/// so that the record's CRC is checked; the bytes kept stay `wanted`.
+fn read_record_prefix(
+    archive: &mut ZipArchive<Input>,
+    name: &str,
+    wanted: u64,
+    verify: bool,
+) -> std::result::Result<Vec<u8>, String> {
+    let shown = name.escape_debug(); // names come from the archive: keep messages on one line
+    let mut file = archive.by_name(name).map_err(|e| record_error(name, e))?;
+    let mut buf = Vec::with_capacity(wanted.min(1 << 20) as usize);
+    (&mut file)
+        .take(wanted)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read record `{shown}`: {e}"))?;
+    if (buf.len() as u64) < wanted {
+        return Err(format!(
+            "storage record `{shown}` holds {} bytes, {wanted} expected",
+            buf.len()
+        ));
+    }
+    if verify {
+        std::io::copy(&mut file, &mut std::io::sink())
+            .map_err(|e| format!("cannot read record `{shown}`: {e}"))?;
+    }
+    Ok(buf)
+}
+
 /// The archive's top folder: the one holding `data.pkl`.
-fn find_prefix(archive: &ZipArchive<File>) -> std::result::Result<String, String> {
+fn find_prefix(archive: &ZipArchive<Input>) -> std::result::Result<String, String> {
     let mut prefixes: Vec<&str> = archive
         .file_names()
         .filter_map(|n| n.strip_suffix("/data.pkl"))
@@ -147,7 +227,7 @@ fn find_prefix(archive: &ZipArchive<File>) -> std::result::Result<String, String
 }
 
 fn read_byte_order(
-    archive: &mut ZipArchive<File>,
+    archive: &mut ZipArchive<Input>,
     prefix: &str,
 ) -> std::result::Result<ByteOrder, String> {
     let name = format!("{prefix}/byteorder");
@@ -167,25 +247,26 @@ fn read_byte_order(
 
 /// Reads a whole record (verifying its CRC), refusing records larger than `limit` bytes.
 fn read_record(
-    archive: &mut ZipArchive<File>,
+    archive: &mut ZipArchive<Input>,
     name: &str,
     limit: u64,
 ) -> std::result::Result<Vec<u8>, String> {
+    let shown = name.escape_debug(); // names come from the archive: keep messages on one line
     let file = archive.by_name(name).map_err(|e| record_error(name, e))?;
     let size = file.size();
     if size > limit {
         return Err(format!(
-            "record `{name}` is {size} bytes, more than the {limit} expected"
+            "record `{shown}` is {size} bytes, more than the {limit} expected"
         ));
     }
     // Grow with the data actually read, not with the size the header claims.
     let mut buf = Vec::with_capacity(size.min(1 << 20) as usize);
     file.take(limit.saturating_add(1))
         .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read record `{name}`: {e}"))?;
+        .map_err(|e| format!("cannot read record `{shown}`: {e}"))?;
     if buf.len() as u64 != size {
         return Err(format!(
-            "record `{name}` holds {} bytes but its header says {size}",
+            "record `{shown}` holds {} bytes but its header says {size}",
             buf.len()
         ));
     }
@@ -193,19 +274,21 @@ fn read_record(
 }
 
 fn record_error(name: &str, e: ZipError) -> String {
+    let shown = name.escape_debug();
     match e {
-        ZipError::FileNotFound => format!("storage record `{name}` is missing from the archive"),
-        other => format!("cannot open record `{name}`: {other}"),
+        ZipError::FileNotFound => format!("storage record `{shown}` is missing from the archive"),
+        other => format!("cannot open record `{shown}`: {other}"),
     }
 }
 
 /// Finds a storage's record and checks that it holds the declared elements.
 fn storage_record(
-    archive: &mut ZipArchive<File>,
+    archive: &mut ZipArchive<Input>,
     prefix: &str,
     storage: &pickle::StorageDecl,
 ) -> std::result::Result<StorageRecord, String> {
     let zip_name = format!("{prefix}/data/{}", storage.key);
+    let zip_shown = zip_name.escape_debug();
     let file = archive
         .by_name(&zip_name)
         .map_err(|e| record_error(&zip_name, e))?;
@@ -218,7 +301,7 @@ fn storage_record(
     };
     if !plausible {
         return Err(format!(
-            "storage record `{zip_name}` ({method}, {compressed} -> {size} bytes) is not a plain storage"
+            "storage record `{zip_shown}` ({method}, {compressed} -> {size} bytes) is not a plain storage"
         ));
     }
     let needed = storage
@@ -227,7 +310,7 @@ fn storage_record(
         .ok_or_else(|| format!("storage `{}` size overflows", storage.key.escape_debug()))?;
     if (needed as u64) > size {
         return Err(format!(
-            "storage record `{zip_name}` holds {size} bytes but the checkpoint declares {} {:?} elements ({needed} bytes)",
+            "storage record `{zip_shown}` holds {size} bytes but the checkpoint declares {} {:?} elements ({needed} bytes)",
             storage.numel, storage.dtype
         ));
     }
@@ -235,7 +318,6 @@ fn storage_record(
         zip_name,
         dtype: storage.dtype,
         numel: storage.numel,
-        record_size: size,
     })
 }
 
@@ -244,5 +326,5 @@ fn check_view(view: &View, record: &StorageRecord) -> std::result::Result<(), St
         .filter(|&n| n <= MAX_VIEW_ELEMENTS)
         .ok_or_else(|| format!("shape {:?} has too many elements", view.shape))?;
     view.check_within(record.numel)
-        .map_err(|e| format!("{e} (storage record `{}`)", record.zip_name))
+        .map_err(|e| format!("{e} (storage record `{}`)", record.zip_name.escape_debug()))
 }
