@@ -151,6 +151,9 @@ fn decode_from_reader<R: BufRead + Seek>(
         image_limits
             .check(width, height)
             .map_err(|problem| Error::new(format!("{label}: {problem}")))?;
+        check_png_palette(&mut reader)
+            .map_err(cannot_read)?
+            .map_err(|problem| not_decodable(&problem))?;
     }
     let mut reader = ImageReader::new(reader)
         .with_guessed_format()
@@ -169,8 +172,43 @@ fn decode_from_reader<R: BufRead + Seek>(
         .check(width, height)
         .map_err(|problem| Error::new(format!("{label}: {problem}")))?;
     decoder.set_limits(limits).map_err(|e| not_decodable(&e))?;
-    let decoded = DynamicImage::from_decoder(decoder).map_err(|e| not_decodable(&e))?;
+    // Defence in depth: a panic inside a third-party decoder (see `check_png_palette`) is an
+    // undecodable image, not a dead process.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        DynamicImage::from_decoder(decoder)
+    }))
+    .map_err(|_| not_decodable(&"the decoder failed internally"))?
+    .map_err(|e| not_decodable(&e))?;
     Ok(to_rgb8(decoded))
+}
+
+/// Walks a PNG's chunks up to the first IDAT and refuses a PLTE whose length is not a whole
+/// number of RGB entries (1 to 256 of them): png 0.18.1 accepts one and then panics expanding
+/// it (fuzz finding 3). The stream is left where it was; CRCs are left to the decoder.
+fn check_png_palette<R: Read + Seek>(
+    reader: &mut R,
+) -> std::io::Result<std::result::Result<(), String>> {
+    let start = reader.stream_position()?;
+    let mut at = start + 8;
+    let verdict = loop {
+        reader.seek(SeekFrom::Start(at))?;
+        let mut head = [0u8; 8];
+        if reader.read_exact(&mut head).is_err() {
+            break Ok(()); // truncated: the decoder says so
+        }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        match &head[4..8] {
+            b"IDAT" | b"IEND" => break Ok(()),
+            b"PLTE" if len == 0 || len % 3 != 0 || len > 768 => {
+                break Err(format!(
+                    "PNG palette of {len} bytes is not 1 to 256 RGB entries"
+                ))
+            }
+            _ => at += 12 + u64::from(len),
+        }
+    };
+    reader.seek(SeekFrom::Start(start))?;
+    Ok(verdict)
 }
 
 /// A decoder's message on one line: some end in (or contain) newlines.
