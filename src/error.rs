@@ -19,8 +19,14 @@ pub struct Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The message is kept to one line: line breaks (from a decoder's or the OS's text, or
+    /// a name inside a hostile file) become spaces.
     pub fn new(msg: impl Into<String>) -> Self {
-        Error { msg: msg.into() }
+        let mut msg: String = msg.into();
+        if msg.contains(['\n', '\r']) {
+            msg = msg.trim_end().replace(['\n', '\r'], " ");
+        }
+        Error { msg }
     }
 
     /// An error about a file: `"<path>: <problem>"`.
@@ -45,3 +51,15 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_stay_on_one_line() {
+        let e = Error::at(Path::new("a\nb.png"), "bad\r\nthing\n");
+        assert_eq!(e.to_string(), "a b.png: bad  thing");
+        assert_eq!(Error::new("plain").to_string(), "plain");
+    }
+}
