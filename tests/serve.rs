@@ -863,3 +863,33 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     drop(idle);
     let _ = f;
 }
+
+/// Bodies held by all connections together are bounded: while one client holds a claimed
+/// 0.8 MB body, a second such request is 503; once the first is gone, requests go through.
+#[test]
+fn request_bodies_in_flight_are_bounded_across_connections() {
+    let server = Server::start(&[
+        "--max-body-mb",
+        "1",
+        "--max-inflight-body-mb",
+        "1",
+        "--body-timeout-s",
+        "30",
+    ]);
+    let addr = server.addr.as_str();
+    let head = b"POST /v1/prompts?name=slow HTTP/1.1\r\nContent-Length: 800000\r\n\r\n";
+    let mut holder = TcpStream::connect(addr).unwrap();
+    holder.write_all(head).unwrap();
+    holder.write_all(&[0u8; 1000]).unwrap(); // part of the body, then nothing
+    server.await_metric("metauas_inflight_body_bytes 800000");
+    let second = b"POST /v1/prompts?name=other HTTP/1.1\r\nContent-Length: 800000\r\n\r\n";
+    let (status, body) = raw(addr, second);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("request bytes in flight"), "{body}");
+    drop(holder);
+    server.await_metric("metauas_inflight_body_bytes 0");
+    let a = agent();
+    add_prompt(&a, &server, "after");
+    let (status, v) = get(&a, &server.url("/healthz"));
+    assert_eq!((status, v["prompts"].as_u64()), (200, Some(1)), "{v}");
+}

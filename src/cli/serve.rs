@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Largest request body, MiB (413 past it).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_body_mb: u64,
+    /// Request bodies held at once by all connections together, MiB (503 past it).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    max_inflight_body_mb: u64,
     /// Open connections; more are answered 503 and closed.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     max_connections: u32,
@@ -101,6 +104,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             job_delay: Duration::from_millis(args.debug_job_delay_ms),
         },
         max_connections: args.max_connections as usize,
+        max_inflight_body_bytes: args.max_inflight_body_mb << 20,
         max_prompts: args.max_prompts as usize,
         idle_timeout: Duration::from_secs(args.idle_timeout_s),
         body_timeout: Duration::from_secs(args.body_timeout_s),

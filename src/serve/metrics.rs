@@ -76,6 +76,8 @@ pub struct Metrics {
     pub queue_depth: Arc<AtomicUsize>,
     /// Open client connections.
     pub connections: AtomicUsize,
+    /// Bytes of request bodies claimed (by Content-Length) by requests in flight.
+    pub body_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -150,6 +152,13 @@ impl Metrics {
             out,
             "metauas_connections {}",
             self.connections.load(Ordering::SeqCst)
+        );
+        out.push_str("# HELP metauas_inflight_body_bytes Request body bytes claimed by requests in flight.\n");
+        out.push_str("# TYPE metauas_inflight_body_bytes gauge\n");
+        let _ = writeln!(
+            out,
+            "metauas_inflight_body_bytes {}",
+            self.body_bytes.load(Ordering::SeqCst)
         );
         out.push_str("# HELP metauas_prompts Registered prompts.\n");
         out.push_str("# TYPE metauas_prompts gauge\n");

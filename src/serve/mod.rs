@@ -47,6 +47,10 @@ pub struct ServeConfig {
     pub max_connections: usize,
     /// Registered prompts; one more is answered 507.
     pub max_prompts: usize,
+    /// Request bodies all connections together may hold at once, in bytes: a body whose
+    /// Content-Length would pass it is answered 503 (so 256 connections cannot claim 256 x
+    /// the body limit of memory).
+    pub max_inflight_body_bytes: u64,
     /// A connection with no request for this long is closed; a request head must arrive
     /// within this long of its first byte (else 408).
     pub idle_timeout: Duration,
@@ -71,6 +75,7 @@ impl Default for ServeConfig {
             },
             max_connections: 256,
             max_prompts: 1024,
+            max_inflight_body_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
@@ -85,6 +90,33 @@ struct Shared {
     stopping: AtomicBool,
     connections: Mutex<usize>,
     connections_changed: Condvar,
+}
+
+/// A claim on `Shared::body_bytes`, given back when the request is done.
+struct BodyClaim<'a> {
+    shared: &'a Shared,
+    bytes: u64,
+}
+
+impl<'a> BodyClaim<'a> {
+    fn take(shared: &'a Shared, bytes: u64) -> Option<BodyClaim<'a>> {
+        let limit = shared.config.max_inflight_body_bytes;
+        let inflight = &shared.api.metrics().body_bytes;
+        let before = inflight.fetch_add(bytes, Ordering::SeqCst);
+        // One body alone is always allowed (the per-request limit bounds it).
+        if before > 0 && before + bytes > limit {
+            inflight.fetch_sub(bytes, Ordering::SeqCst);
+            return None;
+        }
+        Some(BodyClaim { shared, bytes })
+    }
+}
+
+impl Drop for BodyClaim<'_> {
+    fn drop(&mut self) {
+        let inflight = &self.shared.api.metrics().body_bytes;
+        inflight.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -404,7 +436,13 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
                 Response::error(411, "a request body needs a Content-Length header"),
             );
         }
-        let end = head.head_len + head.content_length.unwrap_or(0) as usize;
+        let claimed = head.content_length.unwrap_or(0);
+        let Some(_claim) = BodyClaim::take(shared, claimed) else {
+            metrics.record_request(NO_ROUTE, 503, 0.0);
+            let msg = "server busy: too many request bytes in flight, retry later";
+            return fail_and_close(stream, Response::error(503, msg));
+        };
+        let end = head.head_len + claimed as usize;
         if head.expect_continue && buf.len() < end {
             let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
