@@ -2,7 +2,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{assert_one_line_error, metauas, s};
+
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
@@ -34,44 +36,6 @@ fn inputs() -> &'static Inputs {
             query,
         }
     })
-}
-
-fn metauas(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metauas"))
-        .args(args)
-        .output()
-        .expect("run metauas")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A failure must be exactly one stderr line, naming `needle`, with a non-zero exit.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    // The line saying which backend runs is information, printed before any work.
-    let stderr: String = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.starts_with("metauas: backend "))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "expected one line, got: {stderr}"
-    );
-    assert!(
-        stderr.contains(needle),
-        "stderr should name `{needle}`: {stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("internal error"),
-        "{stderr}"
-    );
 }
 
 #[test]

@@ -4,8 +4,10 @@
 
 mod common;
 
+use common::{assert_one_line_error, metauas, s};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use metauas::io::image::decode_image_file;
@@ -70,17 +72,6 @@ fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| Engine::from_file(&setup().weights, SIZE).unwrap())
 }
 
-fn metauas(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metauas"))
-        .args(args)
-        .output()
-        .expect("run metauas")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn ok(out: &Output) -> Vec<serde_json::Value> {
     assert!(
         out.status.success(),
@@ -91,22 +82,6 @@ fn ok(out: &Output) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-/// One stderr line (besides the backend line) naming `needle`, non-zero exit.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let stderr: Vec<String> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.starts_with("metauas: backend "))
-        .map(String::from)
-        .collect();
-    assert!(!out.status.success(), "expected failure: {stderr:?}");
-    assert_eq!(stderr.len(), 1, "expected one line: {stderr:?}");
-    assert!(
-        stderr[0].contains(needle),
-        "should name `{needle}`: {stderr:?}"
-    );
-    assert!(!stderr[0].contains("panicked"), "{stderr:?}");
 }
 
 fn map_of(npy: &str) -> Vec<f32> {

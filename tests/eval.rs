@@ -4,8 +4,10 @@
 
 mod common;
 
+use common::{assert_one_line_error, metauas, s};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use metauas::eval::metrics::{aupro, class_metrics, label_regions, ranking, METRIC_NAMES};
@@ -151,36 +153,12 @@ fn class_metrics_match_the_reference_pipeline() {
 
 const SIZE: usize = 64;
 
-fn metauas(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metauas"))
-        .args(args)
-        .output()
-        .expect("run metauas")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn assert_success(out: &Output) {
     assert!(
         out.status.success(),
         "metauas failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Exactly one stderr line (beside the backend line) naming `needle`, non-zero exit.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let stderr: String = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.starts_with("metauas: backend "))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains(needle), "should name `{needle}`: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// A tiny MVTec AD layout (`metauas::eval::synthetic`, the README's example): 2 classes,

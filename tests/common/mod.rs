@@ -80,3 +80,43 @@ pub fn gpu_options(
     eprintln!("skipping {test}: {reason} (set METAUAS_REQUIRE_GPU=1 to fail instead)");
     None
 }
+
+/// Runs the `metauas` binary built for these tests.
+pub fn metauas(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_metauas"))
+        .args(args)
+        .output()
+        .expect("run metauas")
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// A failure must be exactly one stderr line, naming `needle`, with a non-zero exit. The line
+/// saying which backend runs is information, printed before any work, and is not counted.
+pub fn assert_one_line_error(out: &std::process::Output, needle: &str) {
+    let stderr: String = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("metauas: backend "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "expected one line, got: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "stderr should name `{needle}`: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("internal error"),
+        "{stderr}"
+    );
+}
