@@ -234,7 +234,7 @@ fn tiny_safetensors() -> PathBuf {
 fn weights_defaults_and_overrides() {
     assert_eq!(MAX_WEIGHTS_FILE_BYTES, 64 << 30);
     assert_eq!(MAX_TENSORS, 100_000);
-    assert_eq!(MAX_HEADER_BYTES, 100_000_000);
+    assert_eq!(MAX_HEADER_BYTES, 16 << 20);
     let d = WeightLimits::default();
     assert_eq!(
         (d.max_file_bytes, d.max_tensors),
@@ -332,8 +332,46 @@ fn safetensors_header_length_limit() {
         .to_string();
     assert_eq!(
         err,
-        "huge-header: not a valid safetensors file: header length 100000001 is larger than the limit of 100000000"
+        format!(
+            "huge-header: not a valid safetensors file: header length {} is larger than the limit of {}",
+            MAX_HEADER_BYTES + 1,
+            MAX_HEADER_BYTES
+        )
     );
+}
+
+/// A header under the byte limit that holds millions of tiny JSON values (which would parse
+/// into hundreds of MB) is refused by counting separators first; commas inside strings
+/// (metadata such as a bank's names) do not count.
+#[test]
+fn a_header_of_many_tiny_json_values_is_refused_before_parsing() {
+    let header = format!("{{\"x\":[{}0]}}", "0,".repeat(2_000_000));
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    let err = WeightFile::from_bytes(bytes, "flat", &WeightLimits::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("more JSON values than 100000 tensors need"),
+        "{err}"
+    );
+
+    let names = format!("[{}]", "\"a,b:c\\\",\",".repeat(1_000_000)); // 3M separators inside one string
+    let meta = vec![("names".to_string(), names)];
+    let dir = std::env::temp_dir().join(format!("metauas-bounds-sep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("commas-in-strings.safetensors");
+    let t = vec![(
+        "w".to_string(),
+        TensorData::F32 {
+            shape: vec![2],
+            data: vec![1.0, 2.0],
+        },
+    )];
+    write_safetensors(&path, &t, &meta).unwrap();
+    let file = WeightFile::open(&path).expect("commas inside strings are not values");
+    assert_eq!(file.entries().len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn zip_with_pickle(pickle: &[u8]) -> Vec<u8> {

@@ -15,9 +15,11 @@ use super::strided::View;
 use super::{element_count, DType, TensorData, TensorInfo, WeightLimits};
 use crate::error::{Error, Result};
 
-/// Largest safetensors JSON header, in bytes (same bound as the reference implementation: a
-/// header is metadata, not data).
-pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Largest safetensors JSON header, in bytes. The official weights need ~80 KB and a full
+/// bank (4096 prompts) ~3 MB; the reference implementation allows 100 MB, but a hostile
+/// header of that size parses into gigabytes of JSON values, so we stop at 16 MiB (room for
+/// ~150,000 entries).
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
 const METADATA_KEY: &str = "__metadata__";
 
 /// The whole file: memory-mapped, or held in memory.
@@ -125,6 +127,15 @@ pub(crate) fn parse(bytes: &[u8], max_tensors: usize) -> std::result::Result<Hea
         ));
     }
     let text = std::str::from_utf8(&bytes[8..data_start]).map_err(|_| "header is not UTF-8")?;
+    // An entry has 8 separators; more than that per allowed tensor is not a table of
+    // tensors, and parsing it could take ~40 bytes of memory per separator.
+    let allowed = 16 * (max_tensors + 1) + 1024;
+    if json_separators(text.as_bytes()) > allowed {
+        return Err(format!(
+            "header holds more JSON values than {max_tensors} tensors need (raise the tensor limit with {})",
+            super::ENV_MAX_TENSORS
+        ));
+    }
     let json: Map<String, Value> =
         serde_json::from_str(text).map_err(|e| format!("header is not a JSON object: {e}"))?;
     let data_len = bytes.len() - data_start;
@@ -153,6 +164,28 @@ pub(crate) fn parse(bytes: &[u8], max_tensors: usize) -> std::result::Result<Hea
     entries.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     metadata.sort();
     Ok(Header { entries, metadata })
+}
+
+/// Commas and colons outside JSON strings (a cheap upper bound on the values it holds).
+fn json_separators(text: &[u8]) -> usize {
+    let (mut count, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b',' | b':' => count += 1,
+                _ => {}
+            }
+        }
+    }
+    count
 }
 
 fn parse_metadata(value: &Value) -> std::result::Result<Vec<(String, String)>, String> {
