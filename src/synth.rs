@@ -263,8 +263,17 @@ pub fn write_synthetic_safetensors(
     recipe: &WeightRecipe,
     metadata: &[(String, String)],
 ) -> crate::Result<()> {
+    write_state_dict(path, synthetic_state_dict(recipe), metadata)
+}
+
+/// Writes a (possibly edited) state dict in the form `synthetic_state_dict` returns.
+pub fn write_state_dict(
+    path: &std::path::Path,
+    dict: Vec<(String, Vec<usize>, SynthTensor)>,
+    metadata: &[(String, String)],
+) -> crate::Result<()> {
     use crate::io::weights::{write_safetensors, TensorData};
-    let tensors: Vec<(String, TensorData)> = synthetic_state_dict(recipe)
+    let tensors: Vec<(String, TensorData)> = dict
         .into_iter()
         .map(|(name, shape, t)| {
             let data = match t {

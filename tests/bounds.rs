@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::png_claiming;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -35,42 +37,6 @@ fn one_line(msg: &str) {
 }
 
 // ------------------------------------------------------------------ images
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A 45-byte PNG: a valid IHDR claiming `width x height` (8-bit RGB), then IEND.
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, body) in [
-        (*b"IHDR", {
-            let mut b = width.to_be_bytes().to_vec();
-            b.extend_from_slice(&height.to_be_bytes());
-            b.extend_from_slice(&[8, 2, 0, 0, 0]);
-            b
-        }),
-        (*b"IEND", Vec::new()),
-    ] {
-        png.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        let mut typed = kind.to_vec();
-        typed.extend_from_slice(&body);
-        png.extend_from_slice(&typed);
-        png.extend_from_slice(&crc32(&typed).to_be_bytes());
-    }
-    png
-}
 
 /// A real 8x8 JPEG whose SOF0 header is edited to claim `width x height`.
 fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::crc32;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -272,21 +274,6 @@ fn b64decode(s: &str) -> Vec<u8> {
         }
     }
     out
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 fn npy_values(bytes: &[u8]) -> Vec<f32> {

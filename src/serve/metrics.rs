@@ -139,30 +139,33 @@ impl Metrics {
             .clone()
             .unwrap_or_else(|| Histogram::new(&BATCH_BUCKETS))
             .render(&mut out, "metauas_batch_size", "");
-        out.push_str("# HELP metauas_queue_depth Segment jobs waiting for the worker.\n");
-        out.push_str("# TYPE metauas_queue_depth gauge\n");
-        let _ = writeln!(
-            out,
-            "metauas_queue_depth {}",
-            self.queue_depth.load(Ordering::SeqCst)
-        );
-        out.push_str("# HELP metauas_connections Open client connections.\n");
-        out.push_str("# TYPE metauas_connections gauge\n");
-        let _ = writeln!(
-            out,
-            "metauas_connections {}",
-            self.connections.load(Ordering::SeqCst)
-        );
-        out.push_str("# HELP metauas_inflight_body_bytes Request body bytes claimed by requests in flight.\n");
-        out.push_str("# TYPE metauas_inflight_body_bytes gauge\n");
-        let _ = writeln!(
-            out,
-            "metauas_inflight_body_bytes {}",
-            self.body_bytes.load(Ordering::SeqCst)
-        );
-        out.push_str("# HELP metauas_prompts Registered prompts.\n");
-        out.push_str("# TYPE metauas_prompts gauge\n");
-        let _ = writeln!(out, "metauas_prompts {prompts}");
+        let queue = self.queue_depth.load(Ordering::SeqCst) as u64;
+        let connections = self.connections.load(Ordering::SeqCst) as u64;
+        let body_bytes = self.body_bytes.load(Ordering::SeqCst);
+        let gauges = [
+            (
+                "metauas_queue_depth",
+                "Segment jobs waiting for the worker.",
+                queue,
+            ),
+            (
+                "metauas_connections",
+                "Open client connections.",
+                connections,
+            ),
+            (
+                "metauas_inflight_body_bytes",
+                "Request body bytes claimed by requests in flight.",
+                body_bytes,
+            ),
+            ("metauas_prompts", "Registered prompts.", prompts as u64),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
         out
     }
 }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use metauas::io::image::RgbImage8;
-use metauas::io::weights::{write_safetensors, TensorData};
 use metauas::synth::{SynthTensor, WeightRecipe};
 
 /// A fresh, empty directory under the system temp dir, unique per process and call.
@@ -31,17 +30,7 @@ pub fn write_synthetic_weights(path: &Path, recipe: &WeightRecipe) {
 
 /// Writes a (possibly edited) synthetic state dict as safetensors.
 pub fn write_state_dict(path: &Path, dict: Vec<(String, Vec<usize>, SynthTensor)>) {
-    let tensors: Vec<(String, TensorData)> = dict
-        .into_iter()
-        .map(|(name, shape, t)| {
-            let data = match t {
-                SynthTensor::F32(data) => TensorData::F32 { shape, data },
-                SynthTensor::I64(data) => TensorData::I64 { shape, data },
-            };
-            (name, data)
-        })
-        .collect();
-    write_safetensors(path, &tensors, &[]).expect("write synthetic weights");
+    metauas::synth::write_state_dict(path, dict, &[]).expect("write synthetic weights");
 }
 
 pub fn write_png(path: &Path, img: &RgbImage8) {
@@ -119,4 +108,41 @@ pub fn assert_one_line_error(out: &std::process::Output, needle: &str) {
         !stderr.contains("panicked") && !stderr.contains("internal error"),
         "{stderr}"
     );
+}
+
+/// CRC-32 (IEEE), as PNG chunks and zip records carry it.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A 45-byte PNG: a valid IHDR claiming `width x height` (8-bit RGB), then IEND.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, body) in [
+        (*b"IHDR", {
+            let mut b = width.to_be_bytes().to_vec();
+            b.extend_from_slice(&height.to_be_bytes());
+            b.extend_from_slice(&[8, 2, 0, 0, 0]);
+            b
+        }),
+        (*b"IEND", Vec::new()),
+    ] {
+        png.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        let mut typed = kind.to_vec();
+        typed.extend_from_slice(&body);
+        png.extend_from_slice(&typed);
+        png.extend_from_slice(&crc32(&typed).to_be_bytes());
+    }
+    png
 }
