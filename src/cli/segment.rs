@@ -187,11 +187,8 @@ fn segment_with_prompts(
         } else {
             // The query's f5 comes from the prompt graph: one extra encoder pass.
             let query_pooled = pooled_f5(&engine.encode_prompt(image)?);
-            let pooled: Vec<Vec<f32>> = prompts
-                .iter()
-                .map(|p| p.pooled.clone().unwrap_or_default())
-                .collect();
-            most_similar(&query_pooled, &pooled).unwrap_or(0)
+            let pooled = prompts.iter().map(|p| p.pooled.as_deref().unwrap_or(&[]));
+            most_similar(&query_pooled, pooled).unwrap_or(0)
         };
         let p = &prompts[chosen];
         return Ok((engine.segment(&p.features, image)?, p.name.clone().into()));

@@ -299,9 +299,12 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 /// Index of the candidate whose pooled f5 is most similar to the query's (the paper's
 /// MetaUAS* prompt selection); the first wins a tie. `None` when there are no candidates.
-pub fn most_similar(query_pooled: &[f32], candidates: &[Vec<f32>]) -> Option<usize> {
+pub fn most_similar<'a>(
+    query_pooled: &[f32],
+    candidates: impl IntoIterator<Item = &'a [f32]>,
+) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
-    for (i, c) in candidates.iter().enumerate() {
+    for (i, c) in candidates.into_iter().enumerate() {
         let s = cosine(query_pooled, c);
         if best.is_none_or(|(_, b)| s > b) {
             best = Some((i, s));
@@ -324,14 +327,9 @@ mod tests {
     #[test]
     fn most_similar_picks_the_closest_direction_and_the_first_of_a_tie() {
         let q = [1.0, 0.1];
-        let c = vec![
-            vec![0.0, 1.0],
-            vec![10.0, 3.0],
-            vec![1.0, 0.1],
-            vec![1.0, 0.1],
-        ];
-        assert_eq!(most_similar(&q, &c), Some(2));
-        assert_eq!(most_similar(&q, &[]), None);
+        let c: [&[f32]; 4] = [&[0.0, 1.0], &[10.0, 3.0], &[1.0, 0.1], &[1.0, 0.1]];
+        assert_eq!(most_similar(&q, c), Some(2));
+        assert_eq!(most_similar(&q, std::iter::empty()), None);
     }
 
     #[test]
