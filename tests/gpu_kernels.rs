@@ -269,3 +269,47 @@ fn batched_queries_match_one_by_one() {
         assert!(engine.segment_batch(&prompt, &[]).unwrap().is_empty());
     }
 }
+
+/// `segment_pair` (on the CPU: both encoders at once) gives the prompt features and map that
+/// `encode_prompt` then `segment` give, bit for bit, on both backends, also when the arenas
+/// were left dirty by other runs in between.
+#[test]
+fn paired_prompt_and_query_match_separate_calls() {
+    use metauas::model::{Engine, MemorySource};
+    use metauas::synth::{synthetic_image, WeightRecipe};
+    let recipe = WeightRecipe {
+        gain_alignment: 14.0,
+        gain_decoder: 1.5,
+        gain_head: 4.0,
+        ..WeightRecipe::unit(6)
+    };
+    let weights = MemorySource::synthetic(&recipe);
+    let prompts = [
+        synthetic_image(1, 70, 64, None),
+        synthetic_image(3, 64, 64, None),
+    ];
+    let queries = [
+        synthetic_image(10, 64, 72, Some((8, 20, 10))),
+        synthetic_image(11, 80, 64, Some((30, 12, 9))),
+    ];
+    let mut options = vec![metauas::model::EngineOptions::default()];
+    options.extend(common::gpu_options(
+        "paired_prompt_and_query_match_separate_calls",
+        Precision::F32,
+    ));
+    for opts in options {
+        let engine = Engine::with_options(&weights, 64, opts).unwrap();
+        for (p, q) in prompts.iter().zip(&queries) {
+            let (features, map) = engine.segment_pair(p, q).unwrap();
+            let expected_features = engine.encode_prompt(p).unwrap();
+            let expected_map = engine.segment(&expected_features, q).unwrap();
+            assert_eq!(features.tensors, expected_features.tensors);
+            assert_eq!(map.data, expected_map.data, "{}", engine.backend_kind());
+            // The returned features are a usable prompt.
+            assert_eq!(engine.segment(&features, q).unwrap().data, map.data);
+        }
+        let (_, a) = engine.segment_pair(&prompts[0], &queries[0]).unwrap();
+        let (_, b) = engine.segment_pair(&prompts[1], &queries[1]).unwrap();
+        assert_ne!(a.data, b.data);
+    }
+}

@@ -70,6 +70,14 @@ struct Prompt {
     pooled: Option<Vec<f32>>,
 }
 
+/// The first query's result when it was computed together with the only prompt
+/// (`Engine::segment_pair`: both encoders at once).
+struct PairedQuery {
+    image: RgbImage8,
+    map: AnomalyMap,
+    ms: f64,
+}
+
 pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     check_size(args.run.size)?;
     if let Some(t) = args.threshold {
@@ -83,7 +91,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     let prompt_files = expand(&args.prompt, "--prompt")?;
     check_outputs_spare_inputs(&args, &queries, &prompt_files)?;
     let engine = args.run.load_engine(&args.weights)?;
-    let prompts = load_prompts(&engine, &args, &prompt_files)?;
+    let (prompts, mut paired) = load_prompts(&engine, &args, &prompt_files, queries.first())?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::at(&args.out, format!("cannot create output directory: {e}")))?;
 
@@ -91,7 +99,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     let mut jsonl = Vec::new();
     let mut failures = 0;
     for query in &queries {
-        match segment_one(&engine, &prompts, &args, query) {
+        match segment_one(&engine, &prompts, &args, query, paired.take()) {
             Ok(line) => {
                 jsonl.extend_from_slice(line.as_bytes());
                 bar.suspend(|| super::emit(&line))?;
@@ -115,8 +123,33 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
 }
 
 /// Encodes the `--prompt` images and loads the bank. Names: the bank's, and the image paths
-/// as given; they must not clash.
-fn load_prompts(engine: &Engine, args: &SegmentArgs, files: &[PathBuf]) -> Result<Vec<Prompt>> {
+/// as given; they must not clash. With a single prompt image and no bank, the first query is
+/// segmented together with it and returned too.
+fn load_prompts(
+    engine: &Engine,
+    args: &SegmentArgs,
+    files: &[PathBuf],
+    first_query: Option<&ImageInput>,
+) -> Result<(Vec<Prompt>, Option<PairedQuery>)> {
+    if let ([file], None, Some(query)) = (files, &args.bank, first_query) {
+        let image = decode_image_file(file)?;
+        // An undecodable first query is reported by the query loop, like any other.
+        if let Ok(query_image) = decode_image_file(&query.path) {
+            let start = Instant::now();
+            let (features, map) = engine.segment_pair(&image, &query_image)?;
+            let paired = PairedQuery {
+                image: query_image,
+                map,
+                ms: start.elapsed().as_secs_f64() * 1e3,
+            };
+            let prompt = Prompt {
+                name: file.display().to_string(),
+                features,
+                pooled: None,
+            };
+            return Ok((vec![prompt], Some(paired)));
+        }
+    }
     let mut prompts = Vec::new();
     if let Some(path) = &args.bank {
         let bank = PromptBank::load(path, engine)?;
@@ -139,14 +172,15 @@ fn load_prompts(engine: &Engine, args: &SegmentArgs, files: &[PathBuf]) -> Resul
     }
     bar.finish_and_clear();
     let choose = prompts.len() > 1 && args.multi_prompt == MultiPrompt::Best;
-    Ok(prompts
+    let prompts = prompts
         .into_iter()
         .map(|(name, features)| Prompt {
             pooled: choose.then(|| pooled_f5(&features)),
             name,
             features,
         })
-        .collect())
+        .collect();
+    Ok((prompts, None))
 }
 
 fn segment_one(
@@ -154,11 +188,17 @@ fn segment_one(
     prompts: &[Prompt],
     args: &SegmentArgs,
     query: &ImageInput,
+    paired: Option<PairedQuery>,
 ) -> Result<String> {
-    let image = decode_image_file(&query.path)?;
-    let start = Instant::now();
-    let (map, used) = segment_with_prompts(engine, prompts, args.multi_prompt, &image)?;
-    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let (image, map, used, ms) = match paired {
+        Some(p) => (p.image, p.map, prompts[0].name.clone().into(), p.ms),
+        None => {
+            let image = decode_image_file(&query.path)?;
+            let start = Instant::now();
+            let (map, used) = segment_with_prompts(engine, prompts, args.multi_prompt, &image)?;
+            (image, map, used, start.elapsed().as_secs_f64() * 1e3)
+        }
+    };
     let written = write_outputs(&map, &image, args, &query.name)?;
     let mut line = serde_json::json!({
         "query": query.path.display().to_string(),

@@ -3,6 +3,7 @@
 
 pub mod kernels;
 
+use std::ops::Range;
 use std::time::Instant;
 
 use crate::graph::{Graph, Op, ValueId};
@@ -73,16 +74,28 @@ impl CpuBackend {
         graph: &Graph,
         arena: &mut Vec<f32>,
         inputs: &[&[f32]],
+        times: Option<&mut NodeTimes>,
+    ) {
+        assert_eq!(inputs.len(), graph.inputs.len(), "input count");
+        prepare_arena(graph, arena);
+        load_inputs(
+            graph,
+            arena,
+            graph.inputs.iter().copied().zip(inputs.iter().copied()),
+        );
+        self.run_nodes(graph, arena, 0..graph.nodes.len(), times);
+    }
+
+    /// Runs the nodes `range` of `graph` on an arena that `prepare_arena` sized and whose
+    /// inputs those nodes read are loaded. Ranges run in order make one `run`.
+    pub fn run_nodes(
+        &self,
+        graph: &Graph,
+        arena: &mut [f32],
+        range: Range<usize>,
         mut times: Option<&mut NodeTimes>,
     ) {
-        if arena.len() < graph.plan.arena_len {
-            arena.resize(graph.plan.arena_len, 0.0);
-        }
-        assert_eq!(inputs.len(), graph.inputs.len(), "input count");
-        for (&v, data) in graph.inputs.iter().zip(inputs) {
-            let off = graph.plan.offsets[v];
-            arena[off..off + data.len()].copy_from_slice(data);
-        }
+        assert!(arena.len() >= graph.plan.arena_len, "arena not prepared");
         let base = Arena {
             ptr: arena.as_mut_ptr(),
             graph,
@@ -91,7 +104,7 @@ impl CpuBackend {
         // parallel work: no cross-thread wake-up of the caller per op (about 200 ops per
         // graph; a wake-up costs tens of microseconds in a VM).
         rayon::scope(|_| {
-            for node in &graph.nodes {
+            for node in &graph.nodes[range] {
                 let start = Instant::now();
                 self.run_node(&base, &node.op, node.output);
                 if let Some(t) = times.as_deref_mut() {
@@ -185,6 +198,28 @@ impl Arena<'_> {
     unsafe fn slice_mut(&self, v: ValueId) -> &mut [f32] {
         let off = self.graph.plan.offsets[v];
         std::slice::from_raw_parts_mut(self.ptr.add(off), self.graph.values[v].shape.len())
+    }
+}
+
+/// Grows `arena` to the size `graph`'s memory plan needs (once; later runs reuse it).
+pub fn prepare_arena(graph: &Graph, arena: &mut Vec<f32>) {
+    if arena.len() < graph.plan.arena_len {
+        arena.resize(graph.plan.arena_len, 0.0);
+    }
+}
+
+/// Copies input values into their planned places (inputs are alive from the first step,
+/// so this may happen between `run_nodes` calls, before the first node that reads them).
+pub fn load_inputs<'a>(
+    graph: &Graph,
+    arena: &mut [f32],
+    inputs: impl IntoIterator<Item = (ValueId, &'a [f32])>,
+) {
+    for (v, data) in inputs {
+        assert!(graph.inputs.contains(&v), "not an input of the graph");
+        assert_eq!(data.len(), graph.values[v].shape.len(), "input length");
+        let off = graph.plan.offsets[v];
+        arena[off..off + data.len()].copy_from_slice(data);
     }
 }
 

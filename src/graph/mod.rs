@@ -141,6 +141,16 @@ impl Graph {
         self.values.iter().position(|v| v.name == name)
     }
 
+    /// Number of leading nodes that read none of `values`. The first node reading one
+    /// ends the prefix, so nothing in it depends on them even indirectly: the prefix can
+    /// run before those values are known (the query encoder, before the prompt's features).
+    pub fn prefix_independent_of(&self, values: &[ValueId]) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.op.inputs().iter().any(|v| values.contains(v)))
+            .unwrap_or(self.nodes.len())
+    }
+
     pub fn total_macs(&self) -> u64 {
         self.nodes
             .iter()

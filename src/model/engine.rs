@@ -166,6 +166,8 @@ pub struct Engine {
     runner: Runner,
     prompt_graph: Graph,
     query_graph: Graph,
+    /// Leading nodes of the query graph that do not need the prompt (its encoder).
+    query_encoder_nodes: usize,
 }
 
 impl Engine {
@@ -241,6 +243,7 @@ impl Engine {
     fn assemble(mut weights: ModelWeights, size: usize, runner: Runner) -> Engine {
         let prompt_graph = build_prompt_graph(&weights, size);
         let query_graph = build_query_graph(&weights, size, false);
+        let query_encoder_nodes = query_graph.prefix_independent_of(&query_graph.inputs[1..]);
         let parameters = weights.parameter_count();
         let weights_hash = weights.fingerprint();
         // The backend holds packed copies: keeping the unpacked ones would double the
@@ -254,6 +257,7 @@ impl Engine {
             runner,
             prompt_graph,
             query_graph,
+            query_encoder_nodes,
         }
     }
 
@@ -357,6 +361,62 @@ impl Engine {
             size: self.size,
             data: outputs.swap_remove(0),
         })
+    }
+
+    /// Encodes a prompt and segments one query against it: what `encode_prompt` then
+    /// `segment` give, bit for bit, in less time on the CPU backend, where the two encoders
+    /// run at the same time (each on about one core: the small late layers of a single
+    /// encoder leave the second core partly idle).
+    pub fn segment_pair(
+        &self,
+        prompt: &RgbImage8,
+        query: &RgbImage8,
+    ) -> Result<(PromptFeatures, AnomalyMap)> {
+        let Runner::Cpu {
+            backend,
+            prompt_arena,
+            query_arena,
+        } = &self.runner
+        else {
+            let features = self.encode_prompt(prompt)?;
+            let map = self.segment(&features, query)?;
+            return Ok((features, map));
+        };
+        let (pg, qg) = (&self.prompt_graph, &self.query_graph);
+        let (prompt_input, query_input) =
+            (preprocess(prompt, self.size), preprocess(query, self.size));
+        // Lock order prompt, then query (the only place holding both).
+        let mut pa = lock(prompt_arena);
+        let mut qa = lock(query_arena);
+        cpu::prepare_arena(qg, &mut qa);
+        cpu::load_inputs(qg, &mut qa, [(qg.inputs[0], query_input.as_slice())]);
+        let split = self.query_encoder_nodes;
+        let (pa_vec, qa_vec): (&mut Vec<f32>, &mut Vec<f32>) = (&mut pa, &mut qa);
+        rayon::join(
+            || backend.run(pg, pa_vec, &[&prompt_input], None),
+            || backend.run_nodes(qg, qa_vec, 0..split, None),
+        );
+        let tensors: Vec<Vec<f32>> = pg
+            .outputs
+            .iter()
+            .map(|&v| cpu::value(pg, &pa, v).to_vec())
+            .collect();
+        let prompt_inputs = qg.inputs[1..].iter().copied();
+        cpu::load_inputs(
+            qg,
+            &mut qa,
+            prompt_inputs.zip(tensors.iter().map(|t| t.as_slice())),
+        );
+        backend.run_nodes(qg, &mut qa, split..qg.nodes.len(), None);
+        let map = AnomalyMap {
+            size: self.size,
+            data: cpu::value(qg, &qa, qg.outputs[0]).to_vec(),
+        };
+        let features = PromptFeatures {
+            size: self.size,
+            tensors,
+        };
+        Ok((features, map))
     }
 
     /// Segments several query images against one prompt. On the GPU backend each chunk of
