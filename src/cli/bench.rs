@@ -168,7 +168,12 @@ fn profile(
     for (node, t) in g.nodes.iter().zip(&total) {
         let ms = t / iters as f64 * 1e3;
         let flops = 2.0 * node.op.macs(g.values[node.output].shape, &g.values) as f64;
-        let gflops = flops / (ms * 1e-3) / 1e9;
+        // A folded op (done inside its reader) takes no time of its own.
+        let gflops = if ms > 0.0 {
+            flops / (ms * 1e-3) / 1e9
+        } else {
+            0.0
+        };
         println!(
             "{:<24} {:<16} {:>9.3} {:>6.1}% {:>9.1} {:>6.1}%",
             node.name,

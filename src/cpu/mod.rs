@@ -99,6 +99,7 @@ impl CpuBackend {
         let base = Arena {
             ptr: arena.as_mut_ptr(),
             graph,
+            folded: self.folded_upsamples(graph),
         };
         // The whole node loop runs on a pool thread, which then takes part in every op's
         // parallel work: no cross-thread wake-up of the caller per op (about 200 ops per
@@ -106,12 +107,43 @@ impl CpuBackend {
         rayon::scope(|_| {
             for node in &graph.nodes[range] {
                 let start = Instant::now();
-                self.run_node(&base, &node.op, node.output);
+                let folded = base.folded[node.output].is_some();
+                if !folded {
+                    self.run_node(&base, &node.op, node.output);
+                }
                 if let Some(t) = times.as_deref_mut() {
-                    t.push(start.elapsed().as_secs_f64());
+                    t.push(if folded {
+                        0.0
+                    } else {
+                        start.elapsed().as_secs_f64()
+                    });
                 }
             }
         });
+    }
+
+    /// Plain 2x upsamples (no concat) read by nothing but one stride-1 3x3 conv that runs
+    /// by Winograd: the conv reads the half-resolution map through the upsampling instead
+    /// (the memory plan keeps an upsample's input alive as long as its output).
+    fn folded_upsamples(&self, graph: &Graph) -> Vec<Option<ValueId>> {
+        let mut folded = vec![None; graph.values.len()];
+        for node in &graph.nodes {
+            let Op::UpsampleConcat { input, skip: None } = node.op else {
+                continue;
+            };
+            let u = node.output;
+            let mut readers = graph.nodes.iter().filter(|n| n.op.inputs().contains(&u));
+            let winograd_reader = matches!(
+                (readers.next().map(|n| &n.op), readers.next()),
+                (Some(Op::Conv { input: i, conv, ref geometry, .. }), None)
+                    if *i == u && geometry.stride == 1
+                        && matches!(self.convs[*conv].0, PackedWeights::Dense3x3(..))
+            );
+            if winograd_reader && !graph.outputs.contains(&u) {
+                folded[u] = Some(input);
+            }
+        }
+        folded
     }
 
     fn run_node(&self, a: &Arena, op: &Op, out: ValueId) {
@@ -136,7 +168,12 @@ impl CpuBackend {
                     }
                     PackedWeights::Dense3x3(wino, w) => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
-                        if geometry.stride == 1 {
+                        if let Some(half) = a.folded[input] {
+                            let x_half = unsafe { a.slice(half) };
+                            kernels::conv3x3_winograd_upsampled_nhwc(
+                                x_half, geometry, wino, bias, act, r, y,
+                            )
+                        } else if geometry.stride == 1 {
                             kernels::conv3x3_winograd_nhwc(x, geometry, wino, bias, act, r, y)
                         } else {
                             kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
@@ -181,6 +218,9 @@ impl CpuBackend {
 struct Arena<'g> {
     ptr: *mut f32,
     graph: &'g Graph,
+    /// For each value: the half-resolution value it upsamples, when the upsample is
+    /// folded into its reader (never written; see `folded_upsamples`).
+    folded: Vec<Option<ValueId>>,
 }
 
 // SAFETY: the arena is only used by the node loop, which runs on one thread at a time

@@ -1,7 +1,7 @@
 //! Liveness-based memory plan: every value gets an offset in one float arena such that two
 //! values alive at the same step never overlap. Greedy first-fit, largest values first.
 
-use super::{Node, Value, ValueId};
+use super::{Node, Op, Value, ValueId};
 
 /// Offsets are multiples of this many floats (64 bytes: one cache line, one AVX-512 vector).
 const ALIGN_FLOATS: usize = 16;
@@ -67,6 +67,15 @@ fn lifetimes(
     }
     for &v in outputs {
         life[v].1 = end;
+    }
+    // An upsample's output may be a view of its inputs (a backend can fold the upsample
+    // into the op that reads it): the inputs live as long as the output does.
+    for node in nodes.iter().rev() {
+        if let Op::UpsampleConcat { .. } = node.op {
+            for v in node.op.inputs() {
+                life[v].1 = life[v].1.max(life[node.output].1);
+            }
+        }
     }
     life
 }
@@ -173,6 +182,23 @@ mod tests {
         assert!(graph.plan.arena_len < total, "no reuse happened");
         // An output is kept to the end even though nothing consumes it later.
         assert_eq!(graph.plan.lifetimes[skips[2]].1, graph.nodes.len() + 1);
+    }
+
+    /// A backend may fold an upsample into its reader, which then reads the upsample's
+    /// input: that input must stay alive (apart from the reader's output) until then.
+    #[test]
+    fn upsample_inputs_live_as_long_as_their_output() {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(4, 4, 16));
+        let s = g.squeeze_excite("se", x, 0);
+        let u = g.upsample_concat("up", s, None);
+        let a = g.squeeze_excite("reader", u, 0);
+        let b = g.squeeze_excite("after", a, 0);
+        g.output(b);
+        let graph = g.finish();
+        assert_eq!(graph.plan.lifetimes[s].1, graph.plan.lifetimes[u].1);
+        assert!(graph.plan.lifetimes[s].1 >= graph.plan.lifetimes[a].0);
+        assert_disjoint(&graph.plan, &graph.values);
     }
 
     /// Values alive at the same step never share a slot, and slots hold their values.

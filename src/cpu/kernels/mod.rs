@@ -46,6 +46,8 @@ mod upsample;
 mod winograd;
 
 #[cfg(test)]
+mod fused_tests;
+#[cfg(test)]
 mod tests;
 
 pub use conv::PackedConv;
@@ -118,6 +120,29 @@ pub fn conv3x3_winograd_nhwc(
     y: &mut [f32],
 ) {
     winograd::winograd_conv3x3_nhwc_isa(Isa::selected(), x, g, w, bias, act, residual, y)
+}
+
+/// [`conv3x3_winograd_nhwc`] on the nearest-neighbour 2x upsampling of `x_half`, which is
+/// never materialized (`g` describes the upsampled input).
+pub fn conv3x3_winograd_upsampled_nhwc(
+    x_half: &[f32],
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    winograd::winograd_conv3x3_upsampled_nhwc_isa(
+        Isa::selected(),
+        x_half,
+        g,
+        w,
+        bias,
+        act,
+        residual,
+        y,
+    )
 }
 
 /// Depthwise kxk (groups = channels, cin == cout), weights given as (c, 1, k, k).

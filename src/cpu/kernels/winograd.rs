@@ -328,6 +328,9 @@ fn plan(g: &ConvGeometry, w: &PackedWinograd, threads: usize) -> Plan {
 
 struct WinoJob<'a> {
     x: &'a [f32],
+    /// `x` is the input at half resolution, read as its nearest-neighbour 2x upsampling
+    /// (the decoder's upsample folded into the conv: the big map is never written).
+    upsampled: bool,
     g: ConvGeometry,
     w: &'a PackedWinograd,
     /// Bias padded with zeros to the packed width.
@@ -353,6 +356,43 @@ pub(crate) fn winograd_conv3x3_nhwc_isa(
     residual: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    assert_eq!(x.len(), g.input_len(), "conv input length");
+    winograd(isa, x, false, g, w, bias, act, residual, y)
+}
+
+/// The same on the nearest-neighbour 2x upsampling of `x_half` (`g` describes the
+/// upsampled input: even `in_h` and `in_w`), without materializing it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn winograd_conv3x3_upsampled_nhwc_isa(
+    isa: Isa,
+    x_half: &[f32],
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    assert!(
+        g.in_h.is_multiple_of(2) && g.in_w.is_multiple_of(2),
+        "an upsampled input has even sides"
+    );
+    assert_eq!(x_half.len(), g.input_len() / 4, "conv input length");
+    winograd(isa, x_half, true, g, w, bias, act, residual, y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn winograd(
+    isa: Isa,
+    x: &[f32],
+    upsampled: bool,
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
     assert!(
         g.kernel == 3 && g.stride == 1,
         "Winograd F(4x4, 3x3) needs a stride-1 3x3 convolution"
@@ -362,7 +402,6 @@ pub(crate) fn winograd_conv3x3_nhwc_isa(
         (g.cin, g.cout),
         "packed weights do not match the geometry"
     );
-    assert_eq!(x.len(), g.input_len(), "conv input length");
     assert_eq!(y.len(), g.output_len(), "conv output length");
     assert_eq!(bias.len(), g.cout, "conv bias length");
     if let Some(r) = residual {
@@ -377,6 +416,7 @@ pub(crate) fn winograd_conv3x3_nhwc_isa(
     let plan = plan(g, w, rayon::current_num_threads());
     let job = WinoJob {
         x,
+        upsampled,
         g: *g,
         w,
         bias: &padded_bias,
@@ -465,7 +505,12 @@ unsafe fn transform_inputs<L: Level>(
             for c in 0..PATCH {
                 let ix = ix0 + c as isize;
                 if ix >= 0 && (ix as usize) < g.in_w {
-                    let pixel = iy as usize * g.in_w + ix as usize;
+                    let (iy, ix) = (iy as usize, ix as usize);
+                    let pixel = if job.upsampled {
+                        (iy / 2) * (g.in_w / 2) + ix / 2
+                    } else {
+                        iy * g.in_w + ix
+                    };
                     src[r * PATCH + c] = job.x.as_ptr().add(pixel * g.cin);
                 }
             }
