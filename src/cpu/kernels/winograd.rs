@@ -27,7 +27,7 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use super::conv::{group_widths, ColumnGroup, OutPtr, KC_TARGET, PIXEL_ALIGN, SERIAL_MACS};
-use super::gemm::{accumulate, add_from, store_tile, zero_tile, Tile};
+use super::gemm::{accumulate, accumulate_prefetching, add_from, store_tile, zero_tile, Tile};
 use super::isa::{dispatch_isa, dispatch_tile, Isa};
 use super::simd::{activate, load_partial, AlignedBuf, Level, LANES};
 use super::{Activation, ConvGeometry};
@@ -497,6 +497,7 @@ fn wino_unit<L: Level>(job: &WinoJob<'_>, unit: &Unit) {
                         ldm: unit.cols,
                         nt: unit.t1 - unit.t0,
                         add_earlier: ci > 0,
+                        next: None,
                     };
                     dispatch_tile!(L, group.nv, multiply_rows(&product));
                 }
@@ -605,7 +606,19 @@ fn by_position_products<L: Level>(job: &WinoJob<'_>, s: &Shared, pos: usize, gi:
     // SAFETY: `rows` is a multiple of every tile height, so the row tiles stay inside the
     // position's `rows` rows; units write disjoint (position, column group) blocks of `M`.
     unsafe {
-        for (ci, &(c0, c1)) in job.plan.chunks.iter().enumerate() {
+        let chunks = &job.plan.chunks;
+        for (ci, &(c0, c1)) in chunks.iter().enumerate() {
+            // The weights needed next on this thread: the next chunk's, else those of the
+            // next unit (units run in order on a thread): (pos, gi + 1) or (pos + 1, 0).
+            let next = if ci + 1 < chunks.len() {
+                job.w.weights(group, pos, chunks[ci + 1].0)
+            } else if gi + 1 < job.w.groups.len() {
+                job.w.weights(&job.w.groups[gi + 1], pos, 0)
+            } else if pos + 1 < POS {
+                job.w.weights(&job.w.groups[0], pos + 1, 0)
+            } else {
+                job.w.weights(group, pos, c0)
+            };
             let product = Product {
                 v: s.v.0.add(pos * s.rows * s.ldv + c0),
                 ldv: s.ldv,
@@ -615,6 +628,7 @@ fn by_position_products<L: Level>(job: &WinoJob<'_>, s: &Shared, pos: usize, gi:
                 ldm: s.coutp,
                 nt: s.tiles,
                 add_earlier: ci > 0,
+                next: Some(next),
             };
             dispatch_tile!(L, group.nv, multiply_rows(&product));
         }
@@ -710,6 +724,9 @@ struct Product {
     nt: usize,
     /// Add the products already in `m` (earlier channel chunks).
     add_earlier: bool,
+    /// Weights to prefetch while the first row tile runs (the next product's, when they
+    /// stream from memory: read once per call).
+    next: Option<*const f32>,
 }
 
 /// Computes a [`Product`], `MR` rows at a time.
@@ -726,7 +743,12 @@ unsafe fn multiply_rows<L: Level, const MR: usize, const NV: usize>(p: &Product)
             a[i] = p.v.add((r + i) * p.ldv);
         }
         let mut acc: Tile<L, MR, NV> = zero_tile::<L, MR, NV>();
-        accumulate::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc);
+        match p.next {
+            Some(next) if r == 0 => {
+                accumulate_prefetching::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc, next)
+            }
+            _ => accumulate::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc),
+        }
         let out = p.m.add(r * p.ldm);
         if p.add_earlier {
             add_from::<L, MR, NV>(&mut acc, out, p.ldm);
