@@ -58,9 +58,9 @@ pub(crate) unsafe fn accumulate<L: Level, const MR: usize, const NV: usize>(
     }
 }
 
-/// [`accumulate`] that also prefetches, into L2, the `kc x NV * 16` weights stored right
-/// after `b`'s (`next`: the following reduction block, contiguous in the packed layout) one
-/// row per step, so that streaming weights from memory overlaps the FMAs of this block.
+/// [`accumulate`] that also prefetches into L2 one cache line per step, `kc` consecutive
+/// lines from `next`: a share of the weights needed next (see [`prefetch_share`]), so that
+/// streaming them from memory overlaps the FMAs.
 ///
 /// # Safety
 /// As [`accumulate`]; `next` is only prefetched (a hint: never faults, may be past the end).
@@ -74,10 +74,8 @@ pub(crate) unsafe fn accumulate_prefetching<L: Level, const MR: usize, const NV:
     next: *const f32,
 ) {
     for k in 0..kc {
+        prefetch_l2(next.wrapping_add(k * LANES));
         let b_row = b.add(k * ldb);
-        for v in 0..NV {
-            prefetch_l2(next.wrapping_add(k * ldb + v * LANES));
-        }
         let mut bv = [L::zero(); NV];
         for v in 0..NV {
             bv[v] = L::load(b_row.add(v * LANES));
@@ -89,6 +87,19 @@ pub(crate) unsafe fn accumulate_prefetching<L: Level, const MR: usize, const NV:
             }
         }
     }
+}
+
+/// The lines row tile `tile` of a reduction block prefetches from the next block's
+/// `kc x NV * 16` weights at `next`: tiles 0..NV take `kc` lines each (one per step, one
+/// prefetch per 8 * NV FMAs), spread over the block instead of queued up in its first tile;
+/// `None` for later tiles.
+#[inline(always)]
+pub(crate) fn prefetch_share<const NV: usize>(
+    next: *const f32,
+    kc: usize,
+    tile: usize,
+) -> Option<*const f32> {
+    (tile < NV).then(|| next.wrapping_add(tile * kc * LANES))
 }
 
 /// Hint the cache line holding `p` into L2 (any address: a prefetch never faults).

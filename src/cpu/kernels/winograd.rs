@@ -27,7 +27,9 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use super::conv::{group_widths, ColumnGroup, OutPtr, KC_TARGET, PIXEL_ALIGN, SERIAL_MACS};
-use super::gemm::{accumulate, accumulate_prefetching, add_from, store_tile, zero_tile, Tile};
+use super::gemm::{
+    accumulate, accumulate_prefetching, add_from, prefetch_share, store_tile, zero_tile, Tile,
+};
 use super::isa::{dispatch_isa, dispatch_tile, Isa};
 use super::simd::{activate, load_partial, AlignedBuf, Level, LANES};
 use super::{Activation, ConvGeometry};
@@ -724,7 +726,7 @@ struct Product {
     nt: usize,
     /// Add the products already in `m` (earlier channel chunks).
     add_earlier: bool,
-    /// Weights to prefetch while the first row tile runs (the next product's, when they
+    /// Weights to prefetch while the first row tiles run (the next product's, when they
     /// stream from memory: read once per call).
     next: Option<*const f32>,
 }
@@ -743,11 +745,14 @@ unsafe fn multiply_rows<L: Level, const MR: usize, const NV: usize>(p: &Product)
             a[i] = p.v.add((r + i) * p.ldv);
         }
         let mut acc: Tile<L, MR, NV> = zero_tile::<L, MR, NV>();
-        match p.next {
-            Some(next) if r == 0 => {
-                accumulate_prefetching::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc, next)
+        match p
+            .next
+            .and_then(|next| prefetch_share::<NV>(next, p.kc, r / MR))
+        {
+            Some(pf) => {
+                accumulate_prefetching::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc, pf)
             }
-            _ => accumulate::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc),
+            None => accumulate::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc),
         }
         let out = p.m.add(r * p.ldm);
         if p.add_earlier {
