@@ -102,8 +102,11 @@ fn bench_conv(c: &mut Criterion) {
 fn bench_winograd(c: &mut Criterion) {
     let shapes = [
         ("dec0_conv1_16x16x1216-256", 16, 1216, 256),
+        ("dec0_conv1_32x32x1216-256", 32, 1216, 256),
         ("dec0_conv2_16x16x256-256", 16, 256, 256),
+        ("dec0_conv2_32x32x256-256", 32, 256, 256),
         ("dec1_conv1_32x32x368-128", 32, 368, 128),
+        ("dec1_conv2_32x32x128-128", 32, 128, 128),
         ("dec2_conv1_64x64x160-64", 64, 160, 64),
         ("dec3_conv1_128x128x112-64", 128, 112, 64),
         ("dec4_conv1_256x256x64-48", 256, 64, 48),

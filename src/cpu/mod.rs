@@ -13,12 +13,12 @@ use kernels::{PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite};
 /// Input channels from which a 3x3 conv is also packed for Winograd (the stem, with 3,
 /// is stride 2 anyway; with very few channels the transforms would dominate).
 const WINOGRAD_MIN_CIN: usize = 16;
-/// Largest Winograd weight set (36 * cin * cout floats) worth packing. Winograd reads its
-/// weights (4x the direct ones) once per tile block; on small maps with huge weights that
-/// streams from DRAM and loses to the direct conv. dec0.conv1 (1216 -> 256, 45 MB): single
-/// thread, 16x16 map: direct 10.6 ms, Winograd 10.4; 32x32: 42.8 vs 37.8. dec0.conv2
-/// (256 -> 256, 9.4 MB), 16x16: 1.9 vs 1.3 ms.
-const WINOGRAD_MAX_WEIGHT_FLOATS: usize = 4 << 20;
+/// Largest Winograd weight set (36 * cin * cout floats) worth packing (also bounds the extra
+/// memory: 4x the plain weights). dec0.conv1 (1216 -> 256, 45 MB) on its few tiles runs
+/// Winograd's by-position schedule, which reads each transformed weight once: single thread,
+/// 16x16 map: direct 9.1 ms, Winograd 3.6 (the old tile-block schedule: 10.4); 32x32: 42 vs
+/// 14 (37.8). dec0.conv2 (256 -> 256, 9.4 MB), 16x16: 1.9 vs 1.1 ms.
+const WINOGRAD_MAX_WEIGHT_FLOATS: usize = 16 << 20;
 
 enum PackedWeights {
     Dense(PackedConv),

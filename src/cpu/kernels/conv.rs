@@ -19,7 +19,10 @@ use std::cell::Cell;
 
 use rayon::prelude::*;
 
-use super::gemm::{accumulate, add_from, next_tile_width, store_tile, zero_tile, Tile};
+use super::gemm::{
+    accumulate, accumulate_prefetching, add_from, next_tile_width, prefetch_share, store_tile,
+    zero_tile, Tile,
+};
 use super::isa::{dispatch_isa, dispatch_tile, Isa};
 use super::simd::{activate, load_partial, store_partial, AlignedBuf, Level, LANES};
 use super::{Activation, ConvGeometry};
@@ -398,7 +401,17 @@ unsafe fn conv_group_blocks<L: Level, const MR: usize, const NV: usize>(
                     }
                 }
                 let b = weights.add((tap * g.cin + kb.c0) * nr);
-                accumulate::<L, MR, NV>(&mut acc, &a, b, nr, kb.c1 - kb.c0);
+                let kc = kb.c1 - kb.c0;
+                // A block's weights arrive from L3 or DRAM (each is used once per forward
+                // pass); its first tiles fetch the next block's meanwhile. A block is one
+                // tap's channel chunk or whole taps: packed contiguously, it spans
+                // `taps * kc` rows, and the next block follows it.
+                let next = b.wrapping_add((kb.tap1 - kb.tap0) * kc * nr);
+                if let Some(pf) = prefetch_share::<NV>(next, kc, (t0 - p0) / MR) {
+                    accumulate_prefetching::<L, MR, NV>(&mut acc, &a, b, nr, kc, pf);
+                } else {
+                    accumulate::<L, MR, NV>(&mut acc, &a, b, nr, kc);
+                }
             }
             if bi > 0 {
                 add_from::<L, MR, NV>(&mut acc, partials.add((t0 - p0) * nr), nr);

@@ -58,6 +58,63 @@ pub(crate) unsafe fn accumulate<L: Level, const MR: usize, const NV: usize>(
     }
 }
 
+/// [`accumulate`] that also prefetches into L2 one cache line per step, `kc` consecutive
+/// lines from `next`: a share of the weights needed next (see [`prefetch_share`]), so that
+/// streaming them from memory overlaps the FMAs.
+///
+/// # Safety
+/// As [`accumulate`]; `next` is only prefetched (a hint: never faults, may be past the end).
+#[inline(always)]
+pub(crate) unsafe fn accumulate_prefetching<L: Level, const MR: usize, const NV: usize>(
+    acc: &mut Tile<L, MR, NV>,
+    a: &[*const f32; MR],
+    b: *const f32,
+    ldb: usize,
+    kc: usize,
+    next: *const f32,
+) {
+    for k in 0..kc {
+        prefetch_l2(next.wrapping_add(k * LANES));
+        let b_row = b.add(k * ldb);
+        let mut bv = [L::zero(); NV];
+        for v in 0..NV {
+            bv[v] = L::load(b_row.add(v * LANES));
+        }
+        for m in 0..MR {
+            let am = L::splat(*a[m].add(k));
+            for v in 0..NV {
+                acc[m][v] = L::fma(am, bv[v], acc[m][v]);
+            }
+        }
+    }
+}
+
+/// The lines row tile `tile` of a reduction block prefetches from the next block's
+/// `kc x NV * 16` weights at `next`: tiles 0..NV take `kc` lines each (one per step, one
+/// prefetch per 8 * NV FMAs), spread over the block instead of queued up in its first tile;
+/// `None` for later tiles.
+#[inline(always)]
+pub(crate) fn prefetch_share<const NV: usize>(
+    next: *const f32,
+    kc: usize,
+    tile: usize,
+) -> Option<*const f32> {
+    (tile < NV).then(|| next.wrapping_add(tile * kc * LANES))
+}
+
+/// Hint the cache line holding `p` into L2 (any address: a prefetch never faults).
+#[inline(always)]
+fn prefetch_l2(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is baseline on x86-64; prefetching does not access memory architecturally.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        _mm_prefetch::<_MM_HINT_T1>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Add memory into a tile (row `m` at `c + m * ldc`).
 ///
 /// # Safety

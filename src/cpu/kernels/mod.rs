@@ -16,10 +16,13 @@
 //! - `conv3x3_winograd_nhwc` (stride-1 3x3, decoder): F(4x4, 3x3) does 36 / 144 of the
 //!   direct multiply-adds plus transforms of O(cin + cout) per 4x4 tile: its floor is 1/4 of
 //!   the direct one, as long as the transformed weights (36 * cin * cout floats, 4x the plain
-//!   ones) are re-read from cache: per tile block they move 2 FLOPs per tile per 4 bytes, so
-//!   with few tiles and weights in DRAM it is bandwidth bound (dec0.conv1, 45 MB, is left to
-//!   the direct conv). Measured 210-280 "direct-equivalent" GFLOP/s on one thread, i.e.
-//!   about 55-70 real GFLOP/s in the GEMM: the gap is the 6x6 transforms and short GEMMs.
+//!   ones) are re-read from cache. With many tiles, units are tile blocks (weights re-read per
+//!   block); with few tiles and many channels (dec0: 16 or 64 tiles, 1216 -> 256, 45 MB of
+//!   weights) a by-position schedule reads each weight once: its floor is then the larger of
+//!   the FLOPs (16x16: 0.36 GFLOP, 2.2 ms per core) and streaming the weights (4.1 ms at
+//!   DRAM speed, 1.8 from L3), which the weight prefetch overlaps. Measured 210-280
+//!   "direct-equivalent" GFLOP/s on one thread, i.e. about 55-70 real GFLOP/s in the GEMM
+//!   (dec0.conv1 at 32x32: about 400): the gap is the 6x6 transforms and short GEMMs.
 //! - `depthwise_conv2d_nhwc`: 2 * k^2 FLOPs per output element against 8 bytes moved
 //!   (one input read, one output write; 18-50 FLOPs per 8 bytes): bandwidth bound on large
 //!   maps; on small ones the fused swish (about 20 vector ops) costs as much as a 3x3 sum.

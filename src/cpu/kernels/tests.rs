@@ -7,6 +7,7 @@
 use proptest::prelude::*;
 
 use super::isa::{dispatch_isa, Isa};
+use super::winograd::Schedule;
 use super::*;
 
 /// Deterministic data in [-1, 1] (splitmix64).
@@ -282,19 +283,24 @@ impl ConvProblem {
         let d = self.data();
         let (reference, scales) = self.reference(&d);
         let packed = PackedWinograd::pack(&d.w, self.g.cout, self.g.cin);
+        let schedules = [None, Some(Schedule::TileBlocks), Some(Schedule::ByPosition)];
         for isa in Isa::available() {
-            let mut y = vec![f32::NAN; self.g.output_len()];
-            winograd::winograd_conv3x3_nhwc_isa(
-                isa,
-                &d.x,
-                &self.g,
-                &packed,
-                &d.bias,
-                self.act,
-                d.residual.as_deref(),
-                &mut y,
-            );
-            check("winograd", isa, &y, &reference, &scales, WINOGRAD_TOLERANCE)?;
+            for schedule in schedules {
+                let mut y = vec![f32::NAN; self.g.output_len()];
+                winograd::winograd_conv3x3_scheduled(
+                    isa,
+                    schedule,
+                    &d.x,
+                    &self.g,
+                    &packed,
+                    &d.bias,
+                    self.act,
+                    d.residual.as_deref(),
+                    &mut y,
+                );
+                let name = format!("winograd {schedule:?}");
+                check(&name, isa, &y, &reference, &scales, WINOGRAD_TOLERANCE)?;
+            }
         }
         Ok(())
     }
@@ -369,6 +375,10 @@ fn winograd_tiny_maps_long_reductions_and_parallel_units() {
     // Channel chunks (cin above the reduction block) and column-group units.
     winograd_case(same(6, 300, 300), Activation::Identity, true);
     winograd_case(same(5, 530, 40), Activation::Relu, false);
+    // Few tiles, many channels (dec0's by-position schedule, picked by shape): channel
+    // chunks, a ragged map, an odd cout with partial column groups.
+    winograd_case(same(7, 600, 90), Activation::Relu, true);
+    winograd_case(same(8, 1216, 256), Activation::Relu, false);
     // Many tiles: parallel tile blocks, ragged right and bottom tiles.
     winograd_case(same(45, 40, 72), Activation::Relu, false);
     let g = ConvGeometry {

@@ -27,7 +27,9 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use super::conv::{group_widths, ColumnGroup, OutPtr, KC_TARGET, PIXEL_ALIGN, SERIAL_MACS};
-use super::gemm::{accumulate, add_from, store_tile, zero_tile, Tile};
+use super::gemm::{
+    accumulate, accumulate_prefetching, add_from, prefetch_share, store_tile, zero_tile, Tile,
+};
 use super::isa::{dispatch_isa, dispatch_tile, Isa};
 use super::simd::{activate, load_partial, AlignedBuf, Level, LANES};
 use super::{Activation, ConvGeometry};
@@ -103,6 +105,12 @@ impl PackedWinograd {
 
     pub fn cin(&self) -> usize {
         self.cin
+    }
+
+    /// The packed weights of `group` at `pos`, from input channel `c0`.
+    fn weights(&self, group: &ColumnGroup, pos: usize, c0: usize) -> *const f32 {
+        let nr = group.nv * LANES;
+        self.data.as_slice()[group.offset + (pos * self.cin + c0) * nr..].as_ptr()
     }
 }
 
@@ -343,6 +351,38 @@ struct WinoJob<'a> {
     plan: &'a Plan,
 }
 
+/// How a Winograd convolution's work is organized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Schedule {
+    /// Units of (tile block, column groups), each transforming its own inputs into a
+    /// per-thread scratch that stays in L2; the transformed weights are read once per tile
+    /// block. For many tiles (dec1..dec4).
+    TileBlocks,
+    /// Three phases over buffers shared by the threads: every input tile transformed once;
+    /// one unit per (position, column group) multiplying all tiles by that weight matrix,
+    /// so each is read once in total and stays hot while every tile uses it; the output
+    /// transforms. For few tiles and many channels (dec0), where weights outweigh inputs:
+    /// the tile-block schedule had tiny GEMMs streaming 45 MB of weights per tile block.
+    ByPosition,
+}
+
+/// Largest transformed input (`POS * tiles * cin` floats, 16 MB) the by-position schedule
+/// holds at once; dec0.conv1 at model size 512 (64 tiles x 1216 channels) takes 12.6 MB.
+const BY_POSITION_MAX_V_FLOATS: usize = 4 << 20;
+
+/// By position when the weights outweigh the inputs (padded columns >= tiles) and the
+/// transformed input fits [`BY_POSITION_MAX_V_FLOATS`].
+fn schedule_for(g: &ConvGeometry, w: &PackedWinograd) -> Schedule {
+    let tiles = g.out_w.div_ceil(TILE) * g.out_h.div_ceil(TILE);
+    let coutp: usize = w.groups.iter().map(|gr| gr.nv * LANES).sum();
+    let v_floats = POS * tiles.next_multiple_of(PIXEL_ALIGN) * g.cin.next_multiple_of(LANES);
+    if tiles <= coutp && v_floats <= BY_POSITION_MAX_V_FLOATS {
+        Schedule::ByPosition
+    } else {
+        Schedule::TileBlocks
+    }
+}
+
 /// `y = act(conv3x3(x, w) + bias)` [+ residual], stride 1, any padding; the same contract
 /// as `conv2d_nhwc_isa`.
 #[allow(clippy::too_many_arguments)]
@@ -357,7 +397,25 @@ pub(crate) fn winograd_conv3x3_nhwc_isa(
     y: &mut [f32],
 ) {
     assert_eq!(x.len(), g.input_len(), "conv input length");
-    winograd(isa, x, false, g, w, bias, act, residual, y)
+    winograd(isa, None, x, false, g, w, bias, act, residual, y)
+}
+
+/// [`winograd_conv3x3_nhwc_isa`] with the schedule forced (`None`: picked by shape).
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn winograd_conv3x3_scheduled(
+    isa: Isa,
+    schedule: Option<Schedule>,
+    x: &[f32],
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    assert_eq!(x.len(), g.input_len(), "conv input length");
+    winograd(isa, schedule, x, false, g, w, bias, act, residual, y)
 }
 
 /// The same on the nearest-neighbour 2x upsampling of `x_half` (`g` describes the
@@ -378,12 +436,13 @@ pub(crate) fn winograd_conv3x3_upsampled_nhwc_isa(
         "an upsampled input has even sides"
     );
     assert_eq!(x_half.len(), g.input_len() / 4, "conv input length");
-    winograd(isa, x_half, true, g, w, bias, act, residual, y)
+    winograd(isa, None, x_half, true, g, w, bias, act, residual, y)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn winograd(
     isa: Isa,
+    schedule: Option<Schedule>,
     x: &[f32],
     upsampled: bool,
     g: &ConvGeometry,
@@ -414,6 +473,7 @@ fn winograd(
     let mut padded_bias = vec![0.0; g.cout.next_multiple_of(LANES)];
     padded_bias[..g.cout].copy_from_slice(bias);
     let plan = plan(g, w, rayon::current_num_threads());
+    let schedule = schedule.unwrap_or_else(|| schedule_for(g, w));
     let job = WinoJob {
         x,
         upsampled,
@@ -426,14 +486,20 @@ fn winograd(
         zeros: &zeros,
         plan: &plan,
     };
-    if plan.parallel {
-        plan.units
-            .par_iter()
-            .for_each(|unit| wino_unit_isa(isa, &job, unit));
+    match schedule {
+        Schedule::TileBlocks => for_each_unit(plan.parallel, &plan.units, |unit| {
+            wino_unit_isa(isa, &job, unit)
+        }),
+        Schedule::ByPosition => by_position(isa, &job),
+    }
+}
+
+/// Runs `f` on every unit, on the rayon pool when `parallel`.
+fn for_each_unit<T: Sync>(parallel: bool, units: &[T], f: impl Fn(&T) + Send + Sync) {
+    if parallel {
+        units.par_iter().for_each(f);
     } else {
-        plan.units
-            .iter()
-            .for_each(|unit| wino_unit_isa(isa, &job, unit));
+        units.iter().for_each(f);
     }
 }
 
@@ -461,38 +527,194 @@ fn wino_unit<L: Level>(job: &WinoJob<'_>, unit: &Unit) {
     // SAFETY: `winograd_conv3x3_nhwc_isa` checked the lengths; `v` and `m` hold
     // `POS * rows` rows of `kcs` and `unit.cols` floats.
     unsafe {
+        let (rows, kcs) = (plan.rows, plan.kcs);
         for (ci, &(c0, c1)) in plan.chunks.iter().enumerate() {
-            transform_inputs::<L>(job, unit, c0, c1, v.as_mut_ptr());
+            transform_inputs::<L>(job, unit.t0, unit.t1, c0, c1, v.as_mut_ptr(), rows, kcs);
             for pos in 0..POS {
                 for group in &job.w.groups[unit.g0..unit.g1] {
-                    dispatch_tile!(
-                        L,
-                        group.nv,
-                        multiply_position(job, unit, group, pos, (c0, c1), ci > 0, v, m)
-                    );
+                    let mp = m.as_mut_ptr();
+                    let product = Product {
+                        v: v.as_ptr().add(pos * rows * kcs),
+                        ldv: kcs,
+                        b: job.w.weights(group, pos, c0),
+                        kc: c1 - c0,
+                        m: mp.add(pos * rows * unit.cols + group.co0 - unit.col0),
+                        ldm: unit.cols,
+                        nt: unit.t1 - unit.t0,
+                        add_earlier: ci > 0,
+                        next: None,
+                    };
+                    dispatch_tile!(L, group.nv, multiply_rows(&product));
                 }
             }
         }
-        transform_outputs::<L>(job, unit, m);
+        let out = OutputTiles {
+            t0: unit.t0,
+            t1: unit.t1,
+            col0: unit.col0,
+            cols: unit.cols,
+            rows,
+        };
+        transform_outputs::<L>(job, &out, m.as_ptr());
     }
     SCRATCH.with(|cell| cell.replace(scratch));
 }
 
-/// `V[pos][tile][c - c0] = (B^T d B)[pos]` for the unit's tiles and channels `c0..c1`.
+thread_local! {
+    /// The by-position schedule's `V` and `M`, kept by the calling thread between calls.
+    static SHARED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// The buffers of the by-position schedule: `V[pos][row = tile][ldv]` (all input
+/// channels) and `M[pos][row = tile][coutp]`, `rows` rows per position.
+struct Shared {
+    v: OutPtr,
+    m: OutPtr,
+    tiles: usize,
+    rows: usize,
+    ldv: usize,
+    coutp: usize,
+}
+
+/// The [`Schedule::ByPosition`] schedule: input transforms by (tile row, channel chunk),
+/// products by (position, column group), output transforms by tile row.
+fn by_position(isa: Isa, job: &WinoJob<'_>) {
+    let (g, plan) = (&job.g, job.plan);
+    let tiles_h = g.out_h.div_ceil(TILE);
+    let tiles = plan.tiles_w * tiles_h;
+    let rows = tiles.next_multiple_of(PIXEL_ALIGN);
+    let ldv = g.cin.next_multiple_of(LANES);
+    let coutp: usize = job.w.groups.iter().map(|gr| gr.nv * LANES).sum();
+    let (v_len, m_len) = (POS * rows * ldv, POS * rows * coutp);
+    let mut buf = SHARED.with(|cell| cell.take());
+    if buf.len() < v_len + m_len {
+        buf.resize(v_len + m_len, 0.0);
+    }
+    let (v, m) = buf.split_at_mut(v_len);
+    let shared = Shared {
+        v: OutPtr(v.as_mut_ptr()),
+        m: OutPtr(m.as_mut_ptr()),
+        tiles,
+        rows,
+        ldv,
+        coutp,
+    };
+    let inputs: Vec<(usize, usize)> = (0..tiles_h)
+        .flat_map(|ty| (0..plan.chunks.len()).map(move |ci| (ty, ci)))
+        .collect();
+    for_each_unit(plan.parallel, &inputs, |&(ty, ci)| {
+        by_position_inputs_isa(isa, job, &shared, ty, ci)
+    });
+    let products: Vec<(usize, usize)> = (0..POS)
+        .flat_map(|pos| (0..job.w.groups.len()).map(move |gi| (pos, gi)))
+        .collect();
+    for_each_unit(plan.parallel, &products, |&(pos, gi)| {
+        by_position_products_isa(isa, job, &shared, pos, gi)
+    });
+    let outputs: Vec<usize> = (0..tiles_h).collect();
+    for_each_unit(plan.parallel, &outputs, |&ty| {
+        by_position_outputs_isa(isa, job, &shared, ty)
+    });
+    SHARED.with(|cell| cell.replace(buf));
+}
+
+dispatch_isa! {
+    fn by_position_inputs_isa(job: &WinoJob<'_>, s: &Shared, ty: usize, ci: usize) => by_position_inputs;
+}
+
+dispatch_isa! {
+    fn by_position_products_isa(job: &WinoJob<'_>, s: &Shared, pos: usize, gi: usize) => by_position_products;
+}
+
+dispatch_isa! {
+    fn by_position_outputs_isa(job: &WinoJob<'_>, s: &Shared, ty: usize) => by_position_outputs;
+}
+
+/// Transform the inputs of tile row `ty`, channel chunk `ci`, into `V`.
+#[inline(always)]
+fn by_position_inputs<L: Level>(job: &WinoJob<'_>, s: &Shared, ty: usize, ci: usize) {
+    let tiles_w = job.plan.tiles_w;
+    let (c0, c1) = job.plan.chunks[ci];
+    let t0 = ty * tiles_w;
+    // SAFETY: `V` holds `rows >= tiles` rows of `ldv >= cin` (rounded up to 16) floats per
+    // position; units write disjoint (tile, channel) ranges.
+    unsafe {
+        let v = s.v.0.add(t0 * s.ldv + c0);
+        transform_inputs::<L>(job, t0, t0 + tiles_w, c0, c1, v, s.rows, s.ldv);
+    }
+}
+
+/// `M[pos][.., group] = V[pos] x U[pos, group]`, all tiles, channel chunk by chunk.
+#[inline(always)]
+fn by_position_products<L: Level>(job: &WinoJob<'_>, s: &Shared, pos: usize, gi: usize) {
+    let group = &job.w.groups[gi];
+    // SAFETY: `rows` is a multiple of every tile height, so the row tiles stay inside the
+    // position's `rows` rows; units write disjoint (position, column group) blocks of `M`.
+    unsafe {
+        let chunks = &job.plan.chunks;
+        for (ci, &(c0, c1)) in chunks.iter().enumerate() {
+            // The weights needed next on this thread: the next chunk's, else those of the
+            // next unit (units run in order on a thread): (pos, gi + 1) or (pos + 1, 0).
+            let next = if ci + 1 < chunks.len() {
+                job.w.weights(group, pos, chunks[ci + 1].0)
+            } else if gi + 1 < job.w.groups.len() {
+                job.w.weights(&job.w.groups[gi + 1], pos, 0)
+            } else if pos + 1 < POS {
+                job.w.weights(&job.w.groups[0], pos + 1, 0)
+            } else {
+                job.w.weights(group, pos, c0)
+            };
+            let product = Product {
+                v: s.v.0.add(pos * s.rows * s.ldv + c0),
+                ldv: s.ldv,
+                b: job.w.weights(group, pos, c0),
+                kc: c1 - c0,
+                m: s.m.0.add(pos * s.rows * s.coutp + group.co0),
+                ldm: s.coutp,
+                nt: s.tiles,
+                add_earlier: ci > 0,
+                next: Some(next),
+            };
+            dispatch_tile!(L, group.nv, multiply_rows(&product));
+        }
+    }
+}
+
+/// Output transforms of tile row `ty`.
+#[inline(always)]
+fn by_position_outputs<L: Level>(job: &WinoJob<'_>, s: &Shared, ty: usize) {
+    let t0 = ty * job.plan.tiles_w;
+    let tiles = OutputTiles {
+        t0,
+        t1: t0 + job.plan.tiles_w,
+        col0: 0,
+        cols: s.coutp,
+        rows: s.rows,
+    };
+    // SAFETY: `M` holds `POS * rows * coutp` floats; units store disjoint output pixels.
+    unsafe { transform_outputs::<L>(job, &tiles, s.m.0.add(t0 * s.coutp)) }
+}
+
+/// `v[(pos * rows + t - t0) * kcs + c - c0] = (B^T d B)[pos]` for tiles `t0..t1` and
+/// channels `c0..c1` (written in whole vectors of 16).
 ///
 /// # Safety
-/// `v` must hold `POS * rows * kcs` floats; the job's lengths must have been checked.
+/// `v` must be writable at those indices, rounded up to whole vectors; the job's lengths
+/// must have been checked.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn transform_inputs<L: Level>(
     job: &WinoJob<'_>,
-    unit: &Unit,
+    t0: usize,
+    t1: usize,
     c0: usize,
     c1: usize,
     v: *mut f32,
+    rows: usize,
+    kcs: usize,
 ) {
     let g = &job.g;
-    let (rows, kcs) = (job.plan.rows, job.plan.kcs);
-    for t in unit.t0..unit.t1 {
+    for t in t0..t1 {
         let (ty, tx) = (t / job.plan.tiles_w, t % job.plan.tiles_w);
         let iy0 = (ty * TILE) as isize - g.pad_top as isize;
         let ix0 = (tx * TILE) as isize - g.pad_left as isize;
@@ -515,7 +737,7 @@ unsafe fn transform_inputs<L: Level>(
                 }
             }
         }
-        let dst = v.add((t - unit.t0) * kcs);
+        let dst = v.add((t - t0) * kcs);
         let mut c = c0;
         while c < c1 {
             let mut d = [L::zero(); POS];
@@ -538,58 +760,76 @@ unsafe fn transform_inputs<L: Level>(
     }
 }
 
-/// `M[pos] (+)= V[pos] x U[pos]` for one column group, all of the unit's tiles.
+/// One GEMM of a position and a column group: `m[r] (+)= v[r] x b` for rows `r < nt`.
+struct Product {
+    /// Row `r` of the transformed inputs at `v + r * ldv`, `kc` floats.
+    v: *const f32,
+    ldv: usize,
+    /// Packed transformed weights, `kc` rows of `NV * 16` floats.
+    b: *const f32,
+    kc: usize,
+    /// Row `r` of the products at `m + r * ldm`, `NV * 16` floats.
+    m: *mut f32,
+    ldm: usize,
+    nt: usize,
+    /// Add the products already in `m` (earlier channel chunks).
+    add_earlier: bool,
+    /// Weights to prefetch while the first row tiles run (the next product's, when they
+    /// stream from memory: read once per call).
+    next: Option<*const f32>,
+}
+
+/// Computes a [`Product`], `MR` rows at a time.
 ///
 /// # Safety
-/// As `transform_inputs`; `m` must hold `POS * rows * unit.cols` floats.
-#[allow(clippy::too_many_arguments)]
+/// The pointers of `p` must be valid for `nt` rounded up to `MR` rows (rows past `nt`
+/// compute unused products).
 #[inline(always)]
-unsafe fn multiply_position<L: Level, const MR: usize, const NV: usize>(
-    job: &WinoJob<'_>,
-    unit: &Unit,
-    group: &ColumnGroup,
-    pos: usize,
-    (c0, c1): (usize, usize),
-    add_earlier: bool,
-    v: &[f32],
-    m: &mut [f32],
-) {
-    let (rows, kcs) = (job.plan.rows, job.plan.kcs);
-    let nr = NV * LANES;
-    let b = job
-        .w
-        .data
-        .as_slice()
-        .as_ptr()
-        .add(group.offset + (pos * job.g.cin + c0) * nr);
-    let col = group.co0 - unit.col0;
-    let nt = unit.t1 - unit.t0;
-    // Rows past `nt` (up to `rows`, a multiple of MR) compute unused products.
+unsafe fn multiply_rows<L: Level, const MR: usize, const NV: usize>(p: &Product) {
     let mut r = 0;
-    while r < nt {
-        let mut a = [v.as_ptr(); MR];
+    while r < p.nt {
+        let mut a = [p.v; MR];
         for i in 0..MR {
-            a[i] = v.as_ptr().add((pos * rows + r + i) * kcs);
+            a[i] = p.v.add((r + i) * p.ldv);
         }
         let mut acc: Tile<L, MR, NV> = zero_tile::<L, MR, NV>();
-        accumulate::<L, MR, NV>(&mut acc, &a, b, nr, c1 - c0);
-        let out = m.as_mut_ptr().add((pos * rows + r) * unit.cols + col);
-        if add_earlier {
-            add_from::<L, MR, NV>(&mut acc, out, unit.cols);
+        match p
+            .next
+            .and_then(|next| prefetch_share::<NV>(next, p.kc, r / MR))
+        {
+            Some(pf) => {
+                accumulate_prefetching::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc, pf)
+            }
+            None => accumulate::<L, MR, NV>(&mut acc, &a, p.b, NV * LANES, p.kc),
         }
-        store_tile::<L, MR, NV>(out, unit.cols, &acc);
+        let out = p.m.add(r * p.ldm);
+        if p.add_earlier {
+            add_from::<L, MR, NV>(&mut acc, out, p.ldm);
+        }
+        store_tile::<L, MR, NV>(out, p.ldm, &acc);
         r += MR;
     }
 }
 
-/// Output transform, bias, activation, residual and store of the unit's tiles.
+/// Tiles `t0..t1` and output channels `col0..col0 + cols` of a products buffer laid out
+/// `[pos][rows][cols]` (tile `t` in row `t - t0`).
+struct OutputTiles {
+    t0: usize,
+    t1: usize,
+    col0: usize,
+    cols: usize,
+    rows: usize,
+}
+
+/// Output transform, bias, activation, residual and store of some tiles.
 ///
 /// # Safety
-/// As `multiply_position`.
+/// `m` must hold `POS * unit.rows * unit.cols` floats; the job's lengths must have been
+/// checked.
 #[inline(always)]
-unsafe fn transform_outputs<L: Level>(job: &WinoJob<'_>, unit: &Unit, m: &[f32]) {
+unsafe fn transform_outputs<L: Level>(job: &WinoJob<'_>, unit: &OutputTiles, m: *const f32) {
     let g = &job.g;
-    let rows = job.plan.rows;
+    let rows = unit.rows;
     let cout = g.cout;
     for t in unit.t0..unit.t1 {
         let (ty, tx) = (t / job.plan.tiles_w, t % job.plan.tiles_w);
@@ -601,7 +841,7 @@ unsafe fn transform_outputs<L: Level>(job: &WinoJob<'_>, unit: &Unit, m: &[f32])
             let lanes = LANES.min(cout - co);
             let mut mm = [L::zero(); POS];
             for pos in 0..POS {
-                mm[pos] = L::load(m.as_ptr().add((pos * rows + t - unit.t0) * unit.cols + col));
+                mm[pos] = L::load(m.add((pos * rows + t - unit.t0) * unit.cols + col));
             }
             let out = output_tile::<L>(&mm);
             let bias = L::load(job.bias.as_ptr().add(co));
