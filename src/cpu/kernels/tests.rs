@@ -850,6 +850,12 @@ fn squeeze_excite_and_scse_model_shapes() {
     // Squeeze 1 (the model's smallest), large maps (parallel passes, chunked sums).
     check_squeeze_excite(64 * 64, 144, 1, 1).unwrap();
     check_squeeze_excite(8 * 8, 1632, 68, 2).unwrap();
+    // Small maps split by channel blocks (up to 256 pixels), the boundary, odd tails.
+    check_squeeze_excite(16 * 16, 960, 40, 6).unwrap();
+    check_squeeze_excite(257, 960, 40, 7).unwrap();
+    check_squeeze_excite(1, 2688, 112, 8).unwrap();
+    check_squeeze_excite(3, 1001, 5, 9).unwrap();
+    check_squeeze_excite(128 * 128, 24, 6, 10).unwrap();
     check_scse(64 * 64, 160, 10, 3).unwrap();
     check_scse(16 * 16, 1216, 76, 4).unwrap();
     check_scse(5, 17, 1, 5).unwrap();
