@@ -136,9 +136,13 @@ fn bench_winograd(c: &mut Criterion) {
 
 fn bench_depthwise(c: &mut Criterion) {
     let shapes = [
+        ("dw_128x128x24_k3s1", geometry(128, 24, 24, 3, 1)),
+        ("dw_128x128x48_k3s1", geometry(128, 48, 48, 3, 1)),
         ("dw_128x128x144_k3s2", geometry(128, 144, 144, 3, 2)),
         ("dw_64x64x192_k5s2", geometry(64, 192, 192, 5, 2)),
         ("dw_32x32x336_k3s2", geometry(32, 336, 336, 3, 2)),
+        ("dw_32x32x336_k5s1", geometry(32, 336, 336, 5, 1)),
+        ("dw_16x16x672_k3s1", geometry(16, 672, 672, 3, 1)),
         ("dw_16x16x960_k5s1", geometry(16, 960, 960, 5, 1)),
         ("dw_8x8x1632_k5s1", geometry(8, 1632, 1632, 5, 1)),
     ];
@@ -162,7 +166,11 @@ fn bench_depthwise(c: &mut Criterion) {
 fn bench_attention(c: &mut Criterion) {
     let mut group = configure(c, "attention");
     for (name, side, channels, squeeze) in [
+        ("se_128x128x24_sq6", 128, 24, 6),
         ("se_64x64x192_sq8", 64, 192, 8),
+        ("se_32x32x336_sq14", 32, 336, 14),
+        ("se_16x16x960_sq40", 16, 960, 40),
+        ("se_8x8x1632_sq68", 8, 1632, 68),
         ("se_8x8x2688_sq112", 8, 2688, 112),
     ] {
         let pixels = side * side;

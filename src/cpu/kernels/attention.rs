@@ -3,6 +3,12 @@
 //! Both are two passes over the tensor: a per-channel mean (parallel over pixel chunks,
 //! partial sums of at most [`SUM_ROWS`] pixels in f32 then combined in f64), a tiny
 //! matrix-vector gate, then a per-pixel pass that scales (parallel over pixel chunks).
+//!
+//! Squeeze-excite on small maps (at most [`SUM_ROWS`] pixels: 16x16 and 8x8 with 672-2688
+//! channels) splits by channel blocks instead, so that the two fully connected layers (up
+//! to 2688 x 112 weights each, read from L3) are split too, in two parallel steps: (1) each
+//! block's means and its share of the reduce layer's dot products; (2) each block's gates
+//! (its rows of the expand layer) and the scaling of its channels in every pixel.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -42,6 +48,10 @@ pub(crate) fn squeeze_excite_nhwc_isa(
     if pixels == 0 || c == 0 {
         return;
     }
+    if pixels <= SUM_ROWS && sq > 0 {
+        squeeze_excite_by_channels(isa, x, pixels, se, y);
+        return;
+    }
     let means = channel_means(isa, x, pixels, c);
     let mut squeezed = vec![0.0; sq];
     matvec_isa(
@@ -62,6 +72,169 @@ pub(crate) fn squeeze_excite_nhwc_isa(
         &mut gate,
     );
     for_pixel_chunks(x, y, c, |xs, ys| scale_channels_isa(isa, xs, &gate, ys));
+}
+
+/// Channels `c0 .. c0 + len` of every pixel of an NHWC output, for the one channel block
+/// that writes them.
+struct BlockRows {
+    ptr: *mut f32,
+    stride: usize,
+    len: usize,
+    pixels: usize,
+}
+
+// SAFETY: a `BlockRows` is the only access to its segments (see `new`), wherever it goes.
+unsafe impl Send for BlockRows {}
+
+impl BlockRows {
+    /// # Safety
+    /// `y` must be valid for `(pixels - 1) * stride + c0 + len` floats, and while this value
+    /// lives nothing else may access the segments `p * stride + c0 .. + len`.
+    unsafe fn new(y: *mut f32, stride: usize, c0: usize, len: usize, pixels: usize) -> Self {
+        BlockRows {
+            ptr: y.add(c0),
+            stride,
+            len,
+            pixels,
+        }
+    }
+
+    fn row(&mut self, p: usize) -> &mut [f32] {
+        assert!(p < self.pixels);
+        // SAFETY: in bounds and exclusive (`new`); `&mut self` keeps one row out at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(p * self.stride), self.len) }
+    }
+}
+
+/// The output pointer, shared so that each block can build its own [`BlockRows`].
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used to build `BlockRows` of disjoint channel ranges.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A method, not `.0`: closures would capture the bare (not `Sync`) field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Channel blocks per thread (for balance) in the small-map squeeze-excite.
+const BLOCKS_PER_THREAD: usize = 2;
+/// Smallest channel block worth a task of its own in the small-map squeeze-excite.
+const MIN_BLOCK_CHANNELS: usize = 64;
+
+/// Squeeze-excite with at most [`SUM_ROWS`] pixels, by channel blocks (see the module doc).
+fn squeeze_excite_by_channels(
+    isa: Isa,
+    x: &[f32],
+    pixels: usize,
+    se: &SqueezeExcite,
+    y: &mut [f32],
+) {
+    let c = se.channels;
+    let threads = rayon::current_num_threads();
+    let block = c
+        .div_ceil(BLOCKS_PER_THREAD * threads)
+        .next_multiple_of(LANES)
+        .max(MIN_BLOCK_CHANNELS);
+    let blocks: Vec<(usize, usize)> = (0..c)
+        .step_by(block)
+        .map(|c0| (c0, (c0 + block).min(c)))
+        .collect();
+    // Work in floats touched: the map read twice and written once, plus both FC layers.
+    let parallel =
+        threads > 1 && blocks.len() > 1 && 3 * x.len() + 2 * c * se.squeeze >= SERIAL_ELEMENTS;
+    // Step 1: each block's share of the reduce layer's dot products, summed in block order.
+    let reduce_part = |&(c0, c1): &(usize, usize)| {
+        let mut part = vec![0.0; se.squeeze];
+        se_reduce_block_isa(isa, x, pixels, se, c0, c1, &mut part);
+        part
+    };
+    let parts: Vec<Vec<f32>> = if parallel {
+        blocks.par_iter().map(reduce_part).collect()
+    } else {
+        blocks.iter().map(reduce_part).collect()
+    };
+    let mut squeezed = se.reduce_b.clone();
+    for part in &parts {
+        squeezed.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+    }
+    activate_slice_isa(isa, Activation::Swish, &mut squeezed);
+    // Step 2: each block's gates, then its channels of every pixel scaled.
+    let out = SharedOut(y.as_mut_ptr());
+    let excite = |&(c0, c1): &(usize, usize)| {
+        // SAFETY: `y` holds pixels * c floats and this block alone writes channels c0..c1.
+        let mut rows = unsafe { BlockRows::new(out.ptr(), c, c0, c1 - c0, pixels) };
+        se_excite_block_isa(isa, x, se, &squeezed, c0, &mut rows);
+    };
+    if parallel {
+        blocks.par_iter().for_each(excite);
+    } else {
+        blocks.iter().for_each(excite);
+    }
+}
+
+dispatch_isa! {
+    fn se_reduce_block_isa(x: &[f32], pixels: usize, se: &SqueezeExcite, c0: usize, c1: usize, part: &mut [f32]) => se_reduce_block;
+}
+
+/// `part[r] = sum over c in c0..c1 of reduce_w[r, c] * mean_c` (`pixels <= SUM_ROWS`: the
+/// means are one f32 sum per channel, divided in f64 as in [`channel_means`]).
+#[inline(always)]
+fn se_reduce_block<L: Level>(
+    x: &[f32],
+    pixels: usize,
+    se: &SqueezeExcite,
+    c0: usize,
+    c1: usize,
+    part: &mut [f32],
+) {
+    let c = se.channels;
+    let mut means = vec![0.0; c1 - c0];
+    sum_rows::<L>(&x[c0..], c, pixels, &mut means);
+    for m in &mut means {
+        *m = (*m as f64 / pixels as f64) as f32;
+    }
+    let rows = |r: usize| &se.reduce_w[r * c + c0..r * c + c1];
+    let mut r = 0;
+    while r + 4 <= part.len() {
+        let sums = dot_rows::<L, 4>([rows(r), rows(r + 1), rows(r + 2), rows(r + 3)], &means);
+        part[r..r + 4].copy_from_slice(&sums);
+        r += 4;
+    }
+    for r in r..part.len() {
+        part[r] = dot_rows::<L, 1>([rows(r)], &means)[0];
+    }
+}
+
+dispatch_isa! {
+    fn se_excite_block_isa(x: &[f32], se: &SqueezeExcite, squeezed: &[f32], c0: usize, out: &mut BlockRows) => se_excite_block;
+}
+
+/// The block of squeeze-excite's second step that owns channels `c0 .. c0 + out.len`: its
+/// gates from the expand layer, then `y[p, c] = x[p, c] * gate[c]` in every pixel.
+#[inline(always)]
+fn se_excite_block<L: Level>(
+    x: &[f32],
+    se: &SqueezeExcite,
+    squeezed: &[f32],
+    c0: usize,
+    out: &mut BlockRows,
+) {
+    let (c, sq, len) = (se.channels, se.squeeze, out.len);
+    let mut gate = vec![0.0; len];
+    matvec::<L>(
+        &se.expand_w[c0 * sq..(c0 + len) * sq],
+        &se.expand_b[c0..c0 + len],
+        squeezed,
+        Activation::Sigmoid,
+        &mut gate,
+    );
+    for p in 0..out.pixels {
+        scale_row::<L>(&x[p * c + c0..][..len], &gate, 0.0, out.row(p));
+    }
 }
 
 pub(crate) fn scse_nhwc_isa(isa: Isa, x: &[f32], pixels: usize, w: &Scse, y: &mut [f32]) {
@@ -115,7 +288,7 @@ fn channel_means(isa: Isa, x: &[f32], pixels: usize, c: usize) -> Vec<f32> {
         let mut total = vec![0.0f64; c];
         let mut part = vec![0.0f32; c];
         for rows in xs.chunks(SUM_ROWS * c) {
-            sum_rows_isa(isa, rows, &mut part);
+            sum_rows_isa(isa, rows, c, rows.len() / c, &mut part);
             for (t, &p) in total.iter_mut().zip(&part) {
                 *t += p as f64;
             }
@@ -138,19 +311,19 @@ fn channel_means(isa: Isa, x: &[f32], pixels: usize, c: usize) -> Vec<f32> {
 }
 
 dispatch_isa! {
-    fn sum_rows_isa(rows: &[f32], sums: &mut [f32]) => sum_rows;
+    fn sum_rows_isa(rows: &[f32], stride: usize, pixels: usize, sums: &mut [f32]) => sum_rows;
 }
 
-/// `sums[c] = sum over pixels of rows[p * C + c]` with `C = sums.len()`.
+/// `sums[c] = sum over p < pixels of rows[p * stride + c]` (`sums.len() <= stride`).
 #[inline(always)]
-fn sum_rows<L: Level>(rows: &[f32], sums: &mut [f32]) {
+fn sum_rows<L: Level>(rows: &[f32], stride: usize, pixels: usize, sums: &mut [f32]) {
     let c = sums.len();
-    let pixels = rows.len() / c;
+    assert!(c <= stride && (pixels == 0 || (pixels - 1) * stride + c <= rows.len()));
     let mut c0 = 0;
     while c0 + 4 * LANES <= c {
         let mut acc = [L::zero(); 4];
         for p in 0..pixels {
-            let row = &rows[p * c + c0..][..4 * LANES];
+            let row = &rows[p * stride + c0..][..4 * LANES];
             for (v, a) in acc.iter_mut().enumerate() {
                 // SAFETY: `row` holds 4 vectors.
                 *a = L::add(*a, unsafe { L::load(row.as_ptr().add(v * LANES)) });
@@ -166,9 +339,9 @@ fn sum_rows<L: Level>(rows: &[f32], sums: &mut [f32]) {
         let lanes = LANES.min(c - c0);
         let mut acc = L::zero();
         for p in 0..pixels {
-            acc = L::add(acc, load_partial::<L>(&rows[p * c + c0..][..lanes]));
+            acc = L::add(acc, load_partial::<L>(&rows[p * stride + c0..][..lanes]));
         }
-        sums[c0..c0 + lanes].copy_from_slice(&L::to_array(acc)[..lanes]);
+        store_partial::<L>(&mut sums[c0..c0 + lanes], acc);
         c0 += lanes;
     }
 }
@@ -205,8 +378,17 @@ fn matvec<L: Level>(w: &[f32], b: &[f32], x: &[f32], act: Activation, out: &mut 
                 .fold(b[r], |acc, (&wv, &xv)| acc + wv * xv);
         }
     }
-    // The activation 16 outputs at a time, not one exponential per row.
-    for chunk in out.chunks_mut(LANES) {
+    activate_slice::<L>(act, out);
+}
+
+dispatch_isa! {
+    fn activate_slice_isa(act: Activation, xs: &mut [f32]) => activate_slice;
+}
+
+/// The activation in place, 16 values at a time (not one exponential per value).
+#[inline(always)]
+fn activate_slice<L: Level>(act: Activation, xs: &mut [f32]) {
+    for chunk in xs.chunks_mut(LANES) {
         let v = activate::<L>(act, load_partial::<L>(chunk));
         store_partial::<L>(chunk, v);
     }
@@ -269,13 +451,13 @@ fn scale_row<L: Level>(x: &[f32], gate: &[f32], extra: f32, y: &mut [f32]) {
             L::store(yc.as_mut_ptr(), v);
         }
     }
-    for ((xv, gv), yv) in xs
-        .remainder()
-        .iter()
-        .zip(gs.remainder())
-        .zip(ys.into_remainder())
-    {
-        *yv = xv * (gv + extra);
+    let (xt, gt, yt) = (xs.remainder(), gs.remainder(), ys.into_remainder());
+    if !yt.is_empty() {
+        let v = L::mul(
+            load_partial::<L>(xt),
+            L::add(load_partial::<L>(gt), extra_v),
+        );
+        store_partial::<L>(yt, v);
     }
 }
 

@@ -133,7 +133,9 @@ const PIXELS: usize = 4;
 /// The model's shapes (k = 3, 5; stride 1, 2) with the kernel size and stride known at
 /// compile time: for each block of 16 channels the `K x K` weight vectors stay in registers
 /// while an output row is swept, [`PIXELS`] outputs at a time in the interior (no bounds
-/// checks, loads shared between neighbouring taps) and one at a time at the borders.
+/// checks, loads shared between neighbouring taps) and one at a time at the borders. A last
+/// block of fewer than 16 channels takes the same path with masked input loads and output
+/// stores (its packed weights and bias are zero-padded, so those load whole).
 #[inline(always)]
 fn dw_rows_fixed<L: Level, const K: usize, const S: usize>(
     job: &DwJob<'_>,
@@ -143,25 +145,63 @@ fn dw_rows_fixed<L: Level, const K: usize, const S: usize>(
     let channels = job.g.cin;
     let row_len = job.g.out_w * channels;
     let full_blocks = channels / LANES;
+    let tail = channels - full_blocks * LANES;
     // Row-major order: the few input rows one output row needs stay in L1/L2 while every
     // channel block sweeps them (channel-block-major order re-streams the input from L3).
     for (r, out_row) in out.chunks_exact_mut(row_len).enumerate() {
         for cb in 0..full_blocks {
             let c0 = cb * LANES;
-            let packed = job.w.data.as_slice().as_ptr();
-            let mut w = [[L::zero(); K]; K];
-            for ky in 0..K {
-                for kx in 0..K {
-                    let tap = (ky * K + kx) * job.w.stride_c;
-                    // SAFETY: each tap's packed weights span stride_c >= c0 + 16 floats.
-                    w[ky][kx] = unsafe { L::load(packed.add(tap + c0)) };
-                }
-            }
-            dw_row_fixed::<L, K, S>(job, oy0 + r, c0, &w, out_row);
+            let w = block_weights::<L, K>(job.w, c0);
+            dw_row_fixed::<L, K, S, false>(job, oy0 + r, c0, LANES, &w, out_row);
         }
-        if full_blocks * LANES < channels {
-            dw_row_tail::<L>(job, oy0 + r, full_blocks * LANES, out_row);
+        if tail > 0 {
+            let c0 = full_blocks * LANES;
+            let w = block_weights::<L, K>(job.w, c0);
+            dw_row_fixed::<L, K, S, true>(job, oy0 + r, c0, tail, &w, out_row);
         }
+    }
+}
+
+/// The `K x K` weight vectors of channels `c0 .. c0 + 16` (zeros past the channel count).
+#[inline(always)]
+fn block_weights<L: Level, const K: usize>(packed: &PackedDepthwise, c0: usize) -> [[L::V; K]; K] {
+    assert!(packed.kernel == K && c0 < packed.stride_c);
+    let data = packed.data.as_slice().as_ptr();
+    let mut w = [[L::zero(); K]; K];
+    for ky in 0..K {
+        for kx in 0..K {
+            let tap = (ky * K + kx) * packed.stride_c;
+            // SAFETY: each tap's packed weights span stride_c floats, a multiple of 16 above
+            // c0, so c0 + 16 <= stride_c.
+            w[ky][kx] = unsafe { L::load(data.add(tap + c0)) };
+        }
+    }
+    w
+}
+
+/// 16 lanes from `p`, or only the first `n` when `TAIL`.
+///
+/// # Safety
+/// `p` must be valid for reading 16 floats, or `n` when `TAIL`.
+#[inline(always)]
+unsafe fn load_lanes<L: Level, const TAIL: bool>(p: *const f32, n: usize) -> L::V {
+    if TAIL {
+        L::load_masked(p, n)
+    } else {
+        L::load(p)
+    }
+}
+
+/// Store 16 lanes to `p`, or only the first `n` when `TAIL`.
+///
+/// # Safety
+/// `p` must be valid for writing 16 floats, or `n` when `TAIL`.
+#[inline(always)]
+unsafe fn store_lanes<L: Level, const TAIL: bool>(p: *mut f32, n: usize, v: L::V) {
+    if TAIL {
+        L::store_masked(p, n, v)
+    } else {
+        L::store(p, v)
     }
 }
 
@@ -170,17 +210,21 @@ struct TapRows<const K: usize> {
     rows: [Option<*const f32>; K],
 }
 
+/// Channels `c0 .. c0 + lanes` of output row `oy`: `lanes` is 16, or fewer (the last block)
+/// when `TAIL`.
 #[inline(always)]
-fn dw_row_fixed<L: Level, const K: usize, const S: usize>(
+fn dw_row_fixed<L: Level, const K: usize, const S: usize, const TAIL: bool>(
     job: &DwJob<'_>,
     oy: usize,
     c0: usize,
+    lanes: usize,
     w: &[[L::V; K]; K],
     out_row: &mut [f32],
 ) {
     let g = &job.g;
     let channels = g.cin;
-    assert!(c0 + LANES <= channels && out_row.len() == g.out_w * channels);
+    assert!(lanes <= LANES && (TAIL || lanes == LANES));
+    assert!(c0 + lanes <= channels && out_row.len() == g.out_w * channels);
     let iy0 = (oy * S) as isize - g.pad_top as isize;
     let mut taps = TapRows::<K> { rows: [None; K] };
     for ky in 0..K {
@@ -196,26 +240,31 @@ fn dw_row_fixed<L: Level, const K: usize, const S: usize>(
     } else {
         ox_lo
     };
-    let bias = load_partial::<L>(&job.bias[c0..][..LANES]);
+    // SAFETY: the padded bias holds stride_c >= c0 + 16 floats.
+    let bias = unsafe { L::load(job.bias[c0..][..LANES].as_ptr()) };
     let out = out_row.as_mut_ptr();
     // SAFETY (all blocks below): interior pixels read columns ox * S - pad_left + kx inside
     // the input, border pixels check each column; rows are checked in `taps`; every input
-    // read covers channels c0 .. c0 + 16 <= channels, every store one output pixel's lanes.
+    // read covers channels c0 .. c0 + lanes <= channels, every store one output pixel's lanes.
     unsafe {
         for ox in 0..ox_lo {
-            dw_border::<L, K, S>(job, &taps, w, bias, ox, out.add(ox * channels + c0));
+            let dst = out.add(ox * channels + c0);
+            dw_border::<L, K, S, TAIL>(job, &taps, w, bias, ox, lanes, dst);
         }
         let mut ox = ox_lo;
         while ox + PIXELS <= ox_hi {
-            dw_interior::<L, K, S, PIXELS>(job, &taps, w, bias, ox, out.add(ox * channels + c0));
+            let dst = out.add(ox * channels + c0);
+            dw_interior::<L, K, S, PIXELS, TAIL>(job, &taps, w, bias, ox, lanes, dst);
             ox += PIXELS;
         }
         while ox < ox_hi {
-            dw_interior::<L, K, S, 1>(job, &taps, w, bias, ox, out.add(ox * channels + c0));
+            let dst = out.add(ox * channels + c0);
+            dw_interior::<L, K, S, 1, TAIL>(job, &taps, w, bias, ox, lanes, dst);
             ox += 1;
         }
         for ox in ox_hi.max(ox_lo)..g.out_w {
-            dw_border::<L, K, S>(job, &taps, w, bias, ox, out.add(ox * channels + c0));
+            let dst = out.add(ox * channels + c0);
+            dw_border::<L, K, S, TAIL>(job, &taps, w, bias, ox, lanes, dst);
         }
     }
 }
@@ -223,14 +272,23 @@ fn dw_row_fixed<L: Level, const K: usize, const S: usize>(
 /// `P` consecutive interior output pixels starting at `ox`; `out` points at the first one.
 ///
 /// # Safety
-/// All taps of the `P` pixels must lie inside the input columns.
+/// All taps of the `P` pixels must lie inside the input columns; each input pixel and output
+/// pixel must hold `lanes` floats (16 unless `TAIL`) from the channel offset.
 #[inline(always)]
-unsafe fn dw_interior<L: Level, const K: usize, const S: usize, const P: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_interior<
+    L: Level,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const TAIL: bool,
+>(
     job: &DwJob<'_>,
     taps: &TapRows<K>,
     w: &[[L::V; K]; K],
     bias: L::V,
     ox: usize,
+    lanes: usize,
     out: *mut f32,
 ) {
     let channels = job.g.cin;
@@ -240,27 +298,31 @@ unsafe fn dw_interior<L: Level, const K: usize, const S: usize, const P: usize>(
         let Some(row) = taps.rows[ky] else { continue };
         for kx in 0..K {
             for p in 0..P {
-                let x = L::load(row.add((ix0 + p * S + kx) * channels));
+                let x = load_lanes::<L, TAIL>(row.add((ix0 + p * S + kx) * channels), lanes);
                 acc[p] = L::fma(x, w[ky][kx], acc[p]);
             }
         }
     }
     for p in 0..P {
-        L::store(out.add(p * channels), activate::<L>(job.act, acc[p]));
+        let v = activate::<L>(job.act, acc[p]);
+        store_lanes::<L, TAIL>(out.add(p * channels), lanes, v);
     }
 }
 
 /// One output pixel whose taps may leave the input on the left or right.
 ///
 /// # Safety
-/// `out` must point at the pixel's 16 output lanes.
+/// `out` must point at the pixel's `lanes` output floats (16 unless `TAIL`), and each input
+/// pixel must hold as many from the channel offset.
 #[inline(always)]
-unsafe fn dw_border<L: Level, const K: usize, const S: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_border<L: Level, const K: usize, const S: usize, const TAIL: bool>(
     job: &DwJob<'_>,
     taps: &TapRows<K>,
     w: &[[L::V; K]; K],
     bias: L::V,
     ox: usize,
+    lanes: usize,
     out: *mut f32,
 ) {
     let g = &job.g;
@@ -271,11 +333,12 @@ unsafe fn dw_border<L: Level, const K: usize, const S: usize>(
         for kx in 0..K {
             let ix = ix0 + kx as isize;
             if ix >= 0 && (ix as usize) < g.in_w {
-                acc = L::fma(L::load(row.add(ix as usize * g.cin)), w[ky][kx], acc);
+                let x = load_lanes::<L, TAIL>(row.add(ix as usize * g.cin), lanes);
+                acc = L::fma(x, w[ky][kx], acc);
             }
         }
     }
-    L::store(out, activate::<L>(job.act, acc));
+    store_lanes::<L, TAIL>(out, lanes, activate::<L>(job.act, acc));
 }
 
 /// Any kernel size and stride: output rows starting at `oy0`.

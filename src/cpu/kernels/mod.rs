@@ -27,7 +27,8 @@
 //!   (one input read, one output write; 18-50 FLOPs per 8 bytes): bandwidth bound on large
 //!   maps; on small ones the fused swish (about 20 vector ops) costs as much as a 3x3 sum.
 //! - `squeeze_excite_nhwc`: two passes over the tensor (mean, then scale): 12 bytes per
-//!   element; the two small matrix-vector products are negligible.
+//!   element, plus 8 * channels * squeeze bytes of FC weights, which dominate on the 8x8
+//!   maps (1632 x 68: 0.9 MB of weights against 0.4 MB of map, read from L3).
 //! - `scse_nhwc`: two passes (mean, then per-pixel dot and scale): 12 bytes and 4 FLOPs per
 //!   element.
 //! - `soft_align_nhwc`: 2 * n^2 * (hidden + cin) FLOPs and n^2 exponentials over

@@ -30,6 +30,16 @@ pub(crate) trait Level: Sized + 'static {
     /// # Safety
     /// `p` must be valid for writing 16 floats.
     unsafe fn store(p: *mut f32, v: Self::V);
+    /// The first `n` lanes from `p`, zeros after; nothing past them is touched.
+    ///
+    /// # Safety
+    /// `n <= 16` and `p` must be valid for reading `n` floats.
+    unsafe fn load_masked(p: *const f32, n: usize) -> Self::V;
+    /// Store the first `n` lanes of `v`; nothing past them is touched.
+    ///
+    /// # Safety
+    /// `n <= 16` and `p` must be valid for writing `n` floats.
+    unsafe fn store_masked(p: *mut f32, n: usize, v: Self::V);
     fn add(a: Self::V, b: Self::V) -> Self::V;
     fn sub(a: Self::V, b: Self::V) -> Self::V;
     fn mul(a: Self::V, b: Self::V) -> Self::V;
@@ -82,17 +92,17 @@ pub(crate) trait Level: Sized + 'static {
 /// The first `src.len()` (at most 16) lanes from `src`, zeros after.
 #[inline(always)]
 pub(crate) fn load_partial<L: Level>(src: &[f32]) -> L::V {
-    let mut lanes = [0.0; LANES];
-    lanes[..src.len()].copy_from_slice(src);
-    // SAFETY: `lanes` holds 16 floats.
-    unsafe { L::load(lanes.as_ptr()) }
+    assert!(src.len() <= LANES);
+    // SAFETY: `src` holds n <= 16 floats.
+    unsafe { L::load_masked(src.as_ptr(), src.len()) }
 }
 
 /// Store the first `dst.len()` (at most 16) lanes of `v`.
 #[inline(always)]
 pub(crate) fn store_partial<L: Level>(dst: &mut [f32], v: L::V) {
-    let n = dst.len();
-    dst.copy_from_slice(&L::to_array(v)[..n]);
+    assert!(dst.len() <= LANES);
+    // SAFETY: `dst` holds n <= 16 floats.
+    unsafe { L::store_masked(dst.as_mut_ptr(), dst.len(), v) }
 }
 
 /// Adding this rounds an `f32` of magnitude < 2^22 to an integer kept in the low mantissa bits.
@@ -205,6 +215,16 @@ impl Level for Portable {
         std::ptr::write_unaligned(p as *mut Self::V, v)
     }
     #[inline(always)]
+    unsafe fn load_masked(p: *const f32, n: usize) -> Self::V {
+        let mut v = [0.0; LANES];
+        std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), n);
+        v
+    }
+    #[inline(always)]
+    unsafe fn store_masked(p: *mut f32, n: usize, v: Self::V) {
+        std::ptr::copy_nonoverlapping(v.as_ptr(), p, n)
+    }
+    #[inline(always)]
     fn add(a: Self::V, b: Self::V) -> Self::V {
         std::array::from_fn(|i| a[i] + b[i])
     }
@@ -278,6 +298,13 @@ mod x86 {
 
     pub(crate) struct Avx512;
 
+    /// The AVX-512 mask of the first `n` (at most 16) lanes.
+    #[inline(always)]
+    fn lane_mask(n: usize) -> __mmask16 {
+        debug_assert!(n <= 16);
+        ((1u32 << n) - 1) as __mmask16
+    }
+
     // SAFETY (all `unsafe` blocks below): these methods only run inside functions compiled
     // with `avx512f` (see `dispatch_isa!`), chosen after the CPU reported the feature.
     impl Level for Avx512 {
@@ -299,6 +326,15 @@ mod x86 {
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: __m512) {
             _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, n: usize) -> __m512 {
+            // Masked-off lanes are neither read nor able to fault.
+            _mm512_maskz_loadu_ps(lane_mask(n), p)
+        }
+        #[inline(always)]
+        unsafe fn store_masked(p: *mut f32, n: usize, v: __m512) {
+            _mm512_mask_storeu_ps(p, lane_mask(n), v)
         }
         #[inline(always)]
         fn add(a: __m512, b: __m512) -> __m512 {
@@ -380,6 +416,18 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub(crate) struct D2(__m256d, __m256d);
 
+    /// Lane masks (sign bit set = active) of the first `n` (at most 16) lanes, per half.
+    #[inline(always)]
+    unsafe fn half_masks(n: usize) -> (__m256i, __m256i) {
+        debug_assert!(n <= 16);
+        let index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let n = _mm256_set1_epi32(n as i32);
+        (
+            _mm256_cmpgt_epi32(n, index),
+            _mm256_cmpgt_epi32(_mm256_sub_epi32(n, _mm256_set1_epi32(8)), index),
+        )
+    }
+
     /// Apply a binary ymm operation to both halves.
     macro_rules! halves {
         ($op:ident, $a:expr, $b:expr) => {{
@@ -410,6 +458,18 @@ mod x86 {
         unsafe fn store(p: *mut f32, v: Y2) {
             _mm256_storeu_ps(p, v.0);
             _mm256_storeu_ps(p.add(8), v.1);
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, n: usize) -> Y2 {
+            // vmaskmovps neither reads nor faults on masked-off lanes.
+            let (m0, m1) = half_masks(n);
+            Y2(_mm256_maskload_ps(p, m0), _mm256_maskload_ps(p.add(8), m1))
+        }
+        #[inline(always)]
+        unsafe fn store_masked(p: *mut f32, n: usize, v: Y2) {
+            let (m0, m1) = half_masks(n);
+            _mm256_maskstore_ps(p, m0, v.0);
+            _mm256_maskstore_ps(p.add(8), m1, v.1);
         }
         #[inline(always)]
         fn add(a: Y2, b: Y2) -> Y2 {

@@ -714,6 +714,34 @@ fn depthwise_model_shapes_in_parallel() {
     }
 }
 
+#[test]
+fn depthwise_channel_tails_of_every_length_on_tiny_maps() {
+    // Channel counts with 0 and 1 full blocks of 16 and every tail length 1..=15 (the
+    // masked-lane path), on maps from 1x1 up, for every fixed kernel and stride.
+    for c in 1..=33 {
+        for (k, stride, pad) in [
+            (3, 1, Padding::Symmetric),
+            (3, 2, Padding::ModelStride2),
+            (5, 1, Padding::Symmetric),
+            (5, 2, Padding::ModelStride2),
+        ] {
+            for (h, w) in [(1, 1), (2, 3), (7, 9)] {
+                let Some(g) = geometry(h, w, c, c, k, stride, pad) else {
+                    continue;
+                };
+                let problem = DepthwiseProblem {
+                    g,
+                    act: ACTIVATIONS[c % ACTIVATIONS.len()],
+                    seed: c as u64,
+                };
+                if let Err(e) = problem.check() {
+                    panic!("{g:?}: {e}");
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Squeeze-excite and scSE
 
@@ -832,6 +860,12 @@ fn squeeze_excite_and_scse_model_shapes() {
     // Squeeze 1 (the model's smallest), large maps (parallel passes, chunked sums).
     check_squeeze_excite(64 * 64, 144, 1, 1).unwrap();
     check_squeeze_excite(8 * 8, 1632, 68, 2).unwrap();
+    // Small maps split by channel blocks (up to 256 pixels), the boundary, odd tails.
+    check_squeeze_excite(16 * 16, 960, 40, 6).unwrap();
+    check_squeeze_excite(257, 960, 40, 7).unwrap();
+    check_squeeze_excite(1, 2688, 112, 8).unwrap();
+    check_squeeze_excite(3, 1001, 5, 9).unwrap();
+    check_squeeze_excite(128 * 128, 24, 6, 10).unwrap();
     check_scse(64 * 64, 160, 10, 3).unwrap();
     check_scse(16 * 16, 1216, 76, 4).unwrap();
     check_scse(5, 17, 1, 5).unwrap();
@@ -1021,6 +1055,49 @@ fn exp_lanes<L: simd::Level>(x: &[f32], out: &mut [f32]) {
     for (xs, os) in x.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
         let v = simd::exp::<L>(simd::load_partial::<L>(xs));
         os.copy_from_slice(&L::to_array(v));
+    }
+}
+
+dispatch_isa! {
+    fn masked_copy(src: &[f32], n: usize, loaded: &mut [f32], dst: &mut [f32]) => masked_lanes;
+}
+
+/// Load the first `n` lanes of `src` (its end), write all 16 lanes of what was loaded to
+/// `loaded`, and store the first `n` lanes to `dst` (also its end).
+#[inline(always)]
+fn masked_lanes<L: simd::Level>(src: &[f32], n: usize, loaded: &mut [f32], dst: &mut [f32]) {
+    assert!(n <= src.len() && n <= dst.len() && loaded.len() == 16);
+    // SAFETY: the last n floats of `src` and `dst` exist; `loaded` holds 16.
+    unsafe {
+        let v = L::load_masked(src.as_ptr().add(src.len() - n), n);
+        L::store(loaded.as_mut_ptr(), v);
+        L::store_masked(dst.as_mut_ptr().add(dst.len() - n), n, v);
+    }
+}
+
+#[test]
+fn masked_loads_and_stores_touch_only_their_lanes() {
+    // The lanes sit at the very end of their vectors, so a read or write past them would be
+    // caught by Miri or the allocator's guard; here the values are checked.
+    for isa in Isa::available() {
+        for n in 0..=16 {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
+            let mut loaded = vec![f32::NAN; 16];
+            let mut dst = vec![-7.0f32; 20];
+            masked_copy(isa, &src, n, &mut loaded, &mut dst);
+            for (i, &l) in loaded.iter().enumerate() {
+                let expected = if i < n { i as f32 + 1.0 } else { 0.0 };
+                assert_eq!(l, expected, "{isa:?} n {n} lane {i}");
+            }
+            for (i, &d) in dst.iter().enumerate() {
+                let expected = if i >= 20 - n {
+                    (i + n - 20) as f32 + 1.0
+                } else {
+                    -7.0
+                };
+                assert_eq!(d, expected, "{isa:?} n {n} dst {i}");
+            }
+        }
     }
 }
 
