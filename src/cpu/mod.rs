@@ -1,6 +1,7 @@
 //! CPU backend: executes a `Graph` with the rayon + SIMD kernels of `kernels`, on weights
 //! packed once when the backend is created, inside one reusable arena.
 
+mod fold;
 pub mod kernels;
 
 use std::ops::Range;
@@ -8,6 +9,7 @@ use std::time::Instant;
 
 use crate::graph::{Graph, Op, ValueId};
 use crate::model::ModelWeights;
+use fold::Fold;
 use kernels::{PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite};
 
 /// Input channels from which a 3x3 conv is also packed for Winograd (the stem, with 3,
@@ -99,7 +101,7 @@ impl CpuBackend {
         let base = Arena {
             ptr: arena.as_mut_ptr(),
             graph,
-            folded: self.folded_upsamples(graph),
+            folds: fold::plan_folds(graph, |conv| self.runs_winograd(conv)),
         };
         // The whole node loop runs on a pool thread, which then takes part in every op's
         // parallel work: no cross-thread wake-up of the caller per op (about 200 ops per
@@ -107,12 +109,12 @@ impl CpuBackend {
         rayon::scope(|_| {
             for node in &graph.nodes[range] {
                 let start = Instant::now();
-                let folded = base.folded[node.output].is_some();
-                if !folded {
+                let runs = base.folds[node.output].runs_op();
+                if runs {
                     self.run_node(&base, &node.op, node.output);
                 }
                 if let Some(t) = times.as_deref_mut() {
-                    t.push(if folded {
+                    t.push(if !runs {
                         0.0
                     } else {
                         start.elapsed().as_secs_f64()
@@ -122,28 +124,9 @@ impl CpuBackend {
         });
     }
 
-    /// Plain 2x upsamples (no concat) read by nothing but one stride-1 3x3 conv that runs
-    /// by Winograd: the conv reads the half-resolution map through the upsampling instead
-    /// (the memory plan keeps an upsample's input alive as long as its output).
-    fn folded_upsamples(&self, graph: &Graph) -> Vec<Option<ValueId>> {
-        let mut folded = vec![None; graph.values.len()];
-        for node in &graph.nodes {
-            let Op::UpsampleConcat { input, skip: None } = node.op else {
-                continue;
-            };
-            let u = node.output;
-            let mut readers = graph.nodes.iter().filter(|n| n.op.inputs().contains(&u));
-            let winograd_reader = matches!(
-                (readers.next().map(|n| &n.op), readers.next()),
-                (Some(Op::Conv { input: i, conv, ref geometry, .. }), None)
-                    if *i == u && geometry.stride == 1
-                        && matches!(self.convs[*conv].0, PackedWeights::Dense3x3(..))
-            );
-            if winograd_reader && !graph.outputs.contains(&u) {
-                folded[u] = Some(input);
-            }
-        }
-        folded
+    /// Whether a stride-1 use of this conv runs by Winograd.
+    fn runs_winograd(&self, conv: usize) -> bool {
+        matches!(self.convs[conv].0, PackedWeights::Dense3x3(..))
     }
 
     fn run_node(&self, a: &Arena, op: &Op, out: ValueId) {
@@ -168,10 +151,25 @@ impl CpuBackend {
                     }
                     PackedWeights::Dense3x3(wino, w) => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
-                        if let Some(half) = a.folded[input] {
+                        if let Fold::Upsampled { half } = a.folds[input] {
                             let x_half = unsafe { a.slice(half) };
                             kernels::conv3x3_winograd_upsampled_nhwc(
                                 x_half, geometry, wino, bias, act, r, y,
+                            )
+                        } else if let Fold::GatedConcat { half, skip } = a.folds[input] {
+                            let (c, pixels) = (geometry.cin, geometry.in_h * geometry.in_w);
+                            let (channel_gate, spatial_gate) = x[..c + pixels].split_at(c);
+                            let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
+                            kernels::conv3x3_winograd_gated_concat_nhwc(
+                                x_half,
+                                skip,
+                                channel_gate,
+                                spatial_gate,
+                                geometry,
+                                wino,
+                                bias,
+                                act,
+                                y,
                             )
                         } else if geometry.stride == 1 {
                             kernels::conv3x3_winograd_nhwc(x, geometry, wino, bias, act, r, y)
@@ -191,6 +189,24 @@ impl CpuBackend {
                     a.graph.values[input].shape.pixels(),
                     &self.se[se],
                     y,
+                )
+            }
+            Op::Scse { scse, .. } if matches!(a.folds[out], Fold::GatedConcat { .. }) => {
+                let Fold::GatedConcat { half, skip } = a.folds[out] else {
+                    unreachable!()
+                };
+                let s = a.graph.values[half].shape;
+                let (channel_gate, rest) = y.split_at_mut(self.scse[scse].channels);
+                let spatial_gate = &mut rest[..4 * s.pixels()];
+                let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
+                let w = &self.scse[scse];
+                kernels::scse_gates_upsampled_concat(
+                    x_half,
+                    (s.h, s.w, s.c),
+                    skip,
+                    w,
+                    channel_gate,
+                    spatial_gate,
                 )
             }
             Op::Scse { input, scse } => {
@@ -218,9 +234,8 @@ impl CpuBackend {
 struct Arena<'g> {
     ptr: *mut f32,
     graph: &'g Graph,
-    /// For each value: the half-resolution value it upsamples, when the upsample is
-    /// folded into its reader (never written; see `folded_upsamples`).
-    folded: Vec<Option<ValueId>>,
+    /// How each value is produced (see `fold`).
+    folds: Vec<Fold>,
 }
 
 // SAFETY: the arena is only used by the node loop, which runs on one thread at a time

@@ -68,10 +68,10 @@ fn lifetimes(
     for &v in outputs {
         life[v].1 = end;
     }
-    // An upsample's output may be a view of its inputs (a backend can fold the upsample
-    // into the op that reads it): the inputs live as long as the output does.
+    // An upsample's or an scSE's output may be a view of its inputs (a backend can fold
+    // them into the op that reads them): the inputs live as long as the output does.
     for node in nodes.iter().rev() {
-        if let Op::UpsampleConcat { .. } = node.op {
+        if let Op::UpsampleConcat { .. } | Op::Scse { .. } = node.op {
             for v in node.op.inputs() {
                 life[v].1 = life[v].1.max(life[node.output].1);
             }

@@ -484,3 +484,88 @@ fn scse_pixels<L: Level>(x: &[f32], channel_gate: &[f32], spatial: (&[f32], f32)
         }
     }
 }
+
+/// The gates of an scSE whose input is the decoder's concat of `x_half` (a `h x w x ca`
+/// map, 2x nearest upsampled) and `skip` (`2h x 2w x cs`), without materializing it: the
+/// channel gate (`ca + cs` values) and the spatial gate (`4 h w` values). The upsampled
+/// part's channel means are those of `x_half` (each pixel repeated four times) and its
+/// share of a pixel's spatial logit is computed once per half-resolution pixel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scse_gates_upsampled_concat_isa(
+    isa: Isa,
+    x_half: &[f32],
+    (h, w, ca): (usize, usize, usize),
+    skip: &[f32],
+    scse: &Scse,
+    channel_gate: &mut [f32],
+    spatial_gate: &mut [f32],
+) {
+    let c = scse.channels;
+    let cs = c - ca;
+    let (pixels, ow) = (4 * h * w, 2 * w);
+    assert!(ca <= c && x_half.len() == h * w * ca && skip.len() == pixels * cs);
+    assert!(channel_gate.len() == c && spatial_gate.len() == pixels);
+    if pixels == 0 {
+        return;
+    }
+    let mut means = channel_means(isa, x_half, h * w, ca);
+    if cs > 0 {
+        means.extend(channel_means(isa, skip, pixels, cs));
+    }
+    let mut z = vec![0.0; scse.hidden];
+    matvec_isa(
+        isa,
+        &scse.cse1_w,
+        &scse.cse1_b,
+        &means,
+        Activation::Relu,
+        &mut z,
+    );
+    matvec_isa(
+        isa,
+        &scse.cse3_w,
+        &scse.cse3_b,
+        &z,
+        Activation::Sigmoid,
+        channel_gate,
+    );
+    let (ws_up, ws_skip) = scse.sse_w.split_at(ca);
+    let mut half_logits = vec![0.0; h * w];
+    matvec_rows_isa(isa, x_half, ws_up, &mut half_logits);
+    let gate_row = |oy: usize, row: &mut [f32]| {
+        let skip_rows = &skip[oy * ow * cs..][..ow * cs];
+        matvec_rows_isa(isa, skip_rows, ws_skip, row);
+        for (ox, g) in row.iter_mut().enumerate() {
+            *g += half_logits[(oy / 2) * w + ox / 2] + scse.sse_b;
+        }
+        activate_slice_isa(isa, Activation::Sigmoid, row);
+    };
+    if rayon::current_num_threads() <= 1 || pixels * c < SERIAL_ELEMENTS {
+        spatial_gate
+            .chunks_mut(ow)
+            .enumerate()
+            .for_each(|(oy, row)| gate_row(oy, row));
+    } else {
+        spatial_gate
+            .par_chunks_mut(ow)
+            .enumerate()
+            .for_each(|(oy, row)| gate_row(oy, row));
+    }
+}
+
+dispatch_isa! {
+    fn matvec_rows_isa(rows: &[f32], x: &[f32], out: &mut [f32]) => matvec_rows;
+}
+
+/// `out[p] = rows[p, ..] · x` for `out.len()` rows of `x.len()` floats (0 for empty rows).
+#[inline(always)]
+fn matvec_rows<L: Level>(rows: &[f32], x: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(n)) {
+        *o = dot::<L>(row, x);
+    }
+}

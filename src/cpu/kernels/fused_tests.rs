@@ -118,3 +118,126 @@ proptest! {
         problem.check().map_err(TestCaseError::fail)?;
     }
 }
+
+/// The decoder's conv1 input: the scSE of (the 2x upsampling of an `h x w x ca` map,
+/// concatenated with a `2h x 2w x cs` skip), read in place by a Winograd conv.
+#[derive(Clone, Debug)]
+struct GatedConcatConv {
+    h: usize,
+    w: usize,
+    ca: usize,
+    cs: usize,
+    cout: usize,
+    hidden: usize,
+    seed: u64,
+}
+
+impl GatedConcatConv {
+    fn check(&self) -> Result<(), String> {
+        let (h, w, ca, cs) = (self.h, self.w, self.ca, self.cs);
+        let c = ca + cs;
+        let pixels = 4 * h * w;
+        let mut next = lcg(self.seed);
+        let mut data = |n: usize| (0..n).map(|_| next()).collect::<Vec<f32>>();
+        let x_half = data(h * w * ca);
+        let skip = data(pixels * cs);
+        let scse = Scse {
+            channels: c,
+            hidden: self.hidden,
+            cse1_w: data(self.hidden * c),
+            cse1_b: data(self.hidden),
+            cse3_w: data(c * self.hidden),
+            cse3_b: data(c),
+            sse_w: data(c),
+            sse_b: 0.3,
+        };
+        let weights = data(self.cout * c * 9);
+        let bias = data(self.cout);
+        let g = ConvGeometry {
+            in_h: 2 * h,
+            in_w: 2 * w,
+            cin: c,
+            cout: self.cout,
+            kernel: 3,
+            stride: 1,
+            pad_top: 1,
+            pad_left: 1,
+            out_h: 2 * h,
+            out_w: 2 * w,
+        };
+        let packed = PackedWinograd::pack(&weights, self.cout, c);
+        // Unfused: materialize the concat and the scSE output.
+        let mut u = vec![0.0; pixels * c];
+        upsample::upsample2x_concat_nhwc(&x_half, h, w, ca, Some(&skip), cs, &mut u);
+        let mut v = vec![0.0; pixels * c];
+        scse_nhwc(&u, pixels, &scse, &mut v);
+        let mut plain = vec![0.0; g.output_len()];
+        conv3x3_winograd_nhwc(&v, &g, &packed, &bias, Activation::Relu, None, &mut plain);
+        for isa in Isa::available() {
+            let (mut cg, mut sg) = (vec![0.0; c], vec![0.0; pixels]);
+            attention::scse_gates_upsampled_concat_isa(
+                isa,
+                &x_half,
+                (h, w, ca),
+                &skip,
+                &scse,
+                &mut cg,
+                &mut sg,
+            );
+            let concat = winograd::GatedConcat {
+                skip: &skip,
+                x_channels: ca,
+                channel_gate: &cg,
+                spatial_gate: &sg,
+            };
+            let mut fused = vec![f32::NAN; g.output_len()];
+            winograd::winograd_conv3x3_gated_concat_nhwc_isa(
+                isa,
+                &x_half,
+                concat,
+                &g,
+                &packed,
+                &bias,
+                Activation::Relu,
+                &mut fused,
+            );
+            // The fused gates sum the channel means and spatial logits in another order
+            // (float32 rounding); the conv itself is the same.
+            let scale = plain.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+                if !a.is_finite() || (a - b).abs() > 1e-5 * scale {
+                    return Err(format!("{isa:?} element {i}: fused {a} unfused {b}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deterministic values in [-1, 1).
+fn lcg(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn gated_concat_winograd_is_upsample_concat_scse_then_winograd(
+        (h, w) in (1usize..7, 1usize..7),
+        ca in prop::sample::select(vec![16usize, 32, 64]),
+        cs in prop_oneof![Just(0usize), 1usize..40],
+        cout in 1usize..40,
+        hidden in 1usize..9,
+        seed in any::<u64>(),
+    ) {
+        let problem = GatedConcatConv { h, w, ca, cs, cout, hidden, seed };
+        problem.check().map_err(TestCaseError::fail)?;
+    }
+}

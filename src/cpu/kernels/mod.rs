@@ -149,6 +149,60 @@ pub fn conv3x3_winograd_upsampled_nhwc(
     )
 }
 
+/// [`conv3x3_winograd_nhwc`] on the decoder's gated concat `u * (channel_gate[c] +
+/// spatial_gate[p])`, `u` being the 2x upsampling of `x_half` (its first channels, a
+/// multiple of 16) concatenated with `skip`; `u` is never materialized (`g` describes it).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_winograd_gated_concat_nhwc(
+    x_half: &[f32],
+    skip: &[f32],
+    channel_gate: &[f32],
+    spatial_gate: &[f32],
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    y: &mut [f32],
+) {
+    let concat = winograd::GatedConcat {
+        skip,
+        x_channels: g.cin - skip.len() / (g.in_h * g.in_w).max(1),
+        channel_gate,
+        spatial_gate,
+    };
+    winograd::winograd_conv3x3_gated_concat_nhwc_isa(
+        Isa::selected(),
+        x_half,
+        concat,
+        g,
+        w,
+        bias,
+        act,
+        y,
+    )
+}
+
+/// The scSE gates of the decoder's concat of `x_half` (`(h, w, channels)`, 2x upsampled)
+/// and `skip`, without materializing it: see [`conv3x3_winograd_gated_concat_nhwc`].
+pub fn scse_gates_upsampled_concat(
+    x_half: &[f32],
+    half_shape: (usize, usize, usize),
+    skip: &[f32],
+    w: &Scse,
+    channel_gate: &mut [f32],
+    spatial_gate: &mut [f32],
+) {
+    attention::scse_gates_upsampled_concat_isa(
+        Isa::selected(),
+        x_half,
+        half_shape,
+        skip,
+        w,
+        channel_gate,
+        spatial_gate,
+    )
+}
+
 /// Depthwise kxk (groups = channels, cin == cout), weights given as (c, 1, k, k).
 pub fn depthwise_conv2d_nhwc(
     x: &[f32],

@@ -339,6 +339,8 @@ struct WinoJob<'a> {
     /// `x` is the input at half resolution, read as its nearest-neighbour 2x upsampling
     /// (the decoder's upsample folded into the conv: the big map is never written).
     upsampled: bool,
+    /// With `upsampled`: `x` is only the first channels of the input (see [`GatedConcat`]).
+    concat: Option<GatedConcat<'a>>,
     g: ConvGeometry,
     w: &'a PackedWinograd,
     /// Bias padded with zeros to the packed width.
@@ -397,7 +399,7 @@ pub(crate) fn winograd_conv3x3_nhwc_isa(
     y: &mut [f32],
 ) {
     assert_eq!(x.len(), g.input_len(), "conv input length");
-    winograd(isa, None, x, false, g, w, bias, act, residual, y)
+    winograd(isa, None, x, false, None, g, w, bias, act, residual, y)
 }
 
 /// [`winograd_conv3x3_nhwc_isa`] with the schedule forced (`None`: picked by shape).
@@ -415,7 +417,58 @@ pub(crate) fn winograd_conv3x3_scheduled(
     y: &mut [f32],
 ) {
     assert_eq!(x.len(), g.input_len(), "conv input length");
-    winograd(isa, schedule, x, false, g, w, bias, act, residual, y)
+    winograd(isa, schedule, x, false, None, g, w, bias, act, residual, y)
+}
+
+/// The decoder's conv input `u * (channel_gate[c] + spatial_gate[p])` (its first scSE),
+/// where `u` is the concat of the 2x upsampled half-resolution map (`x_channels` channels,
+/// a multiple of 16) and `skip` (the other channels, full resolution): read in place.
+#[derive(Clone, Copy)]
+pub(crate) struct GatedConcat<'a> {
+    pub skip: &'a [f32],
+    pub x_channels: usize,
+    /// One per input channel.
+    pub channel_gate: &'a [f32],
+    /// One per full-resolution input pixel.
+    pub spatial_gate: &'a [f32],
+}
+
+/// [`winograd_conv3x3_nhwc_isa`] on a [`GatedConcat`] input whose first channels are the
+/// 2x upsampling of `x_half` (`g` describes the full input), without materializing it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn winograd_conv3x3_gated_concat_nhwc_isa(
+    isa: Isa,
+    x_half: &[f32],
+    concat: GatedConcat<'_>,
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    y: &mut [f32],
+) {
+    let (ca, pixels) = (concat.x_channels, g.in_h * g.in_w);
+    assert!(
+        g.in_h.is_multiple_of(2) && g.in_w.is_multiple_of(2),
+        "an upsampled input has even sides"
+    );
+    assert!(ca.is_multiple_of(LANES) && ca <= g.cin, "concat split");
+    assert_eq!(x_half.len(), pixels / 4 * ca, "conv input length");
+    assert_eq!(concat.skip.len(), pixels * (g.cin - ca), "skip length");
+    assert_eq!(concat.channel_gate.len(), g.cin, "channel gate length");
+    assert_eq!(concat.spatial_gate.len(), pixels, "spatial gate length");
+    winograd(
+        isa,
+        None,
+        x_half,
+        true,
+        Some(concat),
+        g,
+        w,
+        bias,
+        act,
+        None,
+        y,
+    )
 }
 
 /// The same on the nearest-neighbour 2x upsampling of `x_half` (`g` describes the
@@ -436,7 +489,7 @@ pub(crate) fn winograd_conv3x3_upsampled_nhwc_isa(
         "an upsampled input has even sides"
     );
     assert_eq!(x_half.len(), g.input_len() / 4, "conv input length");
-    winograd(isa, None, x_half, true, g, w, bias, act, residual, y)
+    winograd(isa, None, x_half, true, None, g, w, bias, act, residual, y)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -445,6 +498,7 @@ fn winograd(
     schedule: Option<Schedule>,
     x: &[f32],
     upsampled: bool,
+    concat: Option<GatedConcat<'_>>,
     g: &ConvGeometry,
     w: &PackedWinograd,
     bias: &[f32],
@@ -477,6 +531,7 @@ fn winograd(
     let job = WinoJob {
         x,
         upsampled,
+        concat,
         g: *g,
         w,
         bias: &padded_bias,
@@ -718,7 +773,8 @@ unsafe fn transform_inputs<L: Level>(
         let (ty, tx) = (t / job.plan.tiles_w, t % job.plan.tiles_w);
         let iy0 = (ty * TILE) as isize - g.pad_top as isize;
         let ix0 = (tx * TILE) as isize - g.pad_left as isize;
-        let mut src = [job.zeros.as_ptr(); POS];
+        // Patch pixels inside the input (full-resolution index); the others read zeros.
+        let mut inside = [None; POS];
         for r in 0..PATCH {
             let iy = iy0 + r as isize;
             if iy < 0 || iy as usize >= g.in_h {
@@ -727,17 +783,26 @@ unsafe fn transform_inputs<L: Level>(
             for c in 0..PATCH {
                 let ix = ix0 + c as isize;
                 if ix >= 0 && (ix as usize) < g.in_w {
-                    let (iy, ix) = (iy as usize, ix as usize);
-                    let pixel = if job.upsampled {
-                        (iy / 2) * (g.in_w / 2) + ix / 2
-                    } else {
-                        iy * g.in_w + ix
-                    };
-                    src[r * PATCH + c] = job.x.as_ptr().add(pixel * g.cin);
+                    inside[r * PATCH + c] = Some((iy as usize, ix as usize));
                 }
             }
         }
         let dst = v.add((t - t0) * kcs);
+        if let Some(cat) = &job.concat {
+            transform_gated_concat::<L>(job, cat, &inside, c0, c1, dst, rows, kcs);
+            continue;
+        }
+        let mut src = [job.zeros.as_ptr(); POS];
+        for (s, &at) in src.iter_mut().zip(&inside) {
+            if let Some((iy, ix)) = at {
+                let pixel = if job.upsampled {
+                    (iy / 2) * (g.in_w / 2) + ix / 2
+                } else {
+                    iy * g.in_w + ix
+                };
+                *s = job.x.as_ptr().add(pixel * g.cin);
+            }
+        }
         let mut c = c0;
         while c < c1 {
             let mut d = [L::zero(); POS];
@@ -757,6 +822,60 @@ unsafe fn transform_inputs<L: Level>(
             }
             c += LANES;
         }
+    }
+}
+
+/// `transform_inputs` for one tile of a [`GatedConcat`] input: each loaded vector of
+/// channels is scaled by its gates (the scSE the conv reads through).
+///
+/// # Safety
+/// As `transform_inputs`; `dst` is the tile's first row of `v`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn transform_gated_concat<L: Level>(
+    job: &WinoJob<'_>,
+    cat: &GatedConcat<'_>,
+    inside: &[Option<(usize, usize)>; POS],
+    c0: usize,
+    c1: usize,
+    dst: *mut f32,
+    rows: usize,
+    kcs: usize,
+) {
+    let g = &job.g;
+    let (ca, cs) = (cat.x_channels, g.cin - cat.x_channels);
+    let mut up = [job.zeros.as_ptr(); POS];
+    let mut skip = [job.zeros.as_ptr(); POS];
+    let mut spatial = [L::zero(); POS];
+    for i in 0..POS {
+        if let Some((iy, ix)) = inside[i] {
+            let pixel = iy * g.in_w + ix;
+            up[i] = job.x.as_ptr().add(((iy / 2) * (g.in_w / 2) + ix / 2) * ca);
+            skip[i] = cat.skip.as_ptr().add(pixel * cs);
+            spatial[i] = L::splat(cat.spatial_gate[pixel]);
+        }
+    }
+    let mut c = c0;
+    while c < c1 {
+        let mut d = [L::zero(); POS];
+        // `ca` is a multiple of 16: a vector never straddles the two parts.
+        let lanes = LANES.min(g.cin - c);
+        let channel = load_partial::<L>(&cat.channel_gate[c..c + lanes]);
+        for i in 0..POS {
+            let x = if c < ca {
+                L::load(up[i].add(c))
+            } else if lanes == LANES {
+                L::load(skip[i].add(c - ca))
+            } else {
+                load_partial::<L>(std::slice::from_raw_parts(skip[i].add(c - ca), lanes))
+            };
+            d[i] = L::mul(x, L::add(channel, spatial[i]));
+        }
+        let out = input_tile::<L>(&d);
+        for pos in 0..POS {
+            L::store(dst.add(pos * rows * kcs + (c - c0)), out[pos]);
+        }
+        c += LANES;
     }
 }
 
