@@ -689,6 +689,10 @@ fn depthwise_model_shapes_in_parallel() {
         (24, 192, 5, 2, 1),
         (16, 160, 5, 1, 2),
         (40, 48, 3, 1, 1),
+        // Small maps with many channels and channel tails.
+        (8, 1001, 5, 1, 2),
+        (16, 680, 3, 2, 0),
+        (12, 1632, 3, 1, 1),
     ] {
         let out = if stride == 2 { side / 2 } else { side };
         let g = ConvGeometry {
