@@ -246,6 +246,35 @@ fn split_response(bytes: &[u8]) -> (u16, String) {
     (status, body)
 }
 
+/// A connection the server has accepted and keeps open: it answered a keep-alive request
+/// on it with 200 (a connection refused for want of a slot is retried).
+fn held_connection(addr: &str) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        if text.starts_with("http/1.1 200") {
+            let len: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("content-length");
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).unwrap();
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no slot freed: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn raw_error(addr: &str, bytes: &[u8], want: u16) {
     let (status, body) = raw(addr, bytes);
     assert_eq!(status, want, "{body}");
@@ -669,7 +698,9 @@ fn malformed_http_and_slow_clients() {
     // Connection cap: with every slot held, one more connection is answered 503.
     drop(a); // its pooled connection would hold a slot
     server.await_metric("metauas_connections 1"); // only the metrics request itself
-    let held: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(addr).unwrap()).collect();
+                                                  // Each held connection is proven counted by an answered keep-alive request (the
+                                                  // metrics connection above may still be counted for a moment, taking a slot).
+    let held: Vec<TcpStream> = (0..16).map(|_| held_connection(addr)).collect();
     raw_error(addr, b"GET /healthz HTTP/1.1\r\n\r\n", 503);
     drop(held);
     // Their threads see the closes within a moment; until then a new connection may still
