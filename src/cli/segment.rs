@@ -133,10 +133,13 @@ fn load_prompts(
 ) -> Result<(Vec<Prompt>, Option<PairedQuery>)> {
     if let ([file], None, Some(query)) = (files, &args.bank, first_query) {
         let image = decode_image_file(file)?;
-        // An undecodable first query is reported by the query loop, like any other.
+        // An undecodable first query, or one the engine fails on, is then reported by the
+        // query loop like any other.
         if let Ok(query_image) = decode_image_file(&query.path) {
             let start = Instant::now();
-            let (features, map) = engine.segment_pair(&image, &query_image)?;
+            let Ok((features, map)) = engine.segment_pair(&image, &query_image) else {
+                return load_all_prompts(engine, args, files);
+            };
             let paired = PairedQuery {
                 image: query_image,
                 map,
@@ -150,6 +153,15 @@ fn load_prompts(
             return Ok((vec![prompt], Some(paired)));
         }
     }
+    load_all_prompts(engine, args, files)
+}
+
+/// Every `--prompt` image encoded, and the bank's prompts.
+fn load_all_prompts(
+    engine: &Engine,
+    args: &SegmentArgs,
+    files: &[PathBuf],
+) -> Result<(Vec<Prompt>, Option<PairedQuery>)> {
     let mut prompts = Vec::new();
     if let Some(path) = &args.bank {
         let bank = PromptBank::load(path, engine)?;

@@ -52,7 +52,8 @@ pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec
             (Some(skip), &Op::Scse { input: i, .. }) if i == u => {
                 // Whole vectors of the upsampled part: the gated reader loads 16 channels
                 // from one part at a time.
-                let aligned = graph.values[input].shape.c.is_multiple_of(16);
+                let c = graph.values[input].shape.c;
+                let aligned = c > 0 && c.is_multiple_of(16);
                 let v = reader.output;
                 if aligned && only_reader(v).is_some_and(|c| winograd_reads(c, v)) {
                     folds[u] = Fold::Skipped;

@@ -68,11 +68,20 @@ fn lifetimes(
     for &v in outputs {
         life[v].1 = end;
     }
-    // An upsample's or an scSE's output may be a view of its inputs (a backend can fold
-    // them into the op that reads them): the inputs live as long as the output does.
+    // A backend may fold an upsample (+ concat), and an scSE over one, into the op that
+    // reads them, which then reads the upsample's inputs: those live as long as the
+    // upsample's output, or the scSE's over it.
+    let producer = |v: ValueId| nodes.iter().find(|n| n.output == v);
     for node in nodes.iter().rev() {
-        if let Op::UpsampleConcat { .. } | Op::Scse { .. } = node.op {
-            for v in node.op.inputs() {
+        let upsample = match node.op {
+            Op::UpsampleConcat { .. } => Some(node),
+            Op::Scse { input, .. } => {
+                producer(input).filter(|p| matches!(p.op, Op::UpsampleConcat { .. }))
+            }
+            _ => None,
+        };
+        if let Some(up) = upsample {
+            for v in up.op.inputs() {
                 life[v].1 = life[v].1.max(life[node.output].1);
             }
         }
@@ -198,6 +207,26 @@ mod tests {
         let graph = g.finish();
         assert_eq!(graph.plan.lifetimes[s].1, graph.plan.lifetimes[u].1);
         assert!(graph.plan.lifetimes[s].1 >= graph.plan.lifetimes[a].0);
+        assert_disjoint(&graph.plan, &graph.values);
+
+        // Under an scSE the upsample's inputs live as long as the scSE's output, which its
+        // reader reads; the upsample's own output does not.
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(4, 4, 16));
+        let skip = g.input("skip", Shape::new(8, 8, 8));
+        let s = g.squeeze_excite("se", x, 0);
+        let u = g.upsample_concat("up", s, Some(skip));
+        let v = g.scse("att", u, 0);
+        let a = g.squeeze_excite("reader", v, 0);
+        let b = g.squeeze_excite("after", a, 0);
+        g.output(b);
+        let graph = g.finish();
+        let life = &graph.plan.lifetimes;
+        assert!(life[s].1 >= life[a].0 && life[skip].1 >= life[a].0);
+        assert!(
+            life[u].1 < life[a].0,
+            "the concat itself need not outlive the scSE"
+        );
         assert_disjoint(&graph.plan, &graph.values);
     }
 

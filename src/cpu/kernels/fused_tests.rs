@@ -241,3 +241,20 @@ proptest! {
         problem.check().map_err(TestCaseError::fail)?;
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Maps with more tiles than padded output columns: the tile-block schedule (the
+    /// small maps above take the by-position one).
+    #[test]
+    fn gated_concat_winograd_on_tile_blocks(
+        (h, w) in (9usize..13, 9usize..13),
+        cs in 1usize..20,
+        cout in 1usize..17,
+        seed in any::<u64>(),
+    ) {
+        let problem = GatedConcatConv { h, w, ca: 16, cs, cout, hidden: 3, seed };
+        problem.check().map_err(TestCaseError::fail)?;
+    }
+}

@@ -463,13 +463,17 @@ mod x86 {
         unsafe fn load_masked(p: *const f32, n: usize) -> Y2 {
             // vmaskmovps neither reads nor faults on masked-off lanes.
             let (m0, m1) = half_masks(n);
-            Y2(_mm256_maskload_ps(p, m0), _mm256_maskload_ps(p.add(8), m1))
+            // wrapping_add: with n <= 8 the second half may lie past the allocation.
+            Y2(
+                _mm256_maskload_ps(p, m0),
+                _mm256_maskload_ps(p.wrapping_add(8), m1),
+            )
         }
         #[inline(always)]
         unsafe fn store_masked(p: *mut f32, n: usize, v: Y2) {
             let (m0, m1) = half_masks(n);
             _mm256_maskstore_ps(p, m0, v.0);
-            _mm256_maskstore_ps(p.add(8), m1, v.1);
+            _mm256_maskstore_ps(p.wrapping_add(8), m1, v.1);
         }
         #[inline(always)]
         fn add(a: Y2, b: Y2) -> Y2 {
