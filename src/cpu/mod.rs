@@ -10,7 +10,9 @@ use std::time::Instant;
 use crate::graph::{Graph, Op, ValueId};
 use crate::model::ModelWeights;
 use fold::Fold;
-use kernels::{PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite};
+use kernels::{
+    Activation, ConvGeometry, PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite,
+};
 
 /// Input channels from which a 3x3 conv is also packed for Winograd (the stem, with 3,
 /// is stride 2 anyway; with very few channels the transforms would dominate).
@@ -149,33 +151,20 @@ impl CpuBackend {
                         let r = residual.map(|r| unsafe { a.slice(r) });
                         kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
                     }
-                    PackedWeights::Dense3x3(wino, w) => {
+                    PackedWeights::Dense3x3(wino, _) if geometry.stride == 1 => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
-                        if let Fold::Upsampled { half } = a.folds[input] {
-                            let x_half = unsafe { a.slice(half) };
-                            kernels::conv3x3_winograd_upsampled_nhwc(
-                                x_half, geometry, wino, bias, act, r, y,
-                            )
-                        } else if let Fold::GatedConcat { half, skip } = a.folds[input] {
-                            let (c, pixels) = (geometry.cin, geometry.in_h * geometry.in_w);
-                            let (channel_gate, spatial_gate) = x[..c + pixels].split_at(c);
-                            let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
-                            kernels::conv3x3_winograd_gated_concat_nhwc(
-                                x_half,
-                                skip,
-                                channel_gate,
-                                spatial_gate,
-                                geometry,
-                                wino,
-                                bias,
-                                act,
-                                y,
-                            )
-                        } else if geometry.stride == 1 {
-                            kernels::conv3x3_winograd_nhwc(x, geometry, wino, bias, act, r, y)
-                        } else {
-                            kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
-                        }
+                        let conv = WinogradConv {
+                            geometry,
+                            w: wino,
+                            bias,
+                            act,
+                            residual: r,
+                        };
+                        self.winograd(a, input, x, &conv, y)
+                    }
+                    PackedWeights::Dense3x3(_, w) => {
+                        let r = residual.map(|r| unsafe { a.slice(r) });
+                        kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
                     }
                     PackedWeights::Depthwise(w) => {
                         kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)
@@ -191,28 +180,30 @@ impl CpuBackend {
                     y,
                 )
             }
-            Op::Scse { scse, .. } if matches!(a.folds[out], Fold::GatedConcat { .. }) => {
-                let Fold::GatedConcat { half, skip } = a.folds[out] else {
-                    unreachable!()
-                };
-                let s = a.graph.values[half].shape;
-                let (channel_gate, rest) = y.split_at_mut(self.scse[scse].channels);
-                let spatial_gate = &mut rest[..4 * s.pixels()];
-                let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
-                let w = &self.scse[scse];
-                kernels::scse_gates_upsampled_concat(
-                    x_half,
-                    (s.h, s.w, s.c),
-                    skip,
-                    w,
-                    channel_gate,
-                    spatial_gate,
-                )
-            }
-            Op::Scse { input, scse } => {
-                let x = unsafe { a.slice(input) };
-                kernels::scse_nhwc(x, a.graph.values[input].shape.pixels(), &self.scse[scse], y)
-            }
+            Op::Scse { input, scse } => match a.folds[out] {
+                Fold::GatedConcat { half, skip } => {
+                    // Only the gates, at the start of this value's (otherwise unused) place.
+                    let s = a.graph.values[half].shape;
+                    let (channel_gate, rest) = y.split_at_mut(self.scse[scse].channels);
+                    let spatial_gate = &mut rest[..4 * s.pixels()];
+                    let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
+                    let shape = (s.h, s.w, s.c);
+                    let w = &self.scse[scse];
+                    kernels::scse_gates_upsampled_concat(
+                        x_half,
+                        shape,
+                        skip,
+                        w,
+                        channel_gate,
+                        spatial_gate,
+                    )
+                }
+                _ => {
+                    let x = unsafe { a.slice(input) };
+                    let pixels = a.graph.values[input].shape.pixels();
+                    kernels::scse_nhwc(x, pixels, &self.scse[scse], y)
+                }
+            },
             Op::Align { fq, q, k, fp } => {
                 let sq = a.graph.values[q].shape;
                 let sf = a.graph.values[fq].shape;
@@ -225,6 +216,59 @@ impl CpuBackend {
                 let cs = skip.map_or(0, |k| a.graph.values[k].shape.c);
                 let skip = skip.map(|k| unsafe { a.slice(k) });
                 kernels::upsample2x_concat_nhwc(x, s.h, s.w, s.c, skip, cs, y)
+            }
+        }
+    }
+}
+
+/// A stride-1 3x3 conv run by Winograd, less its input.
+struct WinogradConv<'a> {
+    geometry: &'a ConvGeometry,
+    w: &'a PackedWinograd,
+    bias: &'a [f32],
+    act: Activation,
+    residual: Option<&'a [f32]>,
+}
+
+impl CpuBackend {
+    /// Runs `conv` on the value `input` (`x`), or, when that value is folded (see `fold`),
+    /// on what it was folded from.
+    fn winograd(&self, a: &Arena, input: ValueId, x: &[f32], conv: &WinogradConv, y: &mut [f32]) {
+        let WinogradConv {
+            geometry: g,
+            w,
+            bias,
+            act,
+            residual: r,
+        } = *conv;
+        match a.folds[input] {
+            Fold::Upsampled { half } => {
+                // SAFETY: the plan keeps a folded upsample's input alive until its reader.
+                let x_half = unsafe { a.slice(half) };
+                kernels::conv3x3_winograd_upsampled_nhwc(x_half, g, w, bias, act, r, y)
+            }
+            Fold::GatedConcat { half, skip } => {
+                // The folded scSE left its gates at the start of its place (`x`).
+                let (channel_gate, rest) = x.split_at(g.cin);
+                let spatial_gate = &rest[..g.in_h * g.in_w];
+                // SAFETY: as above, for the upsample under the scSE.
+                let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
+                let ca = a.graph.values[half].shape.c;
+                kernels::conv3x3_winograd_gated_concat_nhwc(
+                    x_half,
+                    ca,
+                    skip,
+                    channel_gate,
+                    spatial_gate,
+                    g,
+                    w,
+                    bias,
+                    act,
+                    y,
+                )
+            }
+            Fold::Computed | Fold::Skipped => {
+                kernels::conv3x3_winograd_nhwc(x, g, w, bias, act, r, y)
             }
         }
     }

@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 
 use super::isa::Isa;
+use super::tests::Rng;
 use super::*;
 
 /// A stride-1 3x3 conv on the 2x nearest upsampling of a `h x w x cin` map.
@@ -137,8 +138,8 @@ impl GatedConcatConv {
         let (h, w, ca, cs) = (self.h, self.w, self.ca, self.cs);
         let c = ca + cs;
         let pixels = 4 * h * w;
-        let mut next = lcg(self.seed);
-        let mut data = |n: usize| (0..n).map(|_| next()).collect::<Vec<f32>>();
+        let mut rng = Rng(self.seed);
+        let mut data = |n: usize| rng.vec(n);
         let x_half = data(h * w * ca);
         let skip = data(pixels * cs);
         let scse = Scse {
@@ -211,17 +212,6 @@ impl GatedConcatConv {
             }
         }
         Ok(())
-    }
-}
-
-/// Deterministic values in [-1, 1).
-fn lcg(seed: u64) -> impl FnMut() -> f32 {
-    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    move || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 }
 

@@ -44,16 +44,29 @@ pub(crate) unsafe fn accumulate<L: Level, const MR: usize, const NV: usize>(
     kc: usize,
 ) {
     for k in 0..kc {
-        let b_row = b.add(k * ldb);
-        let mut bv = [L::zero(); NV];
+        fma_step::<L, MR, NV>(acc, a, b.add(k * ldb), k);
+    }
+}
+
+/// One step of the reduction: `acc[m][v] += a[m][k] * b_row[16 v .. 16 v + 16]`.
+///
+/// # Safety
+/// As [`accumulate`], for this `k` (`b_row = b + k * ldb`).
+#[inline(always)]
+unsafe fn fma_step<L: Level, const MR: usize, const NV: usize>(
+    acc: &mut Tile<L, MR, NV>,
+    a: &[*const f32; MR],
+    b_row: *const f32,
+    k: usize,
+) {
+    let mut bv = [L::zero(); NV];
+    for v in 0..NV {
+        bv[v] = L::load(b_row.add(v * LANES));
+    }
+    for m in 0..MR {
+        let am = L::splat(*a[m].add(k));
         for v in 0..NV {
-            bv[v] = L::load(b_row.add(v * LANES));
-        }
-        for m in 0..MR {
-            let am = L::splat(*a[m].add(k));
-            for v in 0..NV {
-                acc[m][v] = L::fma(am, bv[v], acc[m][v]);
-            }
+            acc[m][v] = L::fma(am, bv[v], acc[m][v]);
         }
     }
 }
@@ -75,17 +88,7 @@ pub(crate) unsafe fn accumulate_prefetching<L: Level, const MR: usize, const NV:
 ) {
     for k in 0..kc {
         prefetch_l2(next.wrapping_add(k * LANES));
-        let b_row = b.add(k * ldb);
-        let mut bv = [L::zero(); NV];
-        for v in 0..NV {
-            bv[v] = L::load(b_row.add(v * LANES));
-        }
-        for m in 0..MR {
-            let am = L::splat(*a[m].add(k));
-            for v in 0..NV {
-                acc[m][v] = L::fma(am, bv[v], acc[m][v]);
-            }
-        }
+        fma_step::<L, MR, NV>(acc, a, b.add(k * ldb), k);
     }
 }
 

@@ -150,11 +150,13 @@ pub fn conv3x3_winograd_upsampled_nhwc(
 }
 
 /// [`conv3x3_winograd_nhwc`] on the decoder's gated concat `u * (channel_gate[c] +
-/// spatial_gate[p])`, `u` being the 2x upsampling of `x_half` (its first channels, a
-/// multiple of 16) concatenated with `skip`; `u` is never materialized (`g` describes it).
+/// spatial_gate[p])`, `u` being the 2x upsampling of `x_half` (its first `x_channels`
+/// channels, a multiple of 16) concatenated with `skip`; `u` is never materialized (`g`
+/// describes it).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3_winograd_gated_concat_nhwc(
     x_half: &[f32],
+    x_channels: usize,
     skip: &[f32],
     channel_gate: &[f32],
     spatial_gate: &[f32],
@@ -166,7 +168,7 @@ pub fn conv3x3_winograd_gated_concat_nhwc(
 ) {
     let concat = winograd::GatedConcat {
         skip,
-        x_channels: g.cin - skip.len() / (g.in_h * g.in_w).max(1),
+        x_channels,
         channel_gate,
         spatial_gate,
     };

@@ -11,7 +11,7 @@ use super::winograd::Schedule;
 use super::*;
 
 /// Deterministic data in [-1, 1] (splitmix64).
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
@@ -26,7 +26,7 @@ impl Rng {
         ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
-    fn vec(&mut self, len: usize) -> Vec<f32> {
+    pub(super) fn vec(&mut self, len: usize) -> Vec<f32> {
         (0..len).map(|_| self.uniform()).collect()
     }
 }

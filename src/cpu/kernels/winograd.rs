@@ -336,11 +336,7 @@ fn plan(g: &ConvGeometry, w: &PackedWinograd, threads: usize) -> Plan {
 
 struct WinoJob<'a> {
     x: &'a [f32],
-    /// `x` is the input at half resolution, read as its nearest-neighbour 2x upsampling
-    /// (the decoder's upsample folded into the conv: the big map is never written).
-    upsampled: bool,
-    /// With `upsampled`: `x` is only the first channels of the input (see [`GatedConcat`]).
-    concat: Option<GatedConcat<'a>>,
+    layout: InputLayout<'a>,
     g: ConvGeometry,
     w: &'a PackedWinograd,
     /// Bias padded with zeros to the packed width.
@@ -398,8 +394,18 @@ pub(crate) fn winograd_conv3x3_nhwc_isa(
     residual: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    assert_eq!(x.len(), g.input_len(), "conv input length");
-    winograd(isa, None, x, false, None, g, w, bias, act, residual, y)
+    winograd(
+        isa,
+        None,
+        x,
+        InputLayout::Plain,
+        g,
+        w,
+        bias,
+        act,
+        residual,
+        y,
+    )
 }
 
 /// [`winograd_conv3x3_nhwc_isa`] with the schedule forced (`None`: picked by shape).
@@ -416,8 +422,18 @@ pub(crate) fn winograd_conv3x3_scheduled(
     residual: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    assert_eq!(x.len(), g.input_len(), "conv input length");
-    winograd(isa, schedule, x, false, None, g, w, bias, act, residual, y)
+    winograd(
+        isa,
+        schedule,
+        x,
+        InputLayout::Plain,
+        g,
+        w,
+        bias,
+        act,
+        residual,
+        y,
+    )
 }
 
 /// The decoder's conv input `u * (channel_gate[c] + spatial_gate[p])` (its first scSE),
@@ -433,6 +449,49 @@ pub(crate) struct GatedConcat<'a> {
     pub spatial_gate: &'a [f32],
 }
 
+/// How `x` holds the conv's input.
+#[derive(Clone, Copy)]
+enum InputLayout<'a> {
+    /// The input itself.
+    Plain,
+    /// The input at half resolution, read as its nearest-neighbour 2x upsampling (the
+    /// decoder's upsample folded into the conv: the big map is never written).
+    Upsampled,
+    /// The first channels upsampled as above; the rest and the gates in [`GatedConcat`].
+    GatedConcat(GatedConcat<'a>),
+}
+
+impl InputLayout<'_> {
+    /// Asserts that `x` and the layout's other parts fit the geometry.
+    fn check(&self, x: &[f32], g: &ConvGeometry) {
+        if let InputLayout::Plain = self {
+            assert_eq!(x.len(), g.input_len(), "conv input length");
+            return;
+        }
+        assert!(
+            g.in_h.is_multiple_of(2) && g.in_w.is_multiple_of(2),
+            "an upsampled input has even sides"
+        );
+        let pixels = g.in_h * g.in_w;
+        let upsampled_channels = match self {
+            InputLayout::GatedConcat(cat) => {
+                let ca = cat.x_channels;
+                assert!(ca.is_multiple_of(LANES) && ca <= g.cin, "concat split");
+                assert_eq!(cat.skip.len(), pixels * (g.cin - ca), "skip length");
+                assert_eq!(cat.channel_gate.len(), g.cin, "channel gate length");
+                assert_eq!(cat.spatial_gate.len(), pixels, "spatial gate length");
+                ca
+            }
+            _ => g.cin,
+        };
+        assert_eq!(
+            x.len(),
+            pixels / 4 * upsampled_channels,
+            "conv input length"
+        );
+    }
+}
+
 /// [`winograd_conv3x3_nhwc_isa`] on a [`GatedConcat`] input whose first channels are the
 /// 2x upsampling of `x_half` (`g` describes the full input), without materializing it.
 #[allow(clippy::too_many_arguments)]
@@ -446,29 +505,8 @@ pub(crate) fn winograd_conv3x3_gated_concat_nhwc_isa(
     act: Activation,
     y: &mut [f32],
 ) {
-    let (ca, pixels) = (concat.x_channels, g.in_h * g.in_w);
-    assert!(
-        g.in_h.is_multiple_of(2) && g.in_w.is_multiple_of(2),
-        "an upsampled input has even sides"
-    );
-    assert!(ca.is_multiple_of(LANES) && ca <= g.cin, "concat split");
-    assert_eq!(x_half.len(), pixels / 4 * ca, "conv input length");
-    assert_eq!(concat.skip.len(), pixels * (g.cin - ca), "skip length");
-    assert_eq!(concat.channel_gate.len(), g.cin, "channel gate length");
-    assert_eq!(concat.spatial_gate.len(), pixels, "spatial gate length");
-    winograd(
-        isa,
-        None,
-        x_half,
-        true,
-        Some(concat),
-        g,
-        w,
-        bias,
-        act,
-        None,
-        y,
-    )
+    let layout = InputLayout::GatedConcat(concat);
+    winograd(isa, None, x_half, layout, g, w, bias, act, None, y)
 }
 
 /// The same on the nearest-neighbour 2x upsampling of `x_half` (`g` describes the
@@ -484,12 +522,8 @@ pub(crate) fn winograd_conv3x3_upsampled_nhwc_isa(
     residual: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    assert!(
-        g.in_h.is_multiple_of(2) && g.in_w.is_multiple_of(2),
-        "an upsampled input has even sides"
-    );
-    assert_eq!(x_half.len(), g.input_len() / 4, "conv input length");
-    winograd(isa, None, x_half, true, None, g, w, bias, act, residual, y)
+    let layout = InputLayout::Upsampled;
+    winograd(isa, None, x_half, layout, g, w, bias, act, residual, y)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -497,8 +531,7 @@ fn winograd(
     isa: Isa,
     schedule: Option<Schedule>,
     x: &[f32],
-    upsampled: bool,
-    concat: Option<GatedConcat<'_>>,
+    layout: InputLayout<'_>,
     g: &ConvGeometry,
     w: &PackedWinograd,
     bias: &[f32],
@@ -515,6 +548,7 @@ fn winograd(
         (g.cin, g.cout),
         "packed weights do not match the geometry"
     );
+    layout.check(x, g);
     assert_eq!(y.len(), g.output_len(), "conv output length");
     assert_eq!(bias.len(), g.cout, "conv bias length");
     if let Some(r) = residual {
@@ -530,8 +564,7 @@ fn winograd(
     let schedule = schedule.unwrap_or_else(|| schedule_for(g, w));
     let job = WinoJob {
         x,
-        upsampled,
-        concat,
+        layout,
         g: *g,
         w,
         bias: &padded_bias,
@@ -788,14 +821,14 @@ unsafe fn transform_inputs<L: Level>(
             }
         }
         let dst = v.add((t - t0) * kcs);
-        if let Some(cat) = &job.concat {
+        if let InputLayout::GatedConcat(cat) = &job.layout {
             transform_gated_concat::<L>(job, cat, &inside, c0, c1, dst, rows, kcs);
             continue;
         }
         let mut src = [job.zeros.as_ptr(); POS];
         for (s, &at) in src.iter_mut().zip(&inside) {
             if let Some((iy, ix)) = at {
-                let pixel = if job.upsampled {
+                let pixel = if let InputLayout::Upsampled = job.layout {
                     (iy / 2) * (g.in_w / 2) + ix / 2
                 } else {
                     iy * g.in_w + ix
