@@ -203,8 +203,11 @@ impl GatedConcatConv {
                 &mut fused,
             );
             // The fused gates sum the channel means and spatial logits in another order
-            // (float32 rounding); the conv itself is the same.
-            let scale = plain.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            // (float32 rounding), which the conv carries: held, like the Winograd kernel
+            // tests, to 1e-5 of the size of the terms summed (bounded by 9 c max|w| max|v|;
+            // the outputs themselves can be far smaller after cancellation).
+            let max_abs = |xs: &[f32]| xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = 1.0 + 9.0 * c as f32 * max_abs(&weights) * max_abs(&v);
             for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
                 if !a.is_finite() || (a - b).abs() > 1e-5 * scale {
                     return Err(format!("{isa:?} element {i}: fused {a} unfused {b}"));
@@ -247,4 +250,20 @@ proptest! {
         let problem = GatedConcatConv { h, w, ca: 16, cs, cout, hidden: 3, seed };
         problem.check().map_err(TestCaseError::fail)?;
     }
+}
+
+/// A case where outputs cancel to well below the terms summed (found by CI's proptest
+/// seed when the bound was the largest output).
+#[test]
+fn gated_concat_with_cancelling_outputs() {
+    let problem = GatedConcatConv {
+        h: 3,
+        w: 4,
+        ca: 16,
+        cs: 0,
+        cout: 19,
+        hidden: 3,
+        seed: 4_948_424_560_987_480_713,
+    };
+    problem.check().unwrap();
 }
