@@ -16,7 +16,14 @@ fn main() -> ExitCode {
     };
     let root = dir.join("mvtec");
     let weights = dir.join("weights.safetensors");
-    let result = metauas::eval::synthetic::write_mvtec_layout(&root, &["bottle", "screw"], 72, 64)
+    use metauas::eval::synthetic::{write_mvtec_layout_as, ImageFormat};
+    // Two PNG classes (as MVTec AD) and a JPEG one (as VisA).
+    let classes = [
+        ("bottle", ImageFormat::Png),
+        ("screw", ImageFormat::Png),
+        ("pcb", ImageFormat::Jpeg),
+    ];
+    let result = write_mvtec_layout_as(&root, &classes, 72, 64)
         .and_then(|_| metauas::eval::synthetic::write_weights(&weights, 11));
     match result {
         Ok(()) => {

@@ -54,6 +54,12 @@ impl Fixture {
         }
     }
 
+    /// Whether the fixture holds `tap` (the JPEG cases keep only some taps).
+    fn has_tap(&self, tap: &str) -> bool {
+        let st = SafeTensors::deserialize(&self.bytes).expect("fixture");
+        st.tensor(&format!("{tap}.truth")).is_ok()
+    }
+
     /// (indices into the NCHW tensor, float64 truth, PyTorch float32) of one tap.
     fn tap(&self, tap: &str) -> (Vec<i64>, Vec<f64>, Vec<f32>) {
         let st = SafeTensors::deserialize(&self.bytes).expect("fixture");
@@ -94,7 +100,15 @@ fn nhwc_at(data: &[f32], (h, w, c): (usize, usize, usize), nchw: i64) -> f64 {
     data[rem * c + ch] as f64
 }
 
+/// A file of the image corpus (`{"file": ...}`, decoded as any query is), or a synthetic
+/// image from its recipe.
 fn image_from_meta(v: &Value) -> metauas::io::image::RgbImage8 {
+    if let Some(file) = v["file"].as_str() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/images")
+            .join(file);
+        return decode_image_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    }
     let u = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("image.{k}")) as usize;
     let defect = v["defect"].as_array().map(|d| {
         let d: Vec<usize> = d.iter().map(|x| x.as_u64().unwrap() as usize).collect();
@@ -104,7 +118,8 @@ fn image_from_meta(v: &Value) -> metauas::io::image::RgbImage8 {
 }
 
 /// The fixture records fingerprints of the weights and images the reference used; a
-/// mismatch means `src/synth.rs` and `tools/reference/synth.py` have drifted apart.
+/// mismatch means `src/synth.rs` and `tools/reference/synth.py` have drifted apart, or, for
+/// the JPEG cases, that our decoder's pixels differ from Pillow's.
 fn check_synthetic_inputs(fx: &Fixture, images: &Value) {
     let check = fx.json("synth_check");
     let dict = metauas::synth::synthetic_state_dict(&fx.recipe());
@@ -159,16 +174,20 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
     common::write_synthetic_weights(&weights, &fx.recipe());
     let images = fx.json("images");
     check_synthetic_inputs(&fx, &images);
-    let (prompt_png, query_png) = (dir.join("prompt.png"), dir.join("query.png"));
-    common::write_png(&prompt_png, &image_from_meta(&images["prompt"]));
-    common::write_png(&query_png, &image_from_meta(&images["query"]));
+    // Synthetic images go through PNG files; the JPEG cases read the corpus's files.
+    let decoded = |which: &str| {
+        if images[which]["file"].is_string() {
+            return image_from_meta(&images[which]);
+        }
+        let png = dir.join(format!("{which}.png"));
+        common::write_png(&png, &image_from_meta(&images[which]));
+        decode_image_file(&png).unwrap()
+    };
 
     let engine = Engine::from_file_with(&weights, size, options).expect("engine");
     let f16 = options.precision == Precision::F16;
-    let prompt = engine
-        .encode_prompt(&decode_image_file(&prompt_png).unwrap())
-        .unwrap();
-    let query = decode_image_file(&query_png).unwrap();
+    let prompt = engine.encode_prompt(&decoded("prompt")).unwrap();
+    let query = decoded("query");
     let (map, taps) = engine.segment_with_taps(&prompt, &query).unwrap();
     // The production path (its own graph and arena plan) must give the very same map.
     let plain = engine.segment(&prompt, &query).unwrap();
@@ -196,6 +215,9 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
         data,
     } in &outputs
     {
+        if tap != "map" && !fx.has_tap(tap) {
+            continue;
+        }
         let (idx, truth, t32) = fx.tap(tap);
         assert_eq!(idx.len(), truth.len());
         let mut ours: Vec<f64> = idx
@@ -257,6 +279,11 @@ gpu_fixture_test!(gpu_s256_sharp, "s256_sharp.safetensors", Precision::F32);
 gpu_fixture_test!(gpu_s512_smooth, "s512_smooth.safetensors", Precision::F32);
 gpu_fixture_test!(gpu_s512_sharp, "s512_sharp.safetensors", Precision::F32);
 gpu_fixture_test!(
+    gpu_s256_smooth_jpeg,
+    "s256_smooth_jpeg.safetensors",
+    Precision::F32
+);
+gpu_fixture_test!(
     gpu_f16_s256_smooth,
     "s256_smooth.safetensors",
     Precision::F16
@@ -285,4 +312,16 @@ fn s512_smooth() {
 #[test]
 fn s512_sharp() {
     check_fixture("s512_sharp.safetensors");
+}
+
+/// Real-photo inputs: a non-square JPEG prompt and a 1024x768 JPEG query, decoded by Pillow
+/// for the reference and by our decoder here (their pixels are checked equal first).
+#[test]
+fn s256_smooth_jpeg() {
+    check_fixture("s256_smooth_jpeg.safetensors");
+}
+
+#[test]
+fn s512_sharp_jpeg() {
+    check_fixture("s512_sharp_jpeg.safetensors");
 }

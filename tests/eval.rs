@@ -161,9 +161,9 @@ fn assert_success(out: &Output) {
     );
 }
 
-/// A tiny MVTec AD layout (`metauas::eval::synthetic`, the README's example): 2 classes,
-/// 3 train/good, 2 test/good and 3 test/defect images (two defect types) with masks, plus
-/// synthetic weights.
+/// A tiny MVTec AD layout (`metauas::eval::synthetic`, the README's example): 3 classes (two
+/// of PNG images, one of JPEG images as VisA ships), 3 train/good, 2 test/good and 3
+/// test/defect images (two defect types) with masks, plus synthetic weights.
 struct Dataset {
     root: PathBuf,
     weights: PathBuf,
@@ -176,7 +176,12 @@ fn dataset() -> &'static Dataset {
         let weights = dir.join("weights.safetensors");
         common::write_synthetic_weights(&weights, &common::default_recipe(11));
         let root = dir.join("mvtec");
-        synthetic::write_mvtec_layout(&root, &["bottle", "screw"], 72, 64).expect("dataset");
+        let classes = [
+            ("bottle", synthetic::ImageFormat::Png),
+            ("screw", synthetic::ImageFormat::Png),
+            ("pcb", synthetic::ImageFormat::Jpeg),
+        ];
+        synthetic::write_mvtec_layout_as(&root, &classes, 72, 64).expect("dataset");
         Dataset { root, weights }
     })
 }
@@ -253,18 +258,19 @@ fn eval_mvtec_layout_end_to_end() {
     eprintln!("{stdout}");
     assert!(stdout.contains("| bottle | 5 | 3 |"), "{stdout}");
     let report = read_json(&out.join("report.json"));
-    check_report_structure(&report, &["bottle", "screw"]);
+    check_report_structure(&report, &["bottle", "pcb", "screw"]);
     assert_eq!(report["images"]["screw"]["total"], 5);
+    assert_eq!(report["images"]["pcb"]["total"], 5);
     assert_eq!(report["images"]["screw"]["defective"], 3);
     let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 4); // header, two classes, mean
+    assert_eq!(csv.lines().count(), 5); // header, three classes, mean
     assert!(csv
         .starts_with("class,images,defective,I-AUROC,I-AP,I-F1max,P-AUROC,P-AP,P-F1max,P-AUPRO,"));
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| **mean** |"));
 
     // Recompute every metric from the saved maps with the library functions.
-    for class in ["bottle", "screw"] {
+    for class in ["bottle", "pcb", "screw"] {
         let dir = out.join("maps").join(class);
         let index = std::fs::read_to_string(dir.join("index.jsonl")).unwrap();
         let (mut maps, mut masks, mut labels) = (Vec::new(), Vec::new(), Vec::new());
@@ -297,6 +303,35 @@ fn eval_mvtec_layout_end_to_end() {
         }
         // The I-AUROC is defined here: 2 good and 3 defective images.
         assert!(m.values[0].is_finite());
+    }
+    check_jpeg_class_maps(d, &out.join("maps").join("pcb"));
+}
+
+/// The JPEG class's maps, as `eval` saved them, are the library's maps of the decoded JPEG
+/// files (decoded as Pillow decodes them: tests/image_corpus.rs), bit for bit.
+fn check_jpeg_class_maps(d: &Dataset, maps_dir: &Path) {
+    let engine = metauas::Engine::from_file(&d.weights, SIZE).unwrap();
+    let index = std::fs::read_to_string(maps_dir.join("index.jsonl")).unwrap();
+    for line in index.lines() {
+        let entry: Value = serde_json::from_str(line).unwrap();
+        let resolve = |p: &str| {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                d.root.join(p)
+            }
+        };
+        let query = resolve(entry["filename"].as_str().unwrap());
+        let prompt = resolve(entry["prompt"].as_str().unwrap());
+        for path in [&query, &prompt] {
+            assert_eq!(path.extension().unwrap(), "jpg", "{}", path.display());
+        }
+        let decode = |p: &Path| metauas::io::image::decode_image_file(p).unwrap();
+        let features = engine.encode_prompt(&decode(&prompt)).unwrap();
+        let map = engine.segment(&features, &decode(&query)).unwrap();
+        let (_, saved) = read_npy_f32(&maps_dir.join(entry["map"].as_str().unwrap())).unwrap();
+        assert_eq!(saved, map.data, "{}", query.display());
     }
 }
 

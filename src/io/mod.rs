@@ -1,6 +1,7 @@
 //! Everything that crosses the process boundary: weights files, images, output files.
 
 pub mod image;
+pub mod jpeg;
 pub mod output;
 pub mod weights;
 

@@ -578,7 +578,7 @@ mod tests {
     #[test]
     fn jet_lut_equals_opencv() {
         // cv2.applyColorMap(0..255, COLORMAP_JET) as RGB, written by
-        // tests/fixtures/images/make_fixtures.py.
+        // tools/reference/make_image_fixtures.py.
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/jet_lut_opencv.rgb");
         let want = fs::read(path).unwrap();

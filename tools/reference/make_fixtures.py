@@ -37,7 +37,16 @@ QUERY = dict(seed=2, width=280, height=240, defect=[150, 60, 48])
 TAPS = [f"f{i}" for i in range(1, 6)] + ["fused5", "fused4", "fused3"] + [f"dec{b}" for b in range(5)] + ["map"]
 SAMPLES_INTERMEDIATE = 2048
 SAMPLES_MAP = 16384
-MAX_TOTAL_BYTES = 4 * 1024 * 1024
+MAX_TOTAL_BYTES = 5 * 1024 * 1024
+# Real-photo cases: prompt and query are JPEG files of the image corpus (tests/fixtures/images,
+# written by make_image_fixtures.py), decoded by Pillow as the authors' loader does. A
+# non-square 4:2:0 prompt and a camera-sized 1024x768 query. Fewer taps are kept: the
+# encoder's first and last stages, the finest alignment, the last decoder block and the map.
+IMAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "fixtures", "images")
+JPEG_PROMPT = "pil_420_333x217.jpg"
+JPEG_QUERY = "pil_frame_1024x768.jpg"
+JPEG_CASES = ((256, "smooth"), (512, "sharp"))
+JPEG_TAPS = ["f1", "f5", "fused3", "dec4", "map"]
 
 
 def synth_image(desc: dict) -> np.ndarray:
@@ -181,6 +190,19 @@ def check_encoder_padding(model) -> None:
 
 
 # ---------------------------------------------------------------- one fixture
+def check_kornia_resize(image_u8: np.ndarray, size: int) -> None:
+    """The authors' dataset.py resizes with kornia's `Resize` (bilinear, align_corners=True, no
+    antialiasing) on `pil_to_tensor(img).float() / 255`; the reference (and metauas) use
+    `F.interpolate` the same way. Confirm they are bit-identical on this input, which may be
+    non-square and upscaled along one side."""
+    import kornia
+
+    x = torch.from_numpy(np.ascontiguousarray(image_u8)).permute(2, 0, 1)[None].float() / 255.0
+    theirs = kornia.augmentation.Resize((size, size))(x)
+    ours = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+    assert torch.equal(theirs, ours), f"kornia Resize differs from F.interpolate at {size} for {image_u8.shape}"
+
+
 def run(model, query_u8, prompt_u8, size, dtype):
     taps, stats = {}, {}
     q = ref.preprocess(query_u8, size, dtype)
@@ -190,7 +212,7 @@ def run(model, query_u8, prompt_u8, size, dtype):
     return q, p, taps, stats
 
 
-def make_fixture(size: int, recipe_name: str, out_dir: str) -> dict:
+def make_fixture(size: int, recipe_name: str, out_dir: str, jpeg: bool = False) -> dict:
     from safetensors.numpy import save_file
 
     recipe = RECIPES[recipe_name]
@@ -200,7 +222,17 @@ def make_fixture(size: int, recipe_name: str, out_dir: str) -> dict:
     model64 = ref.model_with_weights(state, torch.float64)
     model32 = ref.model_with_weights(state, torch.float32)
     check_encoder_padding(model64)
-    prompt_u8, query_u8 = synth_image(PROMPT), synth_image(QUERY)
+    if jpeg:
+        images = {"prompt": {"file": JPEG_PROMPT}, "query": {"file": JPEG_QUERY}}
+        prompt_u8 = ref.load_image(os.path.join(IMAGE_DIR, JPEG_PROMPT))
+        query_u8 = ref.load_image(os.path.join(IMAGE_DIR, JPEG_QUERY))
+        taps_kept = JPEG_TAPS
+        for image_u8 in (prompt_u8, query_u8):
+            check_kornia_resize(image_u8, size)
+    else:
+        images = {"prompt": PROMPT, "query": QUERY}
+        prompt_u8, query_u8 = synth_image(PROMPT), synth_image(QUERY)
+        taps_kept = TAPS
 
     q64, p64, taps64, stats64 = run(model64, query_u8, prompt_u8, size, torch.float64)
     t64 = time.time() - t0
@@ -222,7 +254,7 @@ def make_fixture(size: int, recipe_name: str, out_dir: str) -> dict:
         assert min(softmax.values()) > 0.95, f"sharp recipe not sharp: {softmax}"
 
     tensors, shapes, errors = {}, {}, {}
-    for tap in TAPS:
+    for tap in taps_kept:
         truth = taps64[tap].numpy().reshape(-1)
         f32 = taps32[tap].numpy().reshape(-1)
         assert taps32[tap].dtype == torch.float32 and taps64[tap].dtype == torch.float64
@@ -243,18 +275,20 @@ def make_fixture(size: int, recipe_name: str, out_dir: str) -> dict:
         "taps": json.dumps(shapes),
         "torch32_error": json.dumps(errors),
         "softmax_max_weight": json.dumps(softmax),
-        "images": json.dumps({"prompt": PROMPT, "query": QUERY}),
+        "images": json.dumps(images),
         "synth_check": json.dumps(synth_check(state_np, prompt_u8, query_u8)),
         "torch_version": torch.__version__,
         "efficientnet_pytorch_version": efficientnet_pytorch.__version__,
     }
-    path = os.path.join(out_dir, f"s{size}_{recipe_name}.safetensors")
+    name = f"s{size}_{recipe_name}" + ("_jpeg" if jpeg else "")
+    path = os.path.join(out_dir, f"{name}.safetensors")
     save_file(tensors, path, metadata=metadata)
     os.chmod(path, 0o644)
     return {
         "path": path,
         "size": size,
         "recipe": recipe_name,
+        "name": name,
         "errors": errors,
         "softmax": softmax,
         "map_std": map_std,
@@ -278,7 +312,7 @@ def summary_markdown(results: list[dict]) -> str:
     for r in results:
         recipe = RECIPES[r["recipe"]]
         lines += [
-            f"## s{r['size']}_{r['recipe']} ({r['bytes']} bytes)",
+            f"## {r['name']} ({r['bytes']} bytes)",
             "",
             f"recipe {json.dumps(recipe)}; softmax mean max weight "
             + ", ".join(f"{k} {v:.4f}" for k, v in r["softmax"].items())
@@ -296,6 +330,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="tests/fixtures/conformance")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    ap.add_argument("--only-jpeg", action="store_true", help="only the JPEG cases")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(2)
@@ -310,16 +345,29 @@ def main(argv=None) -> int:
 
     start = time.time()
     results = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        for name in RECIPES:
-            r = make_fixture(size, name, args.out)
-            results.append(r)
-            print(
-                f"s{size}_{name}: f64 {r['t64']:.1f}s f32 {r['t32']:.1f}s, {r['bytes']} bytes, "
-                f"softmax {r['softmax']}, map std {r['map_std']:.4f}, alignment check rel {r['align_rel']:.2e}"
-            )
+    cases = [(size, name, False) for size in (int(s) for s in args.sizes.split(",")) for name in RECIPES]
+    cases += [(size, name, True) for size, name in JPEG_CASES]
+    if args.only_jpeg:
+        cases = [c for c in cases if c[2]]
+    for size, name, jpeg in cases:
+        r = make_fixture(size, name, args.out, jpeg)
+        results.append(r)
+        print(
+            f"{r['name']}: f64 {r['t64']:.1f}s f32 {r['t32']:.1f}s, {r['bytes']} bytes, "
+            f"softmax {r['softmax']}, map std {r['map_std']:.4f}, alignment check rel {r['align_rel']:.2e}"
+        )
     summary = summary_markdown(results)
-    with open(os.path.join(args.out, "SUMMARY.md"), "w", encoding="utf-8") as f:
+    summary_path = os.path.join(args.out, "SUMMARY.md")
+    if args.only_jpeg and os.path.exists(summary_path):
+        # Keep the synthetic cases' sections; replace the JPEG ones.
+        with open(summary_path, encoding="utf-8") as f:
+            kept = f.read().split("\n## ")
+        kept = [part for part in kept if "_jpeg (" not in part.split("\n", 1)[0]]
+        summary = "\n## ".join(kept).rstrip() + "\n\n" + summary.split("\n## ", 1)[1]
+        summary = summary.replace("\n\n\n", "\n\n")
+        if not summary.startswith("#"):
+            summary = "## " + summary
+    with open(summary_path, "w", encoding="utf-8") as f:
         f.write(summary)
     print(summary)
     total = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
