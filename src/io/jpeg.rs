@@ -133,11 +133,18 @@ fn read_header(dec: &mut Decompressor, bytes: &[u8]) -> Result<Header, JpegProbl
         )));
     }
     let dim = |v: c_int| u32::try_from(v).unwrap_or(0);
-    Ok(Header {
+    let header = Header {
         width: dim(dec.get(tj::TJPARAM_TJPARAM_JPEGWIDTH)),
         height: dim(dec.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT)),
         colorspace: dec.get(tj::TJPARAM_TJPARAM_COLORSPACE),
-    })
+    };
+    if header.width == 0 || header.height == 0 {
+        // Only warnings, but no frame header (the data ends, or is garbage, before it).
+        return Err(JpegProblem::Undecodable(
+            "no frame header before the data ends".into(),
+        ));
+    }
+    Ok(header)
 }
 
 /// Decode a JPEG held in memory to RGB the way Pillow does (see the module comment). The
