@@ -131,7 +131,11 @@ fn class_metrics_match_the_reference_pipeline() {
             case["width"].as_u64().unwrap() as usize,
         );
         let mut maps = f32s(&case["raw_maps"]);
-        let m = class_metrics(&mut maps, &u8s(&case["masks"]), &u8s(&case["labels"]), h, w);
+        let mut masks = u8s(&case["masks"]);
+        if !case["meta"].is_null() {
+            masks = masks_through_meta_file(name, &case["meta"], &masks, h, w);
+        }
+        let m = class_metrics(&mut maps, &masks, &u8s(&case["labels"]), h, w);
         for (i, metric) in METRIC_NAMES.iter().enumerate() {
             let tol = if *metric == "P-AUPRO" { 1e-4 } else { 1e-6 };
             let err = check(name, metric, m.values[i], &case["metrics"][metric], tol);
@@ -147,6 +151,48 @@ fn class_metrics_match_the_reference_pipeline() {
         }
     }
     eprintln!("max abs error per metric (class pipeline): {worst:?}");
+}
+
+/// The ground truth of a fixture class listed in the authors' meta-file form: the lines are
+/// read by `meta_files`; images whose `maskname` is `""` get `load_mask`'s mask (all 0 for
+/// a normal image), the others the fixture's mask. Checks both against the fixture.
+fn masks_through_meta_file(case: &str, meta: &Value, masks: &[u8], h: usize, w: usize) -> Vec<u8> {
+    assert_eq!(h, w, "{case}: meta-file masks are square");
+    let dir = common::temp_dir("eval-fixture-meta");
+    let lines = meta.as_array().unwrap();
+    write_lines(&dir.join("test.json"), lines);
+    let first = lines[0]["filename"].as_str().unwrap();
+    let class = first.split('/').next().unwrap();
+    std::fs::write(
+        dir.join("prompts.json"),
+        serde_json::json!({ class: { "filename": first } }).to_string(),
+    )
+    .unwrap();
+    let classes =
+        metauas::eval::dataset::meta_files(&dir, &dir.join("test.json"), &dir.join("prompts.json"))
+            .expect("meta files");
+    assert_eq!(classes.len(), 1, "{case}: one class");
+    let samples = &classes[0].samples;
+    assert_eq!(samples.len(), lines.len());
+    let mut out = Vec::with_capacity(masks.len());
+    for ((sample, line), want) in samples.iter().zip(lines).zip(masks.chunks(h * w)) {
+        assert_eq!(sample.label as u64, line["label"].as_u64().unwrap());
+        if line["maskname"] == "" {
+            assert!(
+                sample.mask.is_none(),
+                "{case} {}: `maskname: \"\"`",
+                sample.name
+            );
+            let got = metauas::eval::dataset::load_mask(sample, h).expect("mask");
+            assert_eq!(got, want, "{case} {}: mask of a normal image", sample.name);
+            out.extend_from_slice(&got);
+        } else {
+            assert!(sample.mask.is_some(), "{case} {}: mask path", sample.name);
+            out.extend_from_slice(want);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
 }
 
 // ---------------------------------------------------------------- end to end

@@ -1,15 +1,21 @@
-//! The seven anomaly metrics of the MetaUAS paper, computed as the authors compute them:
-//! scikit-learn's ranking metrics and the authors' AUPRO procedure. Pure functions on
-//! float32 scores and 0/1 labels; every sum and ratio in float64.
+//! The seven anomaly metrics of the MetaUAS paper, computed as the authors' evaluator
+//! computes them: `Evaluator.run` and `cal_pro_score` in `eval_metric/sklearn_metric.py` of
+//! gaobb/MetaUAS (the file `test.py` imports), i.e. scikit-learn's `roc_curve` + `auc`,
+//! `average_precision_score` and `precision_recall_curve`, and their AUPRO procedure. Pure
+//! functions on float32 scores and 0/1 labels; every sum and ratio in float64.
 //!
-//! Conventions (checked against scikit-learn 1.9 / scikit-image 0.26 by `tests/eval.rs`):
+//! Conventions (checked against that evaluator, re-typed in
+//! `tools/reference/make_metric_fixtures.py`, with scikit-learn 1.9 / scikit-image 0.26 by
+//! `tests/eval.rs`):
 //! - ties: all samples with the same score form one ROC / PR point, as in scikit-learn's
 //!   `_binary_clf_curve` (`-0.0` and `0.0` are the same score);
-//! - a metric scikit-learn leaves undefined is `NaN` (AUROC with one label class: sklearn
-//!   returns NaN with a warning); AP with no positive is 0 and F1max is 0, as sklearn gives;
-//! - AUPRO is `NaN` wherever the authors' code raises or returns NaN (constant maps, no
-//!   defective pixel, no normal pixel, fewer than two thresholds with FPR < 0.3, or all kept
-//!   FPRs 0 -- a perfect separation -- where `fpr / fpr.max()` is 0/0);
+//! - a metric scikit-learn leaves undefined is `NaN` (AUROC with one label class: `roc_curve`
+//!   warns and the area is NaN); AP with no positive is 0 and F1max is 0, as sklearn gives;
+//! - AUPRO is `NaN` wherever the authors' code raises or returns NaN: constant maps
+//!   (`np.arange` with a zero step raises), no defective pixel (PRO is the mean of no
+//!   regions), no normal pixel, fewer than two thresholds with FPR < 0.3 (`fprs.min()` of
+//!   nothing or `auc` of one point raises), or all kept FPRs equal, where the min-max rescale
+//!   `(fprs - fprs.min()) / (fprs.max() - fprs.min())` is 0/0 and `auc` returns NaN;
 //! - a NaN score makes every metric of that call NaN.
 
 use rayon::prelude::*;
@@ -222,12 +228,14 @@ struct ImageTally {
     regions: Vec<(u64, Vec<u64>)>,
 }
 
-/// The authors' AUPRO ("compute_pro"): 200 evenly spaced thresholds from the smallest to
+/// The authors' AUPRO (`cal_pro_score`): 200 evenly spaced thresholds from the smallest to
 /// the largest value of `maps` (all images of a class, `height x width` each, concatenated);
 /// at each, the mean over all 8-connected ground-truth regions of all images of the share
 /// of the region above the threshold (PRO), and the false positive rate over normal pixels;
-/// thresholds with FPR < 0.3 are kept, their FPRs divided by the largest kept one, and the
-/// area under PRO(FPR) taken by trapezoids (`sklearn.metrics.auc`).
+/// thresholds with FPR < 0.3 are kept, their FPRs min-max rescaled to [0, 1] (the smallest
+/// kept FPR is not 0 when the class's top score lies on a normal pixel), and the area under
+/// PRO(FPR) taken by trapezoids (`sklearn.metrics.auc`). NaN where the authors' code raises
+/// or gives NaN (see the module notes).
 pub fn aupro(maps: &[f32], masks: &[u8], height: usize, width: usize) -> f64 {
     let plane = height * width;
     assert_eq!(maps.len(), masks.len(), "maps and masks differ in length");
@@ -308,8 +316,13 @@ pub fn aupro(maps: &[f32], masks: &[u8], height: usize, width: usize) -> f64 {
     if fprs.len() < 2 {
         return f64::NAN;
     }
+    let smallest = fprs.iter().copied().fold(f64::INFINITY, f64::min);
     let largest = fprs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let x: Vec<f64> = fprs.iter().map(|f| f / largest).collect();
+    let span = largest - smallest;
+    if span == 0.0 {
+        return f64::NAN;
+    }
+    let x: Vec<f64> = fprs.iter().map(|f| (f - smallest) / span).collect();
     trapezoid_auc(&x, &pros)
 }
 
@@ -463,7 +476,7 @@ mod tests {
     #[test]
     fn perfect_maps_give_the_authors_nan_aupro() {
         // Two 4x4 images; the defect scores 1, everything else 0: every kept FPR is 0, so
-        // the authors' `fpr / fpr.max()` is 0/0 and their AUPRO NaN.
+        // the authors' min-max rescale of the FPRs is 0/0 and their AUPRO NaN.
         let mut masks = vec![0u8; 32];
         masks[5] = 1;
         masks[6] = 1;
@@ -472,6 +485,24 @@ mod tests {
         // One normal pixel above most thresholds: PRO stays 1, the area is 1.
         maps[20] = 0.9;
         assert!((aupro(&maps, &masks, 4, 4) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn aupro_rescales_fprs_from_the_smallest_kept_one() {
+        // The top score is a false alarm: normal pixel 20 scores 1, normal pixel 21 scores
+        // 0.25, the defect (pixels 5, 6) 0.5. Kept FPRs are 2/30 (PRO 1) below 0.25, then
+        // 1/30 (PRO 1, then 0): rescaled from 1/30 to [0, 1] the area is 1; dividing by the
+        // largest only (x = 1 and 0.5) would give 0.5.
+        let mut masks = vec![0u8; 32];
+        masks[5] = 1;
+        masks[6] = 1;
+        let mut maps: Vec<f32> = masks.iter().map(|&m| 0.5 * f32::from(m)).collect();
+        maps[20] = 1.0;
+        maps[21] = 0.25;
+        assert!((aupro(&maps, &masks, 4, 4) - 1.0).abs() < 1e-12);
+        // Without pixel 21 every kept FPR is 1/30: the rescale is 0/0, the authors' NaN.
+        maps[21] = 0.0;
+        assert!(aupro(&maps, &masks, 4, 4).is_nan());
     }
 
     #[test]

@@ -28,8 +28,8 @@ pub const NOTES: [&str; 5] = [
     "Maps are min-max normalized over all test images of a class together; the image score is the maximum of the normalized map.",
     "AUROC follows scikit-learn's roc_curve (tied scores form one point, trapezoids); as in the authors' code, an AUROC below 0.5 is reported as 1 - AUROC (listed under flipped_auroc).",
     "AP is scikit-learn's average_precision_score; F1max is the largest finite F1 over precision_recall_curve.",
-    "P-AUPRO is the authors' compute_pro: 200 thresholds from the class's smallest to largest map value, PRO over 8-connected ground-truth regions, FPR < 0.3 kept and rescaled to [0, 1], trapezoid area.",
-    "A metric that is undefined for a class (one label class only; AUPRO with constant maps, no defective or no normal pixel, or a perfect separation where the authors divide 0 by 0) is n/a (null) and left out of the mean.",
+    "P-AUPRO is the authors' cal_pro_score (eval_metric/sklearn_metric.py of gaobb/MetaUAS): 200 thresholds from the class's smallest to largest map value, PRO over 8-connected ground-truth regions, thresholds with FPR < 0.3 kept and their FPRs min-max rescaled to [0, 1], trapezoid area.",
+    "A metric that is undefined for a class (one label class only; AUPRO with constant maps, no defective or no normal pixel, or all kept FPRs equal, e.g. a perfect separation, where the authors' rescale is 0/0) is n/a (null) and left out of the mean.",
 ];
 
 pub struct Report {
