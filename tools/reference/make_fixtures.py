@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         with open(summary_path, encoding="utf-8") as f:
             kept = f.read().split("\n## ")
         kept = [part for part in kept if "_jpeg (" not in part.split("\n", 1)[0]]
-        summary = "\n## ".join(kept).rstrip() + "\n\n" + summary.split("\n## ", 1)[1]
+        summary = "\n## ".join(kept).rstrip() + "\n\n## " + summary.split("\n## ", 1)[1]
         summary = summary.replace("\n\n\n", "\n\n")
         if not summary.startswith("#"):
             summary = "## " + summary
