@@ -16,8 +16,8 @@ fn main() -> ExitCode {
     };
     let root = dir.join("mvtec");
     let weights = dir.join("weights.safetensors");
-    let result = metauas::eval::synthetic::write_mvtec_layout(&root, &["bottle", "screw"], 72, 64)
-        .and_then(|_| metauas::eval::synthetic::write_weights(&weights, 11));
+    let result = metauas::synth::mvtec::write_mvtec_layout(&root, &["bottle", "screw"], 72, 64)
+        .and_then(|_| metauas::synth::mvtec::write_weights(&weights, 11));
     match result {
         Ok(()) => {
             println!("wrote {} and {}", root.display(), weights.display());

@@ -11,8 +11,8 @@ use std::process::Output;
 use std::sync::OnceLock;
 
 use metauas::eval::metrics::{aupro, class_metrics, label_regions, ranking, METRIC_NAMES};
-use metauas::eval::synthetic;
 use metauas::io::output::read_npy_f32;
+use metauas::synth::mvtec as synthetic;
 use metauas::synth::synthetic_image;
 use serde_json::Value;
 
@@ -161,7 +161,7 @@ fn assert_success(out: &Output) {
     );
 }
 
-/// A tiny MVTec AD layout (`metauas::eval::synthetic`, the README's example): 2 classes,
+/// A tiny MVTec AD layout (`metauas::synth::mvtec`, the README's example): 2 classes,
 /// 3 train/good, 2 test/good and 3 test/defect images (two defect types) with masks, plus
 /// synthetic weights.
 struct Dataset {
