@@ -91,6 +91,10 @@ impl CompiledGraph for GpuGraph {
         lock(&self.program).run(&self.device.ctx, inputs)
     }
 
+    fn batches(&self) -> bool {
+        true
+    }
+
     /// Several runs in one submit (see `GpuProgram::run_many`).
     fn run_batch(&self, runs: &[Vec<&[f32]>]) -> Result<Vec<Outputs>> {
         lock(&self.program).run_many(&self.device.ctx, runs)

@@ -39,6 +39,12 @@ pub trait CompiledGraph: Send + Sync {
         runs.iter().map(|inputs| self.run(inputs, None)).collect()
     }
 
+    /// Whether `run_batch` does better than one run after another (then the engine hands it
+    /// several inputs at once; otherwise one at a time, so that their memory is not held).
+    fn batches(&self) -> bool {
+        false
+    }
+
     /// Runs with inputs that arrive in two parts: `early` (the first inputs) now, the rest
     /// from `late`, which computes them. The first `prefix` nodes must read only `early`
     /// (see `Graph::prefix_independent_of`); a backend may run them at the same time as

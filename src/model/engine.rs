@@ -363,7 +363,12 @@ impl Engine {
     ) -> Result<Vec<AnomalyMap>> {
         self.check_prompt(prompt)?;
         let mut maps = Vec::with_capacity(images.len());
-        for chunk in images.chunks(MAX_GPU_BATCH) {
+        let batch = if self.query.batches() {
+            MAX_GPU_BATCH
+        } else {
+            1
+        };
+        for chunk in images.chunks(batch) {
             let inputs: Vec<Vec<f32>> = chunk.iter().map(|im| preprocess(im, self.size)).collect();
             let runs: Vec<Vec<&[f32]>> = inputs
                 .iter()
