@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     };
     let root = dir.join("mvtec");
     let weights = dir.join("weights.safetensors");
-    use metauas::eval::synthetic::{write_mvtec_layout_as, ImageFormat};
+    use metauas::synth::mvtec::{write_mvtec_layout_as, ImageFormat};
     // Two PNG classes (as MVTec AD) and a JPEG one (as VisA).
     let classes = [
         ("bottle", ImageFormat::Png),
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         ("pcb", ImageFormat::Jpeg),
     ];
     let result = write_mvtec_layout_as(&root, &classes, 72, 64)
-        .and_then(|_| metauas::eval::synthetic::write_weights(&weights, 11));
+        .and_then(|_| metauas::synth::mvtec::write_weights(&weights, 11));
     match result {
         Ok(()) => {
             println!("wrote {} and {}", root.display(), weights.display());

@@ -6,13 +6,12 @@
 //! and the problem.
 //!
 //! ```
-//! use metauas::model::MemorySource;
-//! use metauas::synth::{synthetic_image, WeightRecipe};
+//! use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
 //! use metauas::Engine;
 //!
 //! // Synthetic weights keep the example self-contained; real code uses
 //! // `Engine::from_file("metauas-256.ckpt".as_ref(), 256)`.
-//! let weights = MemorySource::synthetic(&WeightRecipe::unit(1));
+//! let weights = synthetic_weights(&WeightRecipe::unit(1));
 //! let engine = Engine::new(&weights, 64)?;
 //! let prompt = engine.encode_prompt(&synthetic_image(1, 80, 60, None))?; // once per product
 //! let frame = synthetic_image(2, 80, 60, Some((30, 20, 12)));
@@ -25,12 +24,14 @@
 pub mod cpu;
 pub mod error;
 pub mod eval;
+#[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod graph;
 pub mod io;
 pub mod model;
 pub mod serve;
 pub mod synth;
+pub mod util;
 
 pub use error::{Error, Result};
 pub use model::{AnomalyMap, Engine, EngineOptions, PromptBank, PromptFeatures};

@@ -11,8 +11,8 @@ use std::process::Output;
 use std::sync::OnceLock;
 
 use metauas::eval::metrics::{aupro, class_metrics, label_regions, ranking, METRIC_NAMES};
-use metauas::eval::synthetic;
 use metauas::io::output::read_npy_f32;
+use metauas::synth::mvtec as synthetic;
 use metauas::synth::synthetic_image;
 use serde_json::Value;
 
@@ -207,7 +207,7 @@ fn assert_success(out: &Output) {
     );
 }
 
-/// A tiny MVTec AD layout (`metauas::eval::synthetic`, the README's example): 3 classes (two
+/// A tiny MVTec AD layout (`metauas::synth::mvtec`, the README's example): 3 classes (two
 /// of PNG images, one of JPEG images as VisA ships), 3 train/good, 2 test/good and 3
 /// test/defect images (two defect types) with masks, plus synthetic weights.
 struct Dataset {

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use metauas::io::image::decode_image_file;
 use metauas::io::weights::{write_safetensors, TensorData, WeightFile, WeightLimits};
-use metauas::model::{BankEntry, Engine, MemorySource, PromptBank};
-use metauas::synth::synthetic_image;
+use metauas::model::{BankEntry, Engine, PromptBank};
+use metauas::synth::{synthetic_image, synthetic_weights};
 
 fn seeds_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -98,7 +98,7 @@ fn tiny_ckpt(dir: &Path) {
 
 /// A bank of two prompts at size 32 from synthetic weights.
 fn tiny_bank(dir: &Path) {
-    let engine = Engine::new(&MemorySource::synthetic(&common::default_recipe(1)), 32).unwrap();
+    let engine = Engine::new(&synthetic_weights(&common::default_recipe(1)), 32).unwrap();
     let mut bank = PromptBank::new(&engine);
     for (i, name) in ["good_a", "good_b"].into_iter().enumerate() {
         let img = synthetic_image(i as u64 + 1, 40, 36, None);

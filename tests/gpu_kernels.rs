@@ -8,12 +8,12 @@
 
 mod common;
 
-use metauas::cpu::kernels::Activation;
-use metauas::cpu::{self, CpuBackend};
+use metauas::cpu::CpuBackend;
 use metauas::gpu::{GpuBackend, Precision};
-use metauas::graph::{Graph, GraphBuilder, Shape};
-use metauas::model::weights::{ConvWeights, ScseWeights, SqueezeExciteWeights};
-use metauas::model::ModelWeights;
+use metauas::graph::{
+    Activation, Backend, ConvWeights, Graph, GraphBuilder, ScseWeights, Shape,
+    SqueezeExciteWeights, WeightTables,
+};
 use proptest::prelude::*;
 
 /// Deterministic values in [-scale, scale).
@@ -68,19 +68,17 @@ fn scse_weights(seed: u64, channels: usize, hidden: usize) -> ScseWeights {
 }
 
 /// Runs `graph` on both backends and compares every output: |gpu - cpu| <= tol * (1 + |cpu|).
-fn compare(test: &str, weights: &ModelWeights, graph: &Graph, inputs: &[Vec<f32>], tol: f32) {
+fn compare(test: &str, weights: &WeightTables, graph: &Graph, inputs: &[Vec<f32>], tol: f32) {
     let Some(_) = common::gpu_options(test, Precision::F32) else {
         return;
     };
     let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
-    let cpu_backend = CpuBackend::new(weights);
-    let mut arena = Vec::new();
-    cpu_backend.run(graph, &mut arena, &refs, None);
+    let cpu = CpuBackend::new(weights).compile(graph).expect("CPU graph");
+    let wants = cpu.run(&refs, None).expect("CPU run");
     let gpu = GpuBackend::new(weights, Precision::F32).expect("GPU backend");
-    let program = gpu.program(graph).expect("GPU program");
-    let got = gpu.run(&program, &refs).expect("GPU run");
-    for (o, &v) in graph.outputs.iter().enumerate() {
-        let want = cpu::value(graph, &arena, v);
+    let program = gpu.compile(graph).expect("GPU program");
+    let got = program.run(&refs, None).expect("GPU run");
+    for (o, want) in wants.iter().enumerate() {
         assert_eq!(got[o].len(), want.len(), "{test}: output {o} length");
         for (i, (g, c)) in got[o].iter().zip(want).enumerate() {
             let bound = tol * (1.0 + c.abs());
@@ -130,7 +128,7 @@ proptest! {
     ) {
         // The model's stride-2 padding assumes at least 2 pixels per side.
         let (h, w) = (h.max(stride), w.max(stride));
-        let mut weights = ModelWeights::default();
+        let mut weights = WeightTables::default();
         weights.convs.push(conv_weights(seed, cout, cin, k, false));
         let mut g = GraphBuilder::new();
         let x = g.input("x", Shape::new(h, w, cin));
@@ -149,7 +147,7 @@ proptest! {
         act in 0usize..4, seed in 0u64..1000,
     ) {
         let (h, w) = (h.max(stride), w.max(stride));
-        let mut weights = ModelWeights::default();
+        let mut weights = WeightTables::default();
         weights.convs.push(conv_weights(seed, c, c, k, true));
         let mut g = GraphBuilder::new();
         let x = g.input("x", Shape::new(h, w, c));
@@ -165,7 +163,7 @@ proptest! {
         h in 1usize..40, w in 1usize..40, c in 1usize..90, squeeze in 1usize..12,
         cout in 1usize..40, seed in 0u64..1000,
     ) {
-        let mut weights = ModelWeights::default();
+        let mut weights = WeightTables::default();
         weights.se.push(se_weights(seed, c, squeeze));
         weights.convs.push(conv_weights(seed + 11, cout, c, 1, false));
         let mut g = GraphBuilder::new();
@@ -186,7 +184,7 @@ proptest! {
     ) {
         let with_skip = cs > 0;
         let c = ca + cs;
-        let mut weights = ModelWeights::default();
+        let mut weights = WeightTables::default();
         weights.convs.push(conv_weights(seed, cout, c, 3, false));
         weights.scse.push(scse_weights(seed + 20, c, c.div_ceil(16)));
         weights.scse.push(scse_weights(seed + 30, cout, cout.div_ceil(16)));
@@ -213,7 +211,7 @@ proptest! {
         logit_scale in prop::sample::select(vec![0.1f32, 1.0, 30.0]), seed in 0u64..1000,
     ) {
         let n = h * w;
-        let weights = ModelWeights::default();
+        let weights = WeightTables::default();
         let mut g = GraphBuilder::new();
         let fq = g.input("fq", Shape::new(h, w, cin));
         let q = g.input("q", Shape::new(h, w, hidden));
@@ -237,15 +235,15 @@ proptest! {
 /// `segment` gives it, bit for bit, on both backends; queries differ so a mix-up would show.
 #[test]
 fn batched_queries_match_one_by_one() {
-    use metauas::model::{Engine, MemorySource};
-    use metauas::synth::{synthetic_image, WeightRecipe};
+    use metauas::model::Engine;
+    use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
     let recipe = WeightRecipe {
         gain_alignment: 14.0,
         gain_decoder: 1.5,
         gain_head: 4.0,
         ..WeightRecipe::unit(5)
     };
-    let weights = MemorySource::synthetic(&recipe);
+    let weights = synthetic_weights(&recipe);
     let prompt_image = synthetic_image(1, 70, 64, None);
     let queries: Vec<_> = (0..3)
         .map(|i| synthetic_image(10 + i, 64, 72, Some((8 + 12 * i as usize, 20, 10))))
@@ -275,15 +273,15 @@ fn batched_queries_match_one_by_one() {
 /// were left dirty by other runs in between.
 #[test]
 fn paired_prompt_and_query_match_separate_calls() {
-    use metauas::model::{Engine, MemorySource};
-    use metauas::synth::{synthetic_image, WeightRecipe};
+    use metauas::model::Engine;
+    use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
     let recipe = WeightRecipe {
         gain_alignment: 14.0,
         gain_decoder: 1.5,
         gain_head: 4.0,
         ..WeightRecipe::unit(6)
     };
-    let weights = MemorySource::synthetic(&recipe);
+    let weights = synthetic_weights(&recipe);
     let prompts = [
         synthetic_image(1, 70, 64, None),
         synthetic_image(3, 64, 64, None),

@@ -9,18 +9,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use metauas::model::MemorySource;
 use metauas::serve::api::{Api, Request};
 use metauas::serve::batcher::{BatchConfig, Batcher};
 use metauas::serve::http::{parse_query, parse_request_head, response_bytes, Limits};
 use metauas::serve::metrics::Metrics;
-use metauas::synth::{synthetic_image, WeightRecipe};
+use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
 use metauas::Engine;
 
 fn api() -> &'static Api {
     static API: OnceLock<Api> = OnceLock::new();
     API.get_or_init(|| {
-        let weights = MemorySource::synthetic(&WeightRecipe::unit(1));
+        let weights = synthetic_weights(&WeightRecipe::unit(1));
         let engine = Arc::new(Engine::new(&weights, 32).expect("engine"));
         let metrics = Arc::new(Metrics::default());
         let config = BatchConfig {

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use clap::Args;
 use metauas::graph::Graph;
-use metauas::model::{check_size, Engine, MemorySource};
-use metauas::synth::{synthetic_image, WeightRecipe};
+use metauas::model::{check_size, Engine};
+use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
 use metauas::Result;
 
 use super::RunOptions;
@@ -41,7 +41,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(path) => Engine::from_file_with(path, args.run.size, options)?,
         None => {
             let recipe = WeightRecipe::unit(1);
-            Engine::with_options(&MemorySource::synthetic(&recipe), args.run.size, options)?
+            Engine::with_options(&synthetic_weights(&recipe), args.run.size, options)?
         }
     };
     super::announce(&engine);

@@ -60,8 +60,8 @@ pub fn run(path: &Path, size: usize) -> Result<()> {
             "{label} at {size}x{size}: {} ops, {:.2} GMAC, arena peak {} bytes ({:.1} MiB, {} values)",
             g.nodes.len(),
             g.total_macs() as f64 / 1e9,
-            group_thousands(g.plan.arena_bytes()),
-            g.plan.arena_bytes() as f64 / (1 << 20) as f64,
+            group_thousands(metauas::cpu::memory_plan(g).arena_bytes()),
+            metauas::cpu::memory_plan(g).arena_bytes() as f64 / (1 << 20) as f64,
             g.values.len()
         );
         for (kind, count, macs) in g.summary() {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use metauas::gpu::Precision;
+use metauas::graph::Precision;
 use metauas::model::{check_size, BackendChoice, Engine, EngineOptions};
 use metauas::Result;
 

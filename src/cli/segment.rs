@@ -11,8 +11,9 @@ use metauas::io::output::{
     threshold_mask, write_atomic, write_heatmap_png, write_npy_f32, write_overlay_png,
     write_png_gray,
 };
-use metauas::model::bank::{most_similar, pooled_f5};
-use metauas::model::{check_size, AnomalyMap, Engine, PromptBank, PromptFeatures};
+use metauas::model::{
+    check_size, AnomalyMap, Engine, PromptBank, PromptSelection, PromptSet, PromptsUsed,
+};
 use metauas::{Error, Result};
 
 use super::inputs::{expand, name_inputs, ImageInput};
@@ -27,6 +28,16 @@ pub enum MultiPrompt {
     Mean,
     /// The per-pixel minimum of the maps against every prompt.
     Min,
+}
+
+impl From<MultiPrompt> for PromptSelection {
+    fn from(m: MultiPrompt) -> PromptSelection {
+        match m {
+            MultiPrompt::Best => PromptSelection::Best,
+            MultiPrompt::Mean => PromptSelection::Mean,
+            MultiPrompt::Min => PromptSelection::Min,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -60,14 +71,6 @@ pub struct SegmentArgs {
     /// Write only the maps (.npy) and the JSON lines: no heatmap, overlay or mask pictures.
     #[arg(long)]
     no_images: bool,
-}
-
-/// A prompt ready to use: its name in the JSON lines and its features.
-struct Prompt {
-    name: String,
-    features: PromptFeatures,
-    /// Average-pooled f5, only when `best` must choose among several.
-    pooled: Option<Vec<f32>>,
 }
 
 /// The first query's result when it was computed together with the only prompt
@@ -130,7 +133,7 @@ fn load_prompts(
     args: &SegmentArgs,
     files: &[PathBuf],
     first_query: Option<&ImageInput>,
-) -> Result<(Vec<Prompt>, Option<PairedQuery>)> {
+) -> Result<(PromptSet, Option<PairedQuery>)> {
     if let ([file], None, Some(query)) = (files, &args.bank, first_query) {
         let image = decode_image_file(file)?;
         // An undecodable first query, or one the engine fails on, is then reported by the
@@ -145,12 +148,9 @@ fn load_prompts(
                 map,
                 ms: start.elapsed().as_secs_f64() * 1e3,
             };
-            let prompt = Prompt {
-                name: file.display().to_string(),
-                features,
-                pooled: None,
-            };
-            return Ok((vec![prompt], Some(paired)));
+            let prompt = (file.display().to_string(), features);
+            let prompts = PromptSet::new(vec![prompt], args.multi_prompt.into())?;
+            return Ok((prompts, Some(paired)));
         }
     }
     load_all_prompts(engine, args, files)
@@ -161,7 +161,7 @@ fn load_all_prompts(
     engine: &Engine,
     args: &SegmentArgs,
     files: &[PathBuf],
-) -> Result<(Vec<Prompt>, Option<PairedQuery>)> {
+) -> Result<(PromptSet, Option<PairedQuery>)> {
     let mut prompts = Vec::new();
     if let Some(path) = &args.bank {
         let bank = PromptBank::load(path, engine)?;
@@ -183,32 +183,28 @@ fn load_all_prompts(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let choose = prompts.len() > 1 && args.multi_prompt == MultiPrompt::Best;
-    let prompts = prompts
-        .into_iter()
-        .map(|(name, features)| Prompt {
-            pooled: choose.then(|| pooled_f5(&features)),
-            name,
-            features,
-        })
-        .collect();
-    Ok((prompts, None))
+    Ok((PromptSet::new(prompts, args.multi_prompt.into())?, None))
 }
 
 fn segment_one(
     engine: &Engine,
-    prompts: &[Prompt],
+    prompts: &PromptSet,
     args: &SegmentArgs,
     query: &ImageInput,
     paired: Option<PairedQuery>,
 ) -> Result<String> {
     let (image, map, used, ms) = match paired {
-        Some(p) => (p.image, p.map, prompts[0].name.clone().into(), p.ms),
+        Some(p) => (p.image, p.map, prompts.name(0).into(), p.ms),
         None => {
             let image = decode_image_file(&query.path)?;
             let start = Instant::now();
-            let (map, used) = segment_with_prompts(engine, prompts, args.multi_prompt, &image)?;
-            (image, map, used, start.elapsed().as_secs_f64() * 1e3)
+            let (map, used) = prompts.segment(engine, &image)?;
+            (
+                image,
+                map,
+                used_names(prompts, used),
+                start.elapsed().as_secs_f64() * 1e3,
+            )
         }
     };
     let written = write_outputs(&map, &image, args, &query.name)?;
@@ -225,50 +221,13 @@ fn segment_one(
     Ok(format!("{line}\n"))
 }
 
-/// Runs the query against the prompt(s) as `--multi-prompt` says; returns the map and the
-/// JSON value naming the prompt(s) used (a name, or a list of names for `mean`/`min`).
-fn segment_with_prompts(
-    engine: &Engine,
-    prompts: &[Prompt],
-    mode: MultiPrompt,
-    image: &RgbImage8,
-) -> Result<(AnomalyMap, serde_json::Value)> {
-    if prompts.len() == 1 || mode == MultiPrompt::Best {
-        let chosen = if prompts.len() == 1 {
-            0
-        } else {
-            // The query's f5 comes from the prompt graph: one extra encoder pass.
-            let query_pooled = pooled_f5(&engine.encode_prompt(image)?);
-            let pooled = prompts.iter().map(|p| p.pooled.as_deref().unwrap_or(&[]));
-            most_similar(&query_pooled, pooled).unwrap_or(0)
-        };
-        let p = &prompts[chosen];
-        return Ok((engine.segment(&p.features, image)?, p.name.clone().into()));
+/// The JSON value naming the prompt(s) a map used: a name, or a list of names for
+/// `mean`/`min`.
+fn used_names(prompts: &PromptSet, used: PromptsUsed) -> serde_json::Value {
+    match used {
+        PromptsUsed::One(i) => prompts.name(i).into(),
+        PromptsUsed::All => (0..prompts.len()).map(|i| prompts.name(i)).collect(),
     }
-    let mut combined: Option<AnomalyMap> = None;
-    for p in prompts {
-        let map = engine.segment(&p.features, image)?;
-        combined = Some(match combined {
-            None => map,
-            Some(mut acc) => {
-                for (a, &v) in acc.data.iter_mut().zip(&map.data) {
-                    *a = if mode == MultiPrompt::Min {
-                        a.min(v)
-                    } else {
-                        *a + v
-                    };
-                }
-                acc
-            }
-        });
-    }
-    let mut map = combined.expect("at least one prompt");
-    if mode == MultiPrompt::Mean {
-        let n = prompts.len() as f32;
-        map.data.iter_mut().for_each(|v| *v /= n);
-    }
-    let names: Vec<serde_json::Value> = prompts.iter().map(|p| p.name.clone().into()).collect();
-    Ok((map, names.into()))
 }
 
 /// Paths written for one query.

@@ -1,10 +1,10 @@
 //! Ops the CPU backend folds into the op that reads them, so their big output is never
 //! written: the decoder's 2x upsample (+ concat + the first scSE), read in place by the
 //! Winograd input transform of the next 3x3 conv. The graph (and the GPU backend) keep the
-//! ops; the memory plan keeps an upsample's and an scSE's inputs alive as long as their
-//! outputs, so a folded op's inputs are intact when its reader runs.
+//! ops; this backend's memory plan keeps an upsample's and an scSE's inputs alive as long as
+//! their outputs (`extend_lifetimes`), so a folded op's inputs are intact when its reader runs.
 
-use crate::graph::{Graph, Node, Op, ValueId};
+use crate::graph::{Graph, Lifetime, Node, Op, ValueId};
 
 /// How a value is produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +24,29 @@ pub(super) enum Fold {
 impl Fold {
     pub(super) fn runs_op(self) -> bool {
         matches!(self, Fold::Computed | Fold::GatedConcat { .. })
+    }
+}
+
+/// Extends `life` (the graph's lifetimes) for folding: a folded upsample (+ concat), or an
+/// scSE over one, is read through by the op that reads it, which then reads the upsample's
+/// inputs: those live as long as the upsample's output, or the scSE's over it. Done for
+/// every upsample, folded or not, so the plan does not depend on the Winograd choices.
+pub(super) fn extend_lifetimes(graph: &Graph, life: &mut [Lifetime]) {
+    let nodes = &graph.nodes;
+    let producer = |v: ValueId| nodes.iter().find(|n| n.output == v);
+    for node in nodes.iter().rev() {
+        let upsample = match node.op {
+            Op::UpsampleConcat { .. } => Some(node),
+            Op::Scse { input, .. } => {
+                producer(input).filter(|p| matches!(p.op, Op::UpsampleConcat { .. }))
+            }
+            _ => None,
+        };
+        if let Some(up) = upsample {
+            for v in up.op.inputs() {
+                life[v].1 = life[v].1.max(life[node.output].1);
+            }
+        }
     }
 }
 
@@ -64,4 +87,49 @@ pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec
         }
     }
     folds
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cpu::memory_plan;
+    use crate::graph::{GraphBuilder, Shape};
+
+    /// A folded upsample's reader reads the upsample's input: that input must stay alive
+    /// (apart from the reader's output) until then.
+    #[test]
+    fn upsample_inputs_live_as_long_as_their_output() {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(4, 4, 16));
+        let s = g.squeeze_excite("se", x, 0);
+        let u = g.upsample_concat("up", s, None);
+        let a = g.squeeze_excite("reader", u, 0);
+        let b = g.squeeze_excite("after", a, 0);
+        g.output(b);
+        let graph = g.finish();
+        let plan = memory_plan(&graph);
+        assert_eq!(plan.lifetimes[s].1, plan.lifetimes[u].1);
+        assert!(plan.lifetimes[s].1 >= plan.lifetimes[a].0);
+        assert_eq!(plan.overlapping_pair(&graph.values), None);
+
+        // Under an scSE the upsample's inputs live as long as the scSE's output, which its
+        // reader reads; the upsample's own output does not.
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(4, 4, 16));
+        let skip = g.input("skip", Shape::new(8, 8, 8));
+        let s = g.squeeze_excite("se", x, 0);
+        let u = g.upsample_concat("up", s, Some(skip));
+        let v = g.scse("att", u, 0);
+        let a = g.squeeze_excite("reader", v, 0);
+        let b = g.squeeze_excite("after", a, 0);
+        g.output(b);
+        let graph = g.finish();
+        let plan = memory_plan(&graph);
+        let life = &plan.lifetimes;
+        assert!(life[s].1 >= life[a].0 && life[skip].1 >= life[a].0);
+        assert!(
+            life[u].1 < life[a].0,
+            "the concat itself need not outlive the scSE"
+        );
+        assert_eq!(plan.overlapping_pair(&graph.values), None);
+    }
 }

@@ -1,14 +1,19 @@
 //! CPU backend: executes a `Graph` with the rayon + SIMD kernels of `kernels`, on weights
-//! packed once when the backend is created, inside one reusable arena.
+//! packed once when the backend is created; each compiled graph runs inside its own
+//! reusable arena.
 
 mod fold;
 pub mod kernels;
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::graph::{Graph, Op, ValueId};
-use crate::model::ModelWeights;
+use crate::error::Result;
+use crate::graph::{
+    graph_lifetimes, Backend, CompiledGraph, Graph, MemoryPlan, NodeTimes, Op, Outputs, ValueId,
+    WeightTables,
+};
 use fold::Fold;
 use kernels::{
     Activation, ConvGeometry, PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite,
@@ -32,17 +37,19 @@ enum PackedWeights {
 }
 
 /// Model weights in the layouts the CPU kernels want.
-pub struct CpuBackend {
+struct PackedModel {
     convs: Vec<(PackedWeights, Vec<f32>)>,
     se: Vec<SqueezeExcite>,
     scse: Vec<Scse>,
 }
 
-/// Time spent per node in one run (for `metauas bench --profile`).
-pub type NodeTimes = Vec<f64>;
+/// The CPU backend: the packed weights, shared by every graph compiled on it.
+pub struct CpuBackend {
+    packed: Arc<PackedModel>,
+}
 
 impl CpuBackend {
-    pub fn new(w: &ModelWeights) -> Self {
+    pub fn new(w: &WeightTables) -> Self {
         let convs = w
             .convs
             .iter()
@@ -63,47 +70,111 @@ impl CpuBackend {
                 (packed, c.bias.clone())
             })
             .collect();
-        CpuBackend {
+        let packed = PackedModel {
             convs,
             se: w.se.clone(),
             scse: w.scse.clone(),
+        };
+        CpuBackend {
+            packed: Arc::new(packed),
         }
     }
+}
 
-    /// Runs `graph` in `arena` (resized to the plan once). `inputs` are copied in first, in
-    /// the order of `graph.inputs`. Outputs are read from the arena afterwards with `value`.
-    /// With `times`, each node's wall time in seconds is recorded.
-    pub fn run(
-        &self,
-        graph: &Graph,
-        arena: &mut Vec<f32>,
-        inputs: &[&[f32]],
-        times: Option<&mut NodeTimes>,
-    ) {
-        assert_eq!(inputs.len(), graph.inputs.len(), "input count");
-        prepare_arena(graph, arena);
-        load_inputs(
-            graph,
-            arena,
-            graph.inputs.iter().copied().zip(inputs.iter().copied()),
-        );
-        self.run_nodes(graph, arena, 0..graph.nodes.len(), times);
+impl Backend for CpuBackend {
+    fn kind(&self) -> &'static str {
+        "cpu"
     }
 
-    /// Runs the nodes `range` of `graph` on an arena that `prepare_arena` sized and whose
-    /// inputs those nodes read are loaded. Ranges run in order make one `run`.
-    pub fn run_nodes(
+    fn description(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledGraph>> {
+        let packed = self.packed.clone();
+        let folds = fold::plan_folds(graph, |conv| packed.runs_winograd(conv));
+        Ok(Box::new(CpuGraph {
+            packed,
+            graph: graph.clone(),
+            plan: memory_plan(graph),
+            folds,
+            arena: Mutex::new(Vec::new()),
+        }))
+    }
+}
+
+/// Where this backend puts each value of `graph` in its arena: the graph's lifetimes,
+/// extended for the folds (see `fold`).
+pub fn memory_plan(graph: &Graph) -> MemoryPlan {
+    let mut lifetimes = graph_lifetimes(graph);
+    fold::extend_lifetimes(graph, &mut lifetimes);
+    MemoryPlan::new(&graph.values, lifetimes)
+}
+
+/// A graph compiled for the CPU: its folds decided, its arena allocated at the first run.
+pub struct CpuGraph {
+    packed: Arc<PackedModel>,
+    graph: Graph,
+    plan: MemoryPlan,
+    /// How each value is produced (see `fold`).
+    folds: Vec<Fold>,
+    arena: Mutex<Vec<f32>>,
+}
+
+impl CompiledGraph for CpuGraph {
+    fn run(&self, inputs: &[&[f32]], times: Option<&mut NodeTimes>) -> Result<Outputs> {
+        let g = &self.graph;
+        assert_eq!(inputs.len(), g.inputs.len(), "input count");
+        let mut arena = lock(&self.arena);
+        self.prepare_arena(&mut arena);
+        self.load_inputs(
+            &mut arena,
+            g.inputs.iter().copied().zip(inputs.iter().copied()),
+        );
+        self.run_nodes(&mut arena, 0..g.nodes.len(), times);
+        Ok(self.outputs(&arena))
+    }
+
+    /// The leading nodes run on the pool while the calling thread computes `late` (for the
+    /// pair prompt + query: each encoder on about one core, where the small late layers of
+    /// a single encoder would leave the second core partly idle).
+    fn run_overlapped(
         &self,
-        graph: &Graph,
-        arena: &mut [f32],
-        range: Range<usize>,
-        mut times: Option<&mut NodeTimes>,
-    ) {
-        assert!(arena.len() >= graph.plan.arena_len, "arena not prepared");
+        early: &[&[f32]],
+        prefix: usize,
+        late: &(dyn Fn() -> Result<Outputs> + Sync),
+    ) -> Result<(Outputs, Outputs)> {
+        let g = &self.graph;
+        let mut arena = lock(&self.arena);
+        self.prepare_arena(&mut arena);
+        self.load_inputs(
+            &mut arena,
+            g.inputs.iter().copied().zip(early.iter().copied()),
+        );
+        let arena_ref: &mut Vec<f32> = &mut arena;
+        let (rest, ()) = rayon::join(late, || self.run_nodes(arena_ref, 0..prefix, None));
+        let rest = rest?;
+        let late_inputs = g.inputs[early.len()..].iter().copied();
+        self.load_inputs(
+            &mut arena,
+            late_inputs.zip(rest.iter().map(|t| t.as_slice())),
+        );
+        self.run_nodes(&mut arena, prefix..g.nodes.len(), None);
+        Ok((rest, self.outputs(&arena)))
+    }
+}
+
+impl CpuGraph {
+    /// Runs the nodes `range` on an arena that `prepare_arena` sized and whose inputs those
+    /// nodes read are loaded. Ranges run in order make one run.
+    fn run_nodes(&self, arena: &mut [f32], range: Range<usize>, mut times: Option<&mut NodeTimes>) {
+        let graph = &self.graph;
+        assert!(arena.len() >= self.plan.arena_len, "arena not prepared");
         let base = Arena {
             ptr: arena.as_mut_ptr(),
             graph,
-            folds: fold::plan_folds(graph, |conv| self.runs_winograd(conv)),
+            offsets: &self.plan.offsets,
+            folds: &self.folds,
         };
         // The whole node loop runs on a pool thread, which then takes part in every op's
         // parallel work: no cross-thread wake-up of the caller per op (about 200 ops per
@@ -126,11 +197,6 @@ impl CpuBackend {
         });
     }
 
-    /// Whether a stride-1 use of this conv runs by Winograd.
-    fn runs_winograd(&self, conv: usize) -> bool {
-        matches!(self.convs[conv].0, PackedWeights::Dense3x3(..))
-    }
-
     fn run_node(&self, a: &Arena, op: &Op, out: ValueId) {
         // SAFETY: the memory plan gives values alive at the same step disjoint arena ranges,
         // and an op's inputs and output are all alive at its step.
@@ -145,7 +211,7 @@ impl CpuBackend {
                 ..
             } => {
                 let x = unsafe { a.slice(input) };
-                let (packed, bias) = &self.convs[conv];
+                let (packed, bias) = &self.packed.convs[conv];
                 match packed {
                     PackedWeights::Dense(w) => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
@@ -176,7 +242,7 @@ impl CpuBackend {
                 kernels::squeeze_excite_nhwc(
                     x,
                     a.graph.values[input].shape.pixels(),
-                    &self.se[se],
+                    &self.packed.se[se],
                     y,
                 )
             }
@@ -184,11 +250,11 @@ impl CpuBackend {
                 Fold::GatedConcat { half, skip } => {
                     // Only the gates, at the start of this value's (otherwise unused) place.
                     let s = a.graph.values[half].shape;
-                    let (channel_gate, rest) = y.split_at_mut(self.scse[scse].channels);
+                    let (channel_gate, rest) = y.split_at_mut(self.packed.scse[scse].channels);
                     let spatial_gate = &mut rest[..4 * s.pixels()];
                     let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
                     let shape = (s.h, s.w, s.c);
-                    let w = &self.scse[scse];
+                    let w = &self.packed.scse[scse];
                     kernels::scse_gates_upsampled_concat(
                         x_half,
                         shape,
@@ -201,7 +267,7 @@ impl CpuBackend {
                 _ => {
                     let x = unsafe { a.slice(input) };
                     let pixels = a.graph.values[input].shape.pixels();
-                    kernels::scse_nhwc(x, pixels, &self.scse[scse], y)
+                    kernels::scse_nhwc(x, pixels, &self.packed.scse[scse], y)
                 }
             },
             Op::Align { fq, q, k, fp } => {
@@ -230,7 +296,7 @@ struct WinogradConv<'a> {
     residual: Option<&'a [f32]>,
 }
 
-impl CpuBackend {
+impl CpuGraph {
     /// Runs `conv` on the value `input` (`x`), or, when that value is folded (see `fold`),
     /// on what it was folded from.
     fn winograd(&self, a: &Arena, input: ValueId, x: &[f32], conv: &WinogradConv, y: &mut [f32]) {
@@ -278,8 +344,10 @@ impl CpuBackend {
 struct Arena<'g> {
     ptr: *mut f32,
     graph: &'g Graph,
+    /// Each value's place (the memory plan).
+    offsets: &'g [usize],
     /// How each value is produced (see `fold`).
-    folds: Vec<Fold>,
+    folds: &'g [Fold],
 }
 
 // SAFETY: the arena is only used by the node loop, which runs on one thread at a time
@@ -289,41 +357,62 @@ unsafe impl Sync for Arena<'_> {}
 
 impl Arena<'_> {
     unsafe fn slice(&self, v: ValueId) -> &[f32] {
-        let off = self.graph.plan.offsets[v];
+        let off = self.offsets[v];
         std::slice::from_raw_parts(self.ptr.add(off), self.graph.values[v].shape.len())
     }
 
     #[allow(clippy::mut_from_ref)]
     unsafe fn slice_mut(&self, v: ValueId) -> &mut [f32] {
-        let off = self.graph.plan.offsets[v];
+        let off = self.offsets[v];
         std::slice::from_raw_parts_mut(self.ptr.add(off), self.graph.values[v].shape.len())
     }
 }
 
-/// Grows `arena` to the size `graph`'s memory plan needs (once; later runs reuse it).
-pub fn prepare_arena(graph: &Graph, arena: &mut Vec<f32>) {
-    if arena.len() < graph.plan.arena_len {
-        arena.resize(graph.plan.arena_len, 0.0);
+impl PackedModel {
+    /// Whether a stride-1 use of this conv runs by Winograd.
+    fn runs_winograd(&self, conv: usize) -> bool {
+        matches!(self.convs[conv].0, PackedWeights::Dense3x3(..))
     }
 }
 
-/// Copies input values into their planned places (inputs are alive from the first step,
-/// so this may happen between `run_nodes` calls, before the first node that reads them).
-pub fn load_inputs<'a>(
-    graph: &Graph,
-    arena: &mut [f32],
-    inputs: impl IntoIterator<Item = (ValueId, &'a [f32])>,
-) {
-    for (v, data) in inputs {
-        assert!(graph.inputs.contains(&v), "not an input of the graph");
-        assert_eq!(data.len(), graph.values[v].shape.len(), "input length");
-        let off = graph.plan.offsets[v];
-        arena[off..off + data.len()].copy_from_slice(data);
+impl CpuGraph {
+    /// Grows `arena` to the size the memory plan needs (once; later runs reuse it).
+    fn prepare_arena(&self, arena: &mut Vec<f32>) {
+        if arena.len() < self.plan.arena_len {
+            arena.resize(self.plan.arena_len, 0.0);
+        }
+    }
+
+    /// Copies input values into their planned places (inputs are alive from the first
+    /// step, so this may happen between `run_nodes` calls, before the first node that
+    /// reads them).
+    fn load_inputs<'a>(
+        &self,
+        arena: &mut [f32],
+        inputs: impl IntoIterator<Item = (ValueId, &'a [f32])>,
+    ) {
+        let graph = &self.graph;
+        for (v, data) in inputs {
+            assert!(graph.inputs.contains(&v), "not an input of the graph");
+            assert_eq!(data.len(), graph.values[v].shape.len(), "input length");
+            let off = self.plan.offsets[v];
+            arena[off..off + data.len()].copy_from_slice(data);
+        }
+    }
+
+    /// Copies the graph's outputs out of the arena after a run.
+    fn outputs(&self, arena: &[f32]) -> Outputs {
+        let graph = &self.graph;
+        let read = |&v: &ValueId| {
+            let off = self.plan.offsets[v];
+            arena[off..off + graph.values[v].shape.len()].to_vec()
+        };
+        graph.outputs.iter().map(read).collect()
     }
 }
 
-/// Reads a value out of an arena after `CpuBackend::run`.
-pub fn value<'a>(graph: &Graph, arena: &'a [f32], v: ValueId) -> &'a [f32] {
-    let off = graph.plan.offsets[v];
-    &arena[off..off + graph.values[v].shape.len()]
+/// A poisoned arena only means another thread panicked mid-run; the arena is rewritten by
+/// every run, so it is safe to keep using it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -8,7 +8,6 @@
 pub mod dataset;
 pub mod metrics;
 pub mod report;
-pub mod synthetic;
 
 use std::path::Path;
 

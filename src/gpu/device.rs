@@ -6,29 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-
-/// Storage precision of activations and conv weights on the GPU (accumulation is always f32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    /// f16 storage, f32 accumulation; needs the adapter's `SHADER_F16`.
-    F16,
-}
-
-impl Precision {
-    pub fn bytes(self) -> u64 {
-        match self {
-            Precision::F32 => 4,
-            Precision::F16 => 2,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-        }
-    }
-}
+use crate::graph::Precision;
 
 /// What the chosen adapter is, for messages and `auto` decisions.
 #[derive(Clone, Debug)]

@@ -8,8 +8,7 @@ use std::collections::HashMap;
 
 use super::device::{Family, PipelineKey};
 use super::weights::WeightTable;
-use crate::cpu::kernels::{Activation, ConvGeometry};
-use crate::graph::{Graph, Op, ValueId};
+use crate::graph::{Activation, ConvGeometry, Graph, Op, ValueId};
 
 /// What a binding points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

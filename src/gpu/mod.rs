@@ -10,68 +10,107 @@ mod lower;
 mod program;
 mod weights;
 
-pub use device::{probe_adapter, AdapterSummary, GpuContext, Precision};
+pub use crate::graph::Precision;
+pub use device::{probe_adapter, AdapterSummary, GpuContext};
 pub use program::GpuProgram;
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use crate::error::Result;
-use crate::graph::Graph;
-use crate::model::ModelWeights;
+use crate::graph::{Backend, CompiledGraph, DispatchTime, Graph, NodeTimes, Outputs, WeightTables};
 use weights::WeightTable;
 
 /// One device with the model's weights on it.
 pub struct GpuBackend {
+    device: Arc<DeviceWeights>,
+}
+
+/// The device and the uploaded weights, shared by every program compiled on them.
+struct DeviceWeights {
     ctx: GpuContext,
     table: WeightTable,
     weights: Vec<wgpu::Buffer>,
 }
 
 impl GpuBackend {
-    pub fn new(w: &ModelWeights, precision: Precision) -> Result<GpuBackend> {
+    pub fn new(w: &WeightTables, precision: Precision) -> Result<GpuBackend> {
         let ctx = GpuContext::new(precision)?;
         let mut table = WeightTable::new(w);
         let weights = table.upload(&ctx);
         // The device holds the weights now; the host copies would only double the memory.
         table.tensors.iter_mut().for_each(|t| t.data = Vec::new());
-        Ok(GpuBackend {
+        let device = DeviceWeights {
             ctx,
             table,
             weights,
+        };
+        Ok(GpuBackend {
+            device: Arc::new(device),
         })
     }
 
     pub fn adapter(&self) -> &AdapterSummary {
-        &self.ctx.adapter
+        &self.device.ctx.adapter
     }
 
     pub fn precision(&self) -> Precision {
-        self.ctx.precision
+        self.device.ctx.precision
+    }
+}
+
+impl Backend for GpuBackend {
+    fn kind(&self) -> &'static str {
+        "gpu"
+    }
+
+    fn description(&self) -> String {
+        format!("gpu: {} [{}]", self.adapter(), self.precision().name())
     }
 
     /// Lowers `graph` and binds it to this device's buffers.
-    pub fn program(&self, graph: &Graph) -> Result<GpuProgram> {
-        GpuProgram::new(&self.ctx, graph, &self.table, &self.weights)
+    fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledGraph>> {
+        let d = &self.device;
+        let program = GpuProgram::new(&d.ctx, graph, &d.table, &d.weights)?;
+        Ok(Box::new(GpuGraph {
+            device: self.device.clone(),
+            program: Mutex::new(program),
+        }))
+    }
+}
+
+/// A graph lowered and bound to one device.
+struct GpuGraph {
+    device: Arc<DeviceWeights>,
+    /// A program owns its readback buffer: one run at a time.
+    program: Mutex<GpuProgram>,
+}
+
+impl CompiledGraph for GpuGraph {
+    /// Every graph output as f32; `times` are not recorded (see `profile`).
+    fn run(&self, inputs: &[&[f32]], _times: Option<&mut NodeTimes>) -> Result<Outputs> {
+        lock(&self.program).run(&self.device.ctx, inputs)
     }
 
-    /// One timed run of `program`: `(node, kernel, seconds, FLOPs)` per dispatch.
-    pub fn profile(
-        &self,
-        program: &GpuProgram,
-        inputs: &[&[f32]],
-    ) -> Result<Vec<(String, &'static str, f64, f64)>> {
-        program.profile(&self.ctx, inputs)
+    fn batches(&self) -> bool {
+        true
     }
 
-    /// Runs `program` on `inputs` (graph order) and returns every graph output as f32.
-    pub fn run(&self, program: &GpuProgram, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
-        program.run(&self.ctx, inputs)
+    /// Several runs in one submit (see `GpuProgram::run_many`).
+    fn run_batch(&self, runs: &[Vec<&[f32]>]) -> Result<Vec<Outputs>> {
+        lock(&self.program).run_many(&self.device.ctx, runs)
     }
 
-    /// Several runs of `program` in one submit (see `GpuProgram::run_many`).
-    pub fn run_many(
-        &self,
-        program: &GpuProgram,
-        runs: &[Vec<&[f32]>],
-    ) -> Result<Vec<Vec<Vec<f32>>>> {
-        program.run_many(&self.ctx, runs)
+    fn profile(&self, inputs: &[&[f32]]) -> Result<Vec<DispatchTime>> {
+        lock(&self.program).profile(&self.device.ctx, inputs)
     }
+
+    fn dispatches(&self) -> Option<usize> {
+        Some(lock(&self.program).dispatches())
+    }
+}
+
+/// A poisoned program only means another thread panicked mid-run; every run rewrites what
+/// it reads, so it is safe to keep using it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

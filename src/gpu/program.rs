@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use super::device::{GpuContext, Precision};
+use super::device::GpuContext;
 use super::lower::{lower, Buf, Lowered};
 use super::weights::{f16_bytes, WeightTable};
 use crate::error::{Error, Result};
-use crate::graph::{assign_slots, Graph};
+use crate::graph::{assign_slots, Graph, Lifetime, Liveness, Precision};
 
 /// Uniform blocks are placed at this stride (WebGPU's maximum offset alignment).
 const UNIFORM_STRIDE: u64 = 256;
@@ -440,29 +440,19 @@ fn value_bytes(elems: usize, always_f32: bool, precision: Precision) -> u64 {
         .next_multiple_of(256)
 }
 
-/// First and last step touching each value; inputs live from the start, outputs to the end.
-fn lifetimes(l: &Lowered) -> Vec<(usize, usize)> {
-    let end = l.steps.len();
-    let mut life = vec![(usize::MAX, 0); l.values.len()];
-    for &v in &l.inputs {
-        life[v] = (0, 0);
-    }
+/// First and last step binding each program value; inputs live from the start, outputs to
+/// the end. The program's values are not the graph's (fused ones are never written, gates
+/// and partial sums are added), so the GPU plans its own, with the shared liveness.
+fn lifetimes(l: &Lowered) -> Vec<Lifetime> {
+    let mut live = Liveness::new(l.values.len(), &l.inputs);
     for (i, step) in l.steps.iter().enumerate() {
         for &(_, b) in &step.bindings {
             if let Buf::Value(v) = b {
-                life[v] = (life[v].0.min(i), life[v].1.max(i));
+                live.touch(v, i);
             }
         }
     }
-    for &v in &l.outputs {
-        life[v].1 = end;
-    }
-    for lt in &mut life {
-        if lt.0 == usize::MAX {
-            *lt = (0, 0);
-        }
-    }
-    life
+    live.finish(&l.outputs, l.steps.len())
 }
 
 fn uniform_buffer(ctx: &GpuContext, l: &Lowered) -> wgpu::Buffer {

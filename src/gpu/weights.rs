@@ -1,9 +1,8 @@
 //! Model weights in the layouts the WGSL kernels read, uploaded once per engine and shared
 //! by the prompt and query programs.
 
-use crate::model::ModelWeights;
-
-use super::device::{GpuContext, Precision};
+use super::device::GpuContext;
+use crate::graph::{Precision, WeightTables};
 
 /// One weight tensor: stored in the kernel's storage type (`store`: f32 or f16) or always f32
 /// (biases and the small attention matrices, read by f32-only kernels).
@@ -44,7 +43,7 @@ pub struct WeightTable {
 }
 
 impl WeightTable {
-    pub fn new(w: &ModelWeights) -> WeightTable {
+    pub fn new(w: &WeightTables) -> WeightTable {
         let mut t = WeightTable {
             tensors: Vec::new(),
             convs: Vec::new(),

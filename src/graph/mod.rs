@@ -1,14 +1,20 @@
 //! A tiny static graph: ops over NHWC float32 values whose shapes are inferred when the
-//! graph is built, plus a liveness-based memory plan that packs every value into one arena.
+//! graph is built, and the liveness-based memory plans the backends place values with.
 //!
-//! The graph is backend-neutral: an op names its parameters by index into the model's
-//! weight tables (`crate::model::ModelWeights`), and each backend packs those weights its own way.
+//! The graph is backend-neutral and depends on nothing else of the crate: an op names its
+//! parameters by index into `WeightTables`, and each backend (`Backend`) packs those weights
+//! its own way.
 
+mod backend;
+mod params;
 mod plan;
 
-pub use plan::{assign_slots, MemoryPlan};
-
-use crate::cpu::kernels::{Activation, ConvGeometry};
+pub use backend::{Backend, CompiledGraph, DispatchTime, NodeTimes, Outputs};
+pub use params::{
+    Activation, ConvGeometry, ConvId, ConvWeights, Precision, ScseId, ScseWeights, SqueezeExciteId,
+    SqueezeExciteWeights, WeightTables,
+};
+pub use plan::{assign_slots, graph_lifetimes, overlaps, Lifetime, Liveness, MemoryPlan};
 
 pub type ValueId = usize;
 
@@ -40,14 +46,14 @@ pub enum Op {
     /// Dense or depthwise convolution with fused bias, activation and optional residual add.
     Conv {
         input: ValueId,
-        conv: usize,
+        conv: ConvId,
         geometry: ConvGeometry,
         depthwise: bool,
         act: Activation,
         residual: Option<ValueId>,
     },
     /// EfficientNet squeeze-excite: channel gate from the spatial mean.
-    SqueezeExcite { input: ValueId, se: usize },
+    SqueezeExcite { input: ValueId, se: SqueezeExciteId },
     /// Soft alignment of query features to prompt features, output `concat(fq, aligned)`.
     Align {
         fq: ValueId,
@@ -61,7 +67,7 @@ pub enum Op {
         skip: Option<ValueId>,
     },
     /// Concurrent spatial and channel squeeze-excite (decoder attention).
-    Scse { input: ValueId, scse: usize },
+    Scse { input: ValueId, scse: ScseId },
 }
 
 impl Op {
@@ -126,14 +132,13 @@ pub struct Node {
     pub output: ValueId,
 }
 
-/// A built graph: values, nodes in execution order, named inputs and outputs, and its memory plan.
+/// A built graph: values, nodes in execution order, named inputs and outputs.
 #[derive(Clone, Debug)]
 pub struct Graph {
     pub values: Vec<Value>,
     pub nodes: Vec<Node>,
     pub inputs: Vec<ValueId>,
     pub outputs: Vec<ValueId>,
-    pub plan: MemoryPlan,
 }
 
 impl Graph {
@@ -333,13 +338,11 @@ impl GraphBuilder {
     }
 
     pub fn finish(self) -> Graph {
-        let plan = MemoryPlan::new(&self.values, &self.nodes, &self.inputs, &self.outputs);
         Graph {
             values: self.values,
             nodes: self.nodes,
             inputs: self.inputs,
             outputs: self.outputs,
-            plan,
         }
     }
 }

@@ -28,11 +28,11 @@ pub struct BankEntry {
 /// Encoded prompts for one engine (weights + size).
 ///
 /// ```
-/// use metauas::model::{BankEntry, MemorySource, PromptBank};
-/// use metauas::synth::{synthetic_image, WeightRecipe};
+/// use metauas::model::{BankEntry, PromptBank};
+/// use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
 /// use metauas::Engine;
 ///
-/// let engine = Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(1)), 64)?;
+/// let engine = Engine::new(&synthetic_weights(&WeightRecipe::unit(1)), 64)?;
 /// let mut bank = PromptBank::new(&engine);
 /// for (name, seed) in [("bottle", 1), ("cable", 7)] {
 ///     let features = engine.encode_prompt(&synthetic_image(seed, 64, 64, None))?;

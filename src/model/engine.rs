@@ -1,18 +1,21 @@
 //! The library API: build an engine once, encode a prompt once, segment many queries.
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use super::graphs::{build_prompt_graph, build_query_graph, prompt_shapes, TAPS};
 use super::weights::{ModelWeights, TensorSource};
-use crate::cpu::{self, CpuBackend, NodeTimes};
+use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
-use crate::gpu::{probe_adapter, GpuBackend, GpuProgram, Precision};
-use crate::graph::{Graph, Shape};
+#[cfg(feature = "gpu")]
+use crate::gpu::{probe_adapter, GpuBackend};
+use crate::graph::{
+    Backend, CompiledGraph, DispatchTime, Graph, NodeTimes, Precision, Shape, WeightTables,
+};
 use crate::io::image::{preprocess, RgbImage8};
 use crate::io::weights::WeightFile;
 
-/// Queries per GPU submission in `segment_batch` (bounds the upload and readback buffers).
+/// Queries per batch in `segment_batch`: one submission on the GPU (bounds the upload and
+/// readback buffers).
 pub const MAX_GPU_BATCH: usize = 16;
 
 /// Largest input side accepted: the arena at 2048 already needs several GiB.
@@ -38,13 +41,13 @@ pub fn check_size(size: usize) -> Result<()> {
 /// Cloneable and `Send`: one engine can serve many products, each with its own features.
 ///
 /// ```
-/// # use metauas::{model::MemorySource, synth::{synthetic_image, WeightRecipe}, Engine};
-/// # let engine = Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(1)), 64)?;
+/// # use metauas::{synth::{synthetic_image, synthetic_weights, WeightRecipe}, Engine};
+/// # let engine = Engine::new(&synthetic_weights(&WeightRecipe::unit(1)), 64)?;
 /// let bottle = engine.encode_prompt(&synthetic_image(1, 64, 64, None))?;
 /// let cable = engine.encode_prompt(&synthetic_image(7, 64, 64, None))?;
 /// assert_eq!((bottle.size, cable.size), (64, 64));
 /// // Features from an engine of another size are refused, not misread:
-/// let other = Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(1)), 96)?;
+/// let other = Engine::new(&synthetic_weights(&WeightRecipe::unit(1)), 96)?;
 /// let err = other.segment(&bottle, &synthetic_image(2, 64, 64, None)).unwrap_err();
 /// assert!(err.to_string().contains("size 64"));
 /// # Ok::<(), metauas::Error>(())
@@ -60,8 +63,8 @@ pub struct PromptFeatures {
 ///
 /// ```
 /// use metauas::io::output::{heatmap_png_bytes, threshold_mask};
-/// # use metauas::{model::MemorySource, synth::{synthetic_image, WeightRecipe}, Engine};
-/// # let engine = Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(1)), 64)?;
+/// # use metauas::{synth::{synthetic_image, synthetic_weights, WeightRecipe}, Engine};
+/// # let engine = Engine::new(&synthetic_weights(&WeightRecipe::unit(1)), 64)?;
 /// # let prompt = engine.encode_prompt(&synthetic_image(1, 64, 64, None))?;
 /// let map = engine.segment(&prompt, &synthetic_image(2, 64, 64, Some((20, 20, 8))))?;
 /// let (x, y) = (10, 20);
@@ -121,22 +124,6 @@ impl Default for EngineOptions {
     }
 }
 
-// One per engine: the size difference between the variants costs nothing.
-#[allow(clippy::large_enum_variant)]
-enum Runner {
-    Cpu {
-        backend: CpuBackend,
-        prompt_arena: Mutex<Vec<f32>>,
-        query_arena: Mutex<Vec<f32>>,
-    },
-    Gpu {
-        backend: Box<GpuBackend>,
-        /// Programs own their readback buffer: one run at a time each.
-        prompt: Mutex<GpuProgram>,
-        query: Mutex<GpuProgram>,
-    },
-}
-
 /// The model, loaded once: weights packed for one backend, graphs built and planned for one
 /// input size. `Sync`: share it between threads (runs on one engine are serialized per graph;
 /// the CPU backend uses every core for each run).
@@ -163,7 +150,9 @@ pub struct Engine {
     weights: ModelWeights,
     parameters: usize,
     weights_hash: u64,
-    runner: Runner,
+    backend: Box<dyn Backend>,
+    prompt: Box<dyn CompiledGraph>,
+    query: Box<dyn CompiledGraph>,
     prompt_graph: Graph,
     query_graph: Graph,
     /// Leading nodes of the query graph that do not need the prompt (its encoder).
@@ -205,8 +194,8 @@ impl Engine {
 
     /// CPU engine from loaded weights.
     pub fn from_weights(weights: ModelWeights, size: usize) -> Engine {
-        let runner = cpu_runner(&weights);
-        Engine::assemble(weights, size, runner)
+        let backend = Box::new(CpuBackend::new(&weights.tables));
+        Engine::assemble(weights, size, backend).expect("the CPU backend compiles any graph")
     }
 
     pub fn from_weights_with(
@@ -215,70 +204,47 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Engine> {
         check_size(size)?;
-        let use_gpu = match options.backend {
-            BackendChoice::Cpu => false,
-            BackendChoice::Gpu => true,
-            BackendChoice::Auto => probe_adapter().is_some_and(|a| !a.software),
-        };
-        if !use_gpu && options.precision != Precision::F32 {
-            return Err(Error::new(
-                "--precision f16 needs the GPU backend (the CPU backend is float32 only)",
-            ));
-        }
-        let runner = if use_gpu {
-            let backend = GpuBackend::new(&weights, options.precision)?;
-            let prompt = backend.program(&build_prompt_graph(&weights, size))?;
-            let query = backend.program(&build_query_graph(&weights, size, false))?;
-            Runner::Gpu {
-                backend: Box::new(backend),
-                prompt: Mutex::new(prompt),
-                query: Mutex::new(query),
-            }
-        } else {
-            cpu_runner(&weights)
-        };
-        Ok(Engine::assemble(weights, size, runner))
+        let backend = create_backend(&weights.tables, options)?;
+        Engine::assemble(weights, size, backend)
     }
 
-    fn assemble(mut weights: ModelWeights, size: usize, runner: Runner) -> Engine {
+    fn assemble(
+        mut weights: ModelWeights,
+        size: usize,
+        backend: Box<dyn Backend>,
+    ) -> Result<Engine> {
         let prompt_graph = build_prompt_graph(&weights, size);
         let query_graph = build_query_graph(&weights, size, false);
+        let prompt = backend.compile(&prompt_graph)?;
+        let query = backend.compile(&query_graph)?;
         let query_encoder_nodes = query_graph.prefix_independent_of(&query_graph.inputs[1..]);
         let parameters = weights.parameter_count();
         let weights_hash = weights.fingerprint();
         // The backend holds packed copies: keeping the unpacked ones would double the
         // resident weights (~85 MB) for nothing.
         weights.release_conv_data();
-        Engine {
+        Ok(Engine {
             size,
             weights,
             parameters,
             weights_hash,
-            runner,
+            backend,
+            prompt,
+            query,
             prompt_graph,
             query_graph,
             query_encoder_nodes,
-        }
+        })
     }
 
     /// Which backend runs this engine, in words (for logs).
     pub fn backend_description(&self) -> String {
-        match &self.runner {
-            Runner::Cpu { .. } => format!("cpu ({} threads)", rayon::current_num_threads()),
-            Runner::Gpu { backend, .. } => format!(
-                "gpu: {} [{}]",
-                backend.adapter(),
-                backend.precision().name()
-            ),
-        }
+        self.backend.description()
     }
 
     /// `"cpu"` or `"gpu"`.
     pub fn backend_kind(&self) -> &'static str {
-        match self.runner {
-            Runner::Cpu { .. } => "cpu",
-            Runner::Gpu { .. } => "gpu",
-        }
+        self.backend.kind()
     }
 
     /// GPU only: one query forward with a timestamp around every dispatch:
@@ -287,21 +253,18 @@ impl Engine {
         &self,
         prompt: &PromptFeatures,
         image: &RgbImage8,
-    ) -> Result<Vec<(String, &'static str, f64, f64)>> {
+    ) -> Result<Vec<DispatchTime>> {
         self.check_prompt(prompt)?;
-        let Runner::Gpu { backend, query, .. } = &self.runner else {
+        if self.query.dispatches().is_none() {
             return Err(Error::new("profile_gpu_query: this engine runs on the CPU"));
-        };
+        }
         let input = preprocess(image, self.size);
-        backend.profile(&lock(query), &self.query_inputs(&input, prompt))
+        self.query.profile(&self.query_inputs(&input, prompt))
     }
 
     /// Compute dispatches per query forward on the GPU (None on the CPU).
     pub fn gpu_dispatches(&self) -> Option<usize> {
-        match &self.runner {
-            Runner::Cpu { .. } => None,
-            Runner::Gpu { query, .. } => Some(lock(query).dispatches()),
-        }
+        self.query.dispatches()
     }
 
     pub fn size(&self) -> usize {
@@ -335,7 +298,7 @@ impl Engine {
         times: Option<&mut NodeTimes>,
     ) -> Result<PromptFeatures> {
         let input = preprocess(image, self.size);
-        let tensors = self.run_graph(&self.prompt_graph, false, &[&input], times)?;
+        let tensors = self.prompt.run(&[&input], times)?;
         Ok(PromptFeatures {
             size: self.size,
             tensors,
@@ -356,7 +319,7 @@ impl Engine {
         self.check_prompt(prompt)?;
         let input = preprocess(image, self.size);
         let inputs = self.query_inputs(&input, prompt);
-        let mut outputs = self.run_graph(&self.query_graph, true, &inputs, times)?;
+        let mut outputs = self.query.run(&inputs, times)?;
         Ok(AnomalyMap {
             size: self.size,
             data: outputs.swap_remove(0),
@@ -372,49 +335,19 @@ impl Engine {
         prompt: &RgbImage8,
         query: &RgbImage8,
     ) -> Result<(PromptFeatures, AnomalyMap)> {
-        let Runner::Cpu {
-            backend,
-            prompt_arena,
-            query_arena,
-        } = &self.runner
-        else {
-            let features = self.encode_prompt(prompt)?;
-            let map = self.segment(&features, query)?;
-            return Ok((features, map));
-        };
-        let (pg, qg) = (&self.prompt_graph, &self.query_graph);
-        let (prompt_input, query_input) =
-            (preprocess(prompt, self.size), preprocess(query, self.size));
-        // Lock order prompt, then query (the only place holding both).
-        let mut pa = lock(prompt_arena);
-        let mut qa = lock(query_arena);
-        cpu::prepare_arena(qg, &mut qa);
-        cpu::load_inputs(qg, &mut qa, [(qg.inputs[0], query_input.as_slice())]);
-        let split = self.query_encoder_nodes;
-        let (pa_vec, qa_vec): (&mut Vec<f32>, &mut Vec<f32>) = (&mut pa, &mut qa);
-        rayon::join(
-            || backend.run(pg, pa_vec, &[&prompt_input], None),
-            || backend.run_nodes(qg, qa_vec, 0..split, None),
-        );
-        let tensors: Vec<Vec<f32>> = pg
-            .outputs
-            .iter()
-            .map(|&v| cpu::value(pg, &pa, v).to_vec())
-            .collect();
-        let prompt_inputs = qg.inputs[1..].iter().copied();
-        cpu::load_inputs(
-            qg,
-            &mut qa,
-            prompt_inputs.zip(tensors.iter().map(|t| t.as_slice())),
-        );
-        backend.run_nodes(qg, &mut qa, split..qg.nodes.len(), None);
-        let map = AnomalyMap {
-            size: self.size,
-            data: cpu::value(qg, &qa, qg.outputs[0]).to_vec(),
-        };
+        let prompt_input = preprocess(prompt, self.size);
+        let query_input = preprocess(query, self.size);
+        let encode = || self.prompt.run(&[&prompt_input], None);
+        let (tensors, mut outputs) =
+            self.query
+                .run_overlapped(&[&query_input], self.query_encoder_nodes, &encode)?;
         let features = PromptFeatures {
             size: self.size,
             tensors,
+        };
+        let map = AnomalyMap {
+            size: self.size,
+            data: outputs.swap_remove(0),
         };
         Ok((features, map))
     }
@@ -429,18 +362,19 @@ impl Engine {
         images: &[&RgbImage8],
     ) -> Result<Vec<AnomalyMap>> {
         self.check_prompt(prompt)?;
-        let Runner::Gpu { backend, query, .. } = &self.runner else {
-            return images.iter().map(|im| self.segment(prompt, im)).collect();
-        };
         let mut maps = Vec::with_capacity(images.len());
-        for chunk in images.chunks(MAX_GPU_BATCH) {
+        let batch = if self.query.batches() {
+            MAX_GPU_BATCH
+        } else {
+            1
+        };
+        for chunk in images.chunks(batch) {
             let inputs: Vec<Vec<f32>> = chunk.iter().map(|im| preprocess(im, self.size)).collect();
             let runs: Vec<Vec<&[f32]>> = inputs
                 .iter()
                 .map(|input| self.query_inputs(input, prompt))
                 .collect();
-            let program = lock(query);
-            for mut outputs in backend.run_many(&program, &runs)? {
+            for mut outputs in self.query.run_batch(&runs)? {
                 maps.push(AnomalyMap {
                     size: self.size,
                     data: outputs.swap_remove(0),
@@ -461,15 +395,7 @@ impl Engine {
         let input = preprocess(image, self.size);
         let g = build_query_graph(&self.weights, self.size, true);
         let inputs = self.query_inputs(&input, prompt);
-        let outputs = match &self.runner {
-            Runner::Cpu { backend, .. } => {
-                let mut arena = Vec::new();
-                backend.run(&g, &mut arena, &inputs, None);
-                let read = |&v| cpu::value(&g, &arena, v).to_vec();
-                g.outputs.iter().map(read).collect()
-            }
-            Runner::Gpu { backend, .. } => backend.run(&backend.program(&g)?, &inputs)?,
-        };
+        let outputs = self.backend.compile(&g)?.run(&inputs, None)?;
         let map = AnomalyMap {
             size: self.size,
             data: outputs[0].clone(),
@@ -487,38 +413,6 @@ impl Engine {
             })
             .collect();
         Ok((map, taps))
-    }
-
-    /// Runs the prompt or the query graph; returns its outputs in graph order.
-    fn run_graph(
-        &self,
-        g: &Graph,
-        query: bool,
-        inputs: &[&[f32]],
-        times: Option<&mut NodeTimes>,
-    ) -> Result<Vec<Vec<f32>>> {
-        match &self.runner {
-            Runner::Cpu {
-                backend,
-                prompt_arena,
-                query_arena,
-            } => {
-                let mut arena = lock(if query { query_arena } else { prompt_arena });
-                backend.run(g, &mut arena, inputs, times);
-                Ok(g.outputs
-                    .iter()
-                    .map(|&v| cpu::value(g, &arena, v).to_vec())
-                    .collect())
-            }
-            Runner::Gpu {
-                backend,
-                prompt,
-                query: q,
-            } => {
-                let program = lock(if query { q } else { prompt });
-                backend.run(&program, inputs)
-            }
-        }
     }
 
     fn query_inputs<'a>(&self, input: &'a [f32], prompt: &'a PromptFeatures) -> Vec<&'a [f32]> {
@@ -547,16 +441,43 @@ impl Engine {
     }
 }
 
-fn cpu_runner(weights: &ModelWeights) -> Runner {
-    Runner::Cpu {
-        backend: CpuBackend::new(weights),
-        prompt_arena: Mutex::new(Vec::new()),
-        query_arena: Mutex::new(Vec::new()),
+/// The backend `options` choose, with the weights packed for it.
+fn create_backend(tables: &WeightTables, options: EngineOptions) -> Result<Box<dyn Backend>> {
+    let use_gpu = match options.backend {
+        BackendChoice::Cpu => false,
+        BackendChoice::Gpu => true,
+        BackendChoice::Auto => hardware_gpu(),
+    };
+    if !use_gpu && options.precision != Precision::F32 {
+        return Err(Error::new(
+            "--precision f16 needs the GPU backend (the CPU backend is float32 only)",
+        ));
+    }
+    if use_gpu {
+        gpu_backend(tables, options.precision)
+    } else {
+        Ok(Box::new(CpuBackend::new(tables)))
     }
 }
 
-/// A poisoned arena only means another thread panicked mid-run; the arena is rewritten by
-/// every run, so it is safe to keep using it.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+#[cfg(feature = "gpu")]
+fn hardware_gpu() -> bool {
+    probe_adapter().is_some_and(|a| !a.software)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn hardware_gpu() -> bool {
+    false
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_backend(tables: &WeightTables, precision: Precision) -> Result<Box<dyn Backend>> {
+    Ok(Box::new(GpuBackend::new(tables, precision)?))
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_backend(_: &WeightTables, _: Precision) -> Result<Box<dyn Backend>> {
+    Err(Error::new(
+        "this build has no GPU backend (metauas was built without its `gpu` feature)",
+    ))
 }

@@ -5,8 +5,7 @@ use super::arch::{
     efficientnet_b4_blocks, static_same_padding, ALIGN_CHANNELS, DECODER_BLOCKS, FEATURE_BLOCKS,
 };
 use super::weights::ModelWeights;
-use crate::cpu::kernels::Activation;
-use crate::graph::{Graph, GraphBuilder, Shape, ValueId};
+use crate::graph::{Activation, Graph, GraphBuilder, Shape, ValueId};
 
 /// Names of the prompt graph's outputs, in the order `PromptFeatures` stores them:
 /// per alignment level (f5, f4, f3), the raw feature and its projection.

@@ -7,6 +7,7 @@ use super::arch::{
     efficientnet_b4_blocks, se_squeeze, DECODER_BLOCKS, DECODER_BN_EPS, ENCODER_BN_EPS,
 };
 use crate::error::Result;
+use crate::graph::WeightTables;
 
 /// Anything that yields float32 tensors by official entry name and checks their shape.
 pub trait TensorSource {
@@ -27,27 +28,13 @@ impl TensorSource for crate::io::weights::WeightFile {
     }
 }
 
-/// A convolution ready to run: weight `(cout, cin_per_group, k, k)` and a bias (zeros if none).
-#[derive(Clone, Debug)]
-pub struct ConvWeights {
-    pub name: String,
-    pub cout: usize,
-    pub cin: usize,
-    pub kernel: usize,
-    pub depthwise: bool,
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
-}
+pub use crate::graph::{ConvWeights, ScseWeights, SqueezeExciteWeights};
 
-/// Squeeze-excite and scSE parameters are plain data; the kernels' structs serve as is.
-pub use crate::cpu::kernels::{Scse as ScseWeights, SqueezeExcite as SqueezeExciteWeights};
-
-/// Every parameter the forward pass uses, addressed by index from graph ops.
+/// Every parameter the forward pass uses, in the tables graph ops index, and where each
+/// official name is in them.
 #[derive(Clone, Debug, Default)]
 pub struct ModelWeights {
-    pub convs: Vec<ConvWeights>,
-    pub se: Vec<SqueezeExciteWeights>,
-    pub scse: Vec<ScseWeights>,
+    pub tables: WeightTables,
     conv_index: HashMap<String, usize>,
     se_index: HashMap<String, usize>,
     scse_index: HashMap<String, usize>,
@@ -79,16 +66,19 @@ impl ModelWeights {
     /// Parameters actually used (after folding BN: weights + biases).
     pub fn parameter_count(&self) -> usize {
         let conv: usize = self
+            .tables
             .convs
             .iter()
             .map(|c| c.weight.len() + c.bias.len())
             .sum();
         let se: usize = self
+            .tables
             .se
             .iter()
             .map(|s| s.reduce_w.len() + s.reduce_b.len() + s.expand_w.len() + s.expand_b.len())
             .sum();
         let scse: usize = self
+            .tables
             .scse
             .iter()
             .map(|s| {
@@ -108,19 +98,19 @@ impl ModelWeights {
     /// for any changed value. Banks of prompt features record it to refuse other weights.
     pub fn fingerprint(&self) -> u64 {
         let mut h = ParamHasher::default();
-        for c in &self.convs {
+        for c in &self.tables.convs {
             h.text(&c.name);
             h.words(&[c.cout, c.cin, c.kernel, usize::from(c.depthwise)]);
             h.floats(&c.weight);
             h.floats(&c.bias);
         }
-        for s in &self.se {
+        for s in &self.tables.se {
             h.words(&[s.channels, s.squeeze]);
             for t in [&s.reduce_w, &s.reduce_b, &s.expand_w, &s.expand_b] {
                 h.floats(t);
             }
         }
-        for s in &self.scse {
+        for s in &self.tables.scse {
             h.words(&[s.channels, s.hidden]);
             for t in [&s.cse1_w, &s.cse1_b, &s.cse3_w, &s.cse3_b, &s.sse_w] {
                 h.floats(t);
@@ -133,15 +123,16 @@ impl ModelWeights {
     /// Drops the conv weight and bias arrays, keeping names, shapes and indices (all a
     /// graph build needs) once a backend has packed its own copy.
     pub fn release_conv_data(&mut self) {
-        for c in &mut self.convs {
+        for c in &mut self.tables.convs {
             c.weight = Vec::new();
             c.bias = Vec::new();
         }
     }
 
     fn push_conv(&mut self, c: ConvWeights) {
-        self.conv_index.insert(c.name.clone(), self.convs.len());
-        self.convs.push(c);
+        self.conv_index
+            .insert(c.name.clone(), self.tables.convs.len());
+        self.tables.convs.push(c);
     }
 
     fn load_encoder(&mut self, src: &dyn TensorSource) -> Result<()> {
@@ -178,8 +169,8 @@ impl ModelWeights {
             )?;
             self.push_conv(dw);
             let se = squeeze_excite(src, &p, mid, se_squeeze(b.cin))?;
-            self.se_index.insert(p.clone(), self.se.len());
-            self.se.push(se);
+            self.se_index.insert(p.clone(), self.tables.se.len());
+            self.tables.se.push(se);
             let proj = conv_bn(
                 src,
                 &format!("{p}._project_conv"),
@@ -239,8 +230,9 @@ impl ModelWeights {
             sse_w: src.tensor_f32(&format!("{a}.sSE.0.weight"), &[1, c, 1, 1])?,
             sse_b: src.tensor_f32(&format!("{a}.sSE.0.bias"), &[1])?[0],
         };
-        self.scse_index.insert(prefix.to_string(), self.scse.len());
-        self.scse.push(s);
+        self.scse_index
+            .insert(prefix.to_string(), self.tables.scse.len());
+        self.tables.scse.push(s);
         Ok(())
     }
 }
@@ -324,18 +316,6 @@ pub struct MemorySource {
 impl MemorySource {
     pub fn insert(&mut self, name: &str, shape: Vec<usize>, data: Vec<f32>) {
         self.tensors.insert(name.to_string(), (shape, data));
-    }
-
-    /// Every float entry of the official state dict, filled by the synthetic recipe
-    /// of `docs/SYNTHETIC.md`.
-    pub fn synthetic(recipe: &crate::synth::WeightRecipe) -> MemorySource {
-        let mut src = MemorySource::default();
-        for (name, shape, t) in crate::synth::synthetic_state_dict(recipe) {
-            if let crate::synth::SynthTensor::F32(data) = t {
-                src.insert(&name, shape, data);
-            }
-        }
-        src
     }
 }
 

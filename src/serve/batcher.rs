@@ -244,23 +244,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::MemorySource;
-    use crate::synth::{synthetic_image, WeightRecipe};
+    use crate::synth::{synthetic_image, synthetic_weights, WeightRecipe};
 
     fn engine() -> Arc<Engine> {
-        Arc::new(Engine::new(&MemorySource::synthetic(&WeightRecipe::unit(3)), 32).unwrap())
+        Arc::new(Engine::new(&synthetic_weights(&WeightRecipe::unit(3)), 32).unwrap())
     }
 
     /// The CPU engine, and a GPU engine when an adapter exists (required with
     /// `METAUAS_REQUIRE_GPU=1`): on the GPU a batch's same-prompt jobs run as one submission.
     fn engines() -> Vec<Arc<Engine>> {
         let mut engines = vec![engine()];
+        #[cfg(feature = "gpu")]
         if crate::gpu::probe_adapter().is_some() {
             let options = crate::model::EngineOptions {
                 backend: crate::model::BackendChoice::Gpu,
                 ..Default::default()
             };
-            let weights = MemorySource::synthetic(&WeightRecipe::unit(3));
+            let weights = synthetic_weights(&WeightRecipe::unit(3));
             engines.push(Arc::new(
                 Engine::with_options(&weights, 32, options).unwrap(),
             ));

@@ -58,46 +58,12 @@ pub use conv::PackedConv;
 pub use depthwise::PackedDepthwise;
 pub use winograd::PackedWinograd;
 
+/// The graph's parameter types, under the names the kernels use.
+pub use crate::graph::{
+    Activation, ConvGeometry, ScseWeights as Scse, SqueezeExciteWeights as SqueezeExcite,
+};
+
 use isa::Isa;
-
-/// Pointwise nonlinearity fused into a kernel's output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    Identity,
-    Relu,
-    /// `x * sigmoid(x)`.
-    Swish,
-    Sigmoid,
-}
-
-/// Geometry of a conv over an NHWC input. Taps outside the input are zero. Padding at the
-/// bottom/right is implied by out_h/out_w (may differ from top/left: the model's stride-2 convs
-/// pad 0 before/1 after for k=3, and 1 before/2 after for k=5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvGeometry {
-    pub in_h: usize,
-    pub in_w: usize,
-    pub cin: usize,
-    pub cout: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    pub pad_top: usize,
-    pub pad_left: usize,
-    pub out_h: usize,
-    pub out_w: usize,
-}
-
-impl ConvGeometry {
-    /// Elements of the input tensor.
-    pub fn input_len(&self) -> usize {
-        self.in_h * self.in_w * self.cin
-    }
-
-    /// Elements of the output tensor.
-    pub fn output_len(&self) -> usize {
-        self.out_h * self.out_w * self.cout
-    }
-}
 
 /// `y = act(conv(x, w) + bias)` [+ residual, added AFTER the activation; only used with Identity]
 pub fn conv2d_nhwc(
@@ -217,40 +183,12 @@ pub fn depthwise_conv2d_nhwc(
     depthwise::depthwise_conv2d_nhwc_isa(Isa::selected(), x, g, w, bias, act, y)
 }
 
-/// Squeeze-excite (EfficientNet): `m = mean_hw(x); g = sigmoid(We·swish(Wr·m + br) + be); y = x * g` (per channel).
-#[derive(Clone, Debug)]
-pub struct SqueezeExcite {
-    pub channels: usize,
-    pub squeeze: usize,
-    /// squeeze x channels, row-major.
-    pub reduce_w: Vec<f32>,
-    pub reduce_b: Vec<f32>,
-    /// channels x squeeze, row-major.
-    pub expand_w: Vec<f32>,
-    pub expand_b: Vec<f32>,
-}
-
+/// Squeeze-excite: the formula is on [`SqueezeExcite`].
 pub fn squeeze_excite_nhwc(x: &[f32], pixels: usize, se: &SqueezeExcite, y: &mut [f32]) {
     attention::squeeze_excite_nhwc_isa(Isa::selected(), x, pixels, se, y)
 }
 
-/// scSE (decoder attention): `c = sigmoid(W3·relu(W1·mean_hw(x)+b1)+b3)` per channel;
-/// `s = sigmoid(ws·x[p] + bs)` per pixel; `y = x*c + x*s`.
-#[derive(Clone, Debug)]
-pub struct Scse {
-    pub channels: usize,
-    pub hidden: usize,
-    /// hidden x channels, row-major.
-    pub cse1_w: Vec<f32>,
-    pub cse1_b: Vec<f32>,
-    /// channels x hidden, row-major.
-    pub cse3_w: Vec<f32>,
-    pub cse3_b: Vec<f32>,
-    /// channels.
-    pub sse_w: Vec<f32>,
-    pub sse_b: f32,
-}
-
+/// scSE: the formula is on [`Scse`].
 pub fn scse_nhwc(x: &[f32], pixels: usize, w: &Scse, y: &mut [f32]) {
     attention::scse_nhwc_isa(Isa::selected(), x, pixels, w, y)
 }

@@ -8,49 +8,13 @@ use std::collections::HashSet;
 use rayon::prelude::*;
 
 use crate::io::image::RgbImage8;
+use crate::model::MemorySource;
+pub use crate::util::rng::{fnv1a64, SplitMix64};
 
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+pub mod mvtec;
 
 /// The checkpoint's entries: `name \t (shape) \t dtype`, one a line.
-const STATE_DICT_TSV: &str = include_str!("../weights/metauas_state_dict.tsv");
-
-/// SplitMix64 in counter form: the i-th draw (i = 1, 2, ...) is `mix(state0 + i * GAMMA)`.
-#[derive(Clone, Debug)]
-pub struct SplitMix64 {
-    state0: u64,
-    /// Draws made so far.
-    drawn: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(state0: u64) -> Self {
-        SplitMix64 { state0, drawn: 0 }
-    }
-
-    /// The i-th draw of the stream (i from 1), without advancing it.
-    pub fn draw_at(&self, i: u64) -> u64 {
-        mix(self.state0.wrapping_add(i.wrapping_mul(GAMMA)))
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.drawn += 1;
-        self.draw_at(self.drawn)
-    }
-}
-
-fn mix(z: u64) -> u64 {
-    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(FNV_OFFSET, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
-    })
-}
+const STATE_DICT_TSV: &str = include_str!("../../weights/metauas_state_dict.tsv");
 
 /// `((r >> 40) + 0.5) / 2^24`: in (0, 1), exact in float64.
 fn unit(r: u64) -> f64 {
@@ -286,9 +250,22 @@ pub fn write_state_dict(
     write_safetensors(path, &tensors, metadata)
 }
 
+/// Every float entry of the official state dict, filled by `recipe`, as a tensor source
+/// (an engine's weights without a file).
+pub fn synthetic_weights(recipe: &WeightRecipe) -> MemorySource {
+    let mut src = MemorySource::default();
+    for (name, shape, t) in synthetic_state_dict(recipe) {
+        if let SynthTensor::F32(data) = t {
+            src.insert(&name, shape, data);
+        }
+    }
+    src
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::rng::{mix, GAMMA};
 
     fn recipe() -> WeightRecipe {
         WeightRecipe {

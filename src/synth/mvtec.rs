@@ -1,15 +1,15 @@
 //! A tiny synthetic MVTec AD layout (and synthetic weights) to try `metauas eval` without
 //! downloads: `cargo run --release --example synthetic_mvtec -- DIR`. The images are
-//! `synth::synthetic_image` (a smooth pattern plus noise; defects are inverted squares)
+//! `synthetic_image` (a smooth pattern plus noise; defects are inverted squares)
 //! and every defective image has its square as a ground-truth mask. A class's images are
 //! PNG or, as VisA and most camera pipelines ship them, JPEG (masks are always PNG).
 
 use std::path::Path;
 
+use super::{synthetic_image, WeightRecipe};
 use crate::error::{Error, Result};
 use crate::io::image::RgbImage8;
 use crate::io::jpeg::encode_jpeg;
-use crate::synth::{synthetic_image, WeightRecipe};
 
 /// Per class: 3 `train/good`, 2 `test/good`, 2 `test/crack` and 1 `test/scratch` images.
 pub const DEFECTS: [(&str, usize, (usize, usize, usize)); 3] = [

@@ -1,0 +1,3 @@
+//! Small helpers every layer may use; they depend on nothing of the crate.
+
+pub mod rng;
