@@ -123,15 +123,17 @@ impl Family {
     }
 }
 
-/// The template step: a fixed header choosing the storage type, the shared helpers, then
-/// the family's file. Nothing user-provided is ever pasted into a shader.
-fn shader_source(family: Family, precision: Precision) -> String {
+/// The template step: a fixed header choosing the storage type, the activation and input-mode
+/// codes (defined in `params`), the shared helpers, then the family's file. Nothing
+/// user-provided is ever pasted into a shader.
+pub(super) fn shader_source(family: Family, precision: Precision) -> String {
     let header = match precision {
         Precision::F32 => "alias store = f32;\n",
         Precision::F16 => "enable f16;\nalias store = f16;\n",
     };
+    let codes = super::params::wgsl_constants();
     let common = include_str!("../../shaders/common.wgsl");
-    format!("{header}{common}\n{}", family.source())
+    format!("{header}{codes}{common}\n{}", family.source())
 }
 
 /// One device, its queue, and every pipeline built so far.

@@ -7,6 +7,7 @@
 
 mod device;
 mod lower;
+mod params;
 mod program;
 mod weights;
 
