@@ -29,7 +29,9 @@ pub mod gpu;
 pub mod graph;
 pub mod io;
 pub mod model;
+pub mod rng;
 pub mod serve;
+mod sync;
 pub mod synth;
 
 pub use error::{Error, Result};

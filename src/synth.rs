@@ -8,43 +8,13 @@ use std::collections::HashSet;
 use rayon::prelude::*;
 
 use crate::io::image::RgbImage8;
+use crate::rng::SplitMix64;
 
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// The checkpoint's entries: `name \t (shape) \t dtype`, one a line.
 const STATE_DICT_TSV: &str = include_str!("../weights/metauas_state_dict.tsv");
-
-/// SplitMix64 in counter form: the i-th draw (i = 1, 2, ...) is `mix(state0 + i * GAMMA)`.
-#[derive(Clone, Debug)]
-pub struct SplitMix64 {
-    state0: u64,
-    /// Draws made so far.
-    drawn: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(state0: u64) -> Self {
-        SplitMix64 { state0, drawn: 0 }
-    }
-
-    /// The i-th draw of the stream (i from 1), without advancing it.
-    pub fn draw_at(&self, i: u64) -> u64 {
-        mix(self.state0.wrapping_add(i.wrapping_mul(GAMMA)))
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.drawn += 1;
-        self.draw_at(self.drawn)
-    }
-}
-
-fn mix(z: u64) -> u64 {
-    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(FNV_OFFSET, |h, &b| {
@@ -289,6 +259,7 @@ pub fn write_state_dict(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::{mix, GAMMA};
 
     fn recipe() -> WeightRecipe {
         WeightRecipe {
@@ -305,24 +276,6 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
         assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
-    }
-
-    #[test]
-    fn splitmix64_matches_the_reference_sequence() {
-        // Standard SplitMix64 seeded with 0 (Vigna's splitmix64.c): its outputs.
-        let mut g = SplitMix64::new(0);
-        assert_eq!(g.next_u64(), 0xe220a8397b1dcdaf);
-        assert_eq!(g.next_u64(), 0x6e789e6aa1b965f4);
-        assert_eq!(g.next_u64(), 0x06c45d188009454f);
-        // Counter form: random access agrees with sequential draws.
-        let h = SplitMix64::new(0);
-        assert_eq!(h.draw_at(3), 0x06c45d188009454f);
-        let mut s = SplitMix64::new(u64::MAX);
-        let seq: Vec<u64> = (0..5).map(|_| s.next_u64()).collect();
-        let direct: Vec<u64> = (1..=5)
-            .map(|i| SplitMix64::new(u64::MAX).draw_at(i))
-            .collect();
-        assert_eq!(seq, direct);
     }
 
     #[test]

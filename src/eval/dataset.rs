@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::io::image::{decode_image_file, resize_mask};
-use crate::synth::{fnv1a64, SplitMix64};
+use crate::rng::SplitMix64;
+use crate::synth::fnv1a64;
 
 /// One test image.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::sync::lock;
 
 /// Storage precision of activations and conv weights on the GPU (accumulation is always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,8 +290,4 @@ fn open_pipeline_cache(
         })
     };
     Some((cache, path))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -11,6 +11,7 @@ use crate::gpu::{probe_adapter, GpuBackend, GpuProgram, Precision};
 use crate::graph::{Graph, Shape};
 use crate::io::image::{preprocess, RgbImage8};
 use crate::io::weights::WeightFile;
+use crate::sync::lock;
 
 /// Queries per GPU submission in `segment_batch` (bounds the upload and readback buffers).
 pub const MAX_GPU_BATCH: usize = 16;
@@ -553,10 +554,4 @@ fn cpu_runner(weights: &ModelWeights) -> Runner {
         prompt_arena: Mutex::new(Vec::new()),
         query_arena: Mutex::new(Vec::new()),
     }
-}
-
-/// A poisoned arena only means another thread panicked mid-run; the arena is rewritten by
-/// every run, so it is safe to keep using it.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
