@@ -79,10 +79,11 @@ fn request_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
         apply_limit_buckets: false,
     };
     pollster::block_on(instance.request_adapter(&options)).map_err(|e| {
-        Error::new(format!(
+        let problem = format!(
             "no GPU adapter (Vulkan, Metal or DX12) found: {e}; install a driver \
-             (e.g. mesa-vulkan-drivers) or use --backend cpu"
-        ))
+             (e.g. mesa-vulkan-drivers) or use the CPU backend"
+        );
+        Error::setting("backend", problem)
     })
 }
 
@@ -160,9 +161,13 @@ impl GpuContext {
         let mut features = wgpu::Features::empty();
         if precision == Precision::F16 {
             if !available.contains(wgpu::Features::SHADER_F16) {
-                return Err(Error::new(format!(
-                    "--precision f16 needs the SHADER_F16 feature, which the GPU {summary} does not offer; use --precision f32"
-                )));
+                return Err(Error::setting(
+                    "precision",
+                    format!(
+                        "f16 storage needs the SHADER_F16 feature, which the GPU {summary} \
+                         does not offer; use f32"
+                    ),
+                ));
             }
             features |= wgpu::Features::SHADER_F16;
         }
