@@ -21,29 +21,37 @@ pub enum Scalar {
     Bool,
 }
 
-/// A Rust type that stands for a WGSL scalar; `word` is its pipeline-constant value.
+/// A Rust type that stands for a WGSL scalar.
 pub trait WgslScalar: Copy {
     #[cfg_attr(not(test), allow(dead_code))]
     const SCALAR: Scalar;
+}
+
+/// A type an override constant can have; `word` is its pipeline-constant value (wgpu takes
+/// the number, so no f32 overrides: a float's bits would be taken for its value).
+pub trait OverrideValue: WgslScalar {
     fn word(self) -> u32;
 }
 
 impl WgslScalar for u32 {
     const SCALAR: Scalar = Scalar::U32;
+}
+
+impl WgslScalar for f32 {
+    const SCALAR: Scalar = Scalar::F32;
+}
+
+impl WgslScalar for bool {
+    const SCALAR: Scalar = Scalar::Bool;
+}
+
+impl OverrideValue for u32 {
     fn word(self) -> u32 {
         self
     }
 }
 
-impl WgslScalar for f32 {
-    const SCALAR: Scalar = Scalar::F32;
-    fn word(self) -> u32 {
-        self.to_bits()
-    }
-}
-
-impl WgslScalar for bool {
-    const SCALAR: Scalar = Scalar::Bool;
+impl OverrideValue for bool {
     fn word(self) -> u32 {
         self as u32
     }
@@ -59,6 +67,9 @@ const ACTIVATIONS: [(Activation, &str); 4] = [
 
 impl WgslScalar for Activation {
     const SCALAR: Scalar = Scalar::U32;
+}
+
+impl OverrideValue for Activation {
     fn word(self) -> u32 {
         ACTIVATIONS
             .iter()
@@ -88,6 +99,9 @@ const INPUT_MODES: [(InputMode, &str); 4] = [
 
 impl WgslScalar for InputMode {
     const SCALAR: Scalar = Scalar::U32;
+}
+
+impl OverrideValue for InputMode {
     fn word(self) -> u32 {
         INPUT_MODES
             .iter()
@@ -167,7 +181,7 @@ macro_rules! overrides {
             const DECLARED: &'static [(&'static str, Scalar)] =
                 &[$((stringify!($wgsl), <$ty as WgslScalar>::SCALAR)),*];
             fn values(&self) -> Vec<(&'static str, u32)> {
-                vec![$((stringify!($wgsl), WgslScalar::word(self.$field))),*]
+                vec![$((stringify!($wgsl), OverrideValue::word(self.$field))),*]
             }
         }
     };

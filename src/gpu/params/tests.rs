@@ -27,8 +27,8 @@ fn scalar(module: &naga::Module, ty: naga::Handle<naga::Type>) -> Scalar {
     }
 }
 
-/// One kernel's entry point, uniform struct (names, order, offsets, types, size) and
-/// override constants against its WGSL file.
+/// One kernel's entry point, uniform struct and override constants against its WGSL file;
+/// returns the overrides it sets.
 fn check<K: Kernel>() -> Vec<(&'static str, Scalar)> {
     let module = parse(K::FAMILY, Precision::F32);
     let what = format!("{:?}::{}", K::FAMILY, K::ENTRY);
@@ -36,6 +36,13 @@ fn check<K: Kernel>() -> Vec<(&'static str, Scalar)> {
         module.entry_points.iter().any(|e| e.name == K::ENTRY),
         "{what}: no such entry point"
     );
+    check_uniform::<K>(&module, &what);
+    check_overrides::<K>(&module, &what);
+    K::Overrides::DECLARED.to_vec()
+}
+
+/// The uniform at `K::BINDING`: names, order, offsets and types of the fields, and size.
+fn check_uniform<K: Kernel>(module: &naga::Module, what: &str) {
     let binding = naga::ResourceBinding {
         group: 0,
         binding: K::BINDING,
@@ -61,7 +68,7 @@ fn check<K: Kernel>() -> Vec<(&'static str, Scalar)> {
             (
                 m.name.as_deref().unwrap_or(""),
                 m.offset as usize,
-                scalar(&module, m.ty),
+                scalar(module, m.ty),
             )
         })
         .collect();
@@ -84,10 +91,13 @@ fn check<K: Kernel>() -> Vec<(&'static str, Scalar)> {
         rust <= wgsl && wgsl <= UNIFORM_BYTES,
         "{what}: Rust {rust} bytes, WGSL {wgsl}, slot {UNIFORM_BYTES}"
     );
+}
+
+fn check_overrides<K: Kernel>(module: &naga::Module, what: &str) {
     let declared: Vec<(&str, Scalar)> = module
         .overrides
         .iter()
-        .map(|(_, o)| (o.name.as_deref().unwrap_or(""), scalar(&module, o.ty)))
+        .map(|(_, o)| (o.name.as_deref().unwrap_or(""), scalar(module, o.ty)))
         .collect();
     let names: Vec<&str> = K::Overrides::DECLARED.iter().map(|&(n, _)| n).collect();
     assert!(
@@ -100,7 +110,6 @@ fn check<K: Kernel>() -> Vec<(&'static str, Scalar)> {
             "{what}: override {name}: {ty:?} is not in the WGSL file (it has {declared:?})"
         );
     }
-    K::Overrides::DECLARED.to_vec()
 }
 
 #[test]
