@@ -10,18 +10,11 @@ use criterion::{
     black_box, criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput,
 };
 use metauas::cpu::kernels::*;
+use metauas::util::rng::SplitMix64;
 
-/// Deterministic data in [-1, 1].
+/// Deterministic data in [-1, 1).
 fn data(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    SplitMix64::new(seed).signed_f32s(len)
 }
 
 fn configure<'a>(

@@ -1,11 +1,7 @@
 // Shared by every kernel family. The Rust side prepends one fixed header that defines
 // `store` (f32, or f16 with `enable f16;`): the storage type of activations and conv weights.
-// Arithmetic is always f32.
-
-const ACT_IDENTITY: u32 = 0u;
-const ACT_RELU: u32 = 1u;
-const ACT_SWISH: u32 = 2u;
-const ACT_SIGMOID: u32 = 3u;
+// Arithmetic is always f32. The header also declares the activation codes `ACT_*` and the
+// input modes `INPUT_*` (src/gpu/params.rs is their one definition).
 
 // Workgroups beyond 65535 in x are folded into y; this recovers the linear index.
 fn folded_index(wid: vec3<u32>, groups: vec3<u32>) -> u32 {
@@ -18,9 +14,9 @@ fn sigmoid(x: f32) -> f32 {
 
 fn activate(x: f32, act: u32) -> f32 {
     switch act {
-        case 1u: { return max(x, 0.0); }
-        case 2u: { return x * sigmoid(x); }
-        case 3u: { return sigmoid(x); }
+        case ACT_RELU: { return max(x, 0.0); }
+        case ACT_SWISH: { return x * sigmoid(x); }
+        case ACT_SIGMOID: { return sigmoid(x); }
         default: { return x; }
     }
 }

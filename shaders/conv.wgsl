@@ -11,12 +11,13 @@
 
 override KSIZE: u32 = 1u;
 override STRIDE: u32 = 1u;
-override ACT: u32 = 0u;
+override ACT: u32 = ACT_IDENTITY;
 override RESIDUAL: bool = false;
-// 0: plain input. 1: input scaled per channel by `cgate` (squeeze-excite folded in).
-// 2: nearest-x2 upsample of `x` (ca channels) concatenated with `skip` (cin - ca channels),
-//    never written out. 3: as 2, then scaled by the scSE gates: v * cgate[c] + v * sgate[p].
-override INPUT_MODE: u32 = 0u;
+// INPUT_PLAIN. INPUT_CHANNEL_SCALED: scaled per channel by `cgate` (squeeze-excite folded in).
+// INPUT_UP_CONCAT: nearest-x2 upsample of `x` (ca channels) concatenated with `skip`
+//    (cin - ca channels), never written out. INPUT_UP_CONCAT_GATED: as INPUT_UP_CONCAT, then
+//    scaled by the scSE gates: v * cgate[c] + v * sgate[p].
+override INPUT_MODE: u32 = INPUT_PLAIN;
 
 struct Params {
     in_h: u32,
@@ -60,10 +61,10 @@ fn load_input(iy: i32, ix: i32, ci: u32) -> f32 {
         return 0.0;
     }
     let pix = u32(iy) * params.in_w + u32(ix);
-    if INPUT_MODE == 0u {
+    if INPUT_MODE == INPUT_PLAIN {
         return f32(x[pix * params.cin + ci]);
     }
-    if INPUT_MODE == 1u {
+    if INPUT_MODE == INPUT_CHANNEL_SCALED {
         return f32(x[pix * params.cin + ci]) * cgate[ci];
     }
     var v: f32;
@@ -73,7 +74,7 @@ fn load_input(iy: i32, ix: i32, ci: u32) -> f32 {
         let cs = params.cin - params.ca;
         v = f32(skip[pix * cs + ci - params.ca]);
     }
-    if INPUT_MODE == 3u {
+    if INPUT_MODE == INPUT_UP_CONCAT_GATED {
         v = v * cgate[ci] + v * sgate[pix];
     }
     return v;

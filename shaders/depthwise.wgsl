@@ -7,7 +7,7 @@
 
 override KSIZE: u32 = 3u;
 override STRIDE: u32 = 1u;
-override ACT: u32 = 2u;
+override ACT: u32 = ACT_SWISH;
 
 struct Params {
     in_h: u32,

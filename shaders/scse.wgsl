@@ -3,12 +3,12 @@
 // this file has the spatial gate and the apply step.
 //
 // `spatial_gate`: sgate[p] = sigmoid(wsse . x[p, :] + bsse), one invocation per pixel. With
-// INPUT_MODE 2 the input is the decoder's nearest-x2 upsample of `x` (ca channels)
+// INPUT_UP_CONCAT the input is the decoder's nearest-x2 upsample of `x` (ca channels)
 // concatenated with `skip`, read in place (the concatenation is never written).
 // `apply`: the gated tensor, written only where a later op needs it materialized (the
 // block outputs); where a conv consumes it the gates are folded into the conv's input.
 
-override INPUT_MODE: u32 = 0u;
+override INPUT_MODE: u32 = INPUT_PLAIN;
 
 struct GateParams {
     h: u32,
@@ -51,7 +51,7 @@ fn spatial_gate(
         return;
     }
     var s = 0.0;
-    if INPUT_MODE == 0u {
+    if INPUT_MODE == INPUT_PLAIN {
         for (var c = 0u; c < gp.cin; c++) {
             s = fma(f32(x[p * gp.cin + c]), wsse[c], s);
         }

@@ -9,7 +9,7 @@
 // nearest upsampling repeats every pixel exactly four times). `excite` adds the chunks
 // (a second summation level) and runs the two small FCs in one workgroup.
 
-override MID_ACT: u32 = 2u;
+override MID_ACT: u32 = ACT_SWISH;
 
 struct SumParams {
     pixels: u32,

@@ -14,6 +14,8 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
     msg: String,
+    /// The caller's setting the error is about (`"size"`, `"precision"`), if any.
+    setting: Option<&'static str>,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -26,7 +28,22 @@ impl Error {
         if msg.contains(['\n', '\r']) {
             msg = msg.trim_end().replace(['\n', '\r'], " ");
         }
-        Error { msg }
+        Error { msg, setting: None }
+    }
+
+    /// An error about one of the caller's settings, said in the library's terms
+    /// (`size 250 is not a multiple of 32`): a front end that took the setting from a flag or
+    /// a field can name that too (`--size 250: ...`).
+    pub fn setting(name: &'static str, msg: impl Into<String>) -> Self {
+        Error {
+            setting: Some(name),
+            ..Error::new(msg)
+        }
+    }
+
+    /// Which setting the error is about, for `Error::setting` errors.
+    pub fn about_setting(&self) -> Option<&'static str> {
+        self.setting
     }
 
     /// An error about a file: `"<path>: <problem>"`.
@@ -36,7 +53,10 @@ impl Error {
 
     /// Prefix the message with more context, e.g. the file it came from.
     pub fn context(self, prefix: impl fmt::Display) -> Self {
-        Error::new(format!("{}: {}", prefix, self.msg))
+        Error {
+            setting: self.setting,
+            ..Error::new(format!("{}: {}", prefix, self.msg))
+        }
     }
 
     pub fn message(&self) -> &str {
@@ -61,5 +81,13 @@ mod tests {
         let e = Error::at(Path::new("a\nb.png"), "bad\r\nthing\n");
         assert_eq!(e.to_string(), "a b.png: bad  thing");
         assert_eq!(Error::new("plain").to_string(), "plain");
+    }
+
+    #[test]
+    fn context_keeps_the_setting() {
+        let e = Error::setting("size", "size 3 is not a positive multiple of 32").context("x");
+        assert_eq!(e.about_setting(), Some("size"));
+        assert_eq!(e.to_string(), "x: size 3 is not a positive multiple of 32");
+        assert_eq!(Error::new("plain").about_setting(), None);
     }
 }

@@ -243,6 +243,12 @@ fn usage_errors_are_one_line() {
         assert_one_line_error(&out, size);
         assert_eq!(out.status.code(), Some(2));
     }
+    // The library says what is wrong with the size; the CLI names the flag it came from.
+    let out = metauas(&["info", "--weights", s(&i.weights), "--size", "250"]);
+    assert_one_line_error(
+        &out,
+        "--size 250: size 250 is not a positive multiple of 32",
+    );
     let out = metauas(&[
         "segment",
         "--weights",
@@ -379,7 +385,7 @@ fn auto_backend_says_which_it_took() {
 fn gpu_backend_segments_like_the_cpu() {
     if common::gpu_options(
         "gpu_backend_segments_like_the_cpu",
-        metauas::gpu::Precision::F32,
+        metauas::graph::Precision::F32,
     )
     .is_none()
     {
@@ -440,7 +446,7 @@ fn f16_on_the_cpu_is_refused() {
         "--precision",
         "f16",
     ]);
-    assert_one_line_error(&out, "--precision f16 needs the GPU backend");
+    assert_one_line_error(&out, "--precision f16: f16 storage needs the GPU backend");
 }
 
 /// `bench --json` carries the keys tools read, and `--batch N` adds the batched throughput.

@@ -11,7 +11,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use metauas::gpu::Precision;
+use metauas::graph::Precision;
 use metauas::graph::Shape;
 use metauas::io::image::decode_image_file;
 use metauas::model::{Engine, EngineOptions, Tap};

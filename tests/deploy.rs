@@ -374,7 +374,12 @@ fn a_bank_for_other_weights_or_another_size_is_refused() {
         ])
     };
     assert_one_line_error(&seg(&st.weights, "64"), "other weights");
-    assert_one_line_error(&seg(&st.other_weights, "96"), "--size 64");
+    let other_size = seg(&st.other_weights, "96");
+    assert_one_line_error(&other_size, "--size 96: ");
+    assert_one_line_error(
+        &other_size,
+        "bank was built at size 64, this engine runs at size 96",
+    );
     // Weights files are not banks, and banks are not weights.
     let not_bank = metauas(&[
         "segment",

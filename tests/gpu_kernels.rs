@@ -9,24 +9,19 @@
 mod common;
 
 use metauas::cpu::CpuBackend;
-use metauas::gpu::{GpuBackend, Precision};
+use metauas::gpu::GpuBackend;
+use metauas::graph::Precision;
 use metauas::graph::{
     Activation, Backend, ConvWeights, Graph, GraphBuilder, ScseWeights, Shape,
     SqueezeExciteWeights, WeightTables,
 };
+use metauas::util::rng::SplitMix64;
 use proptest::prelude::*;
 
 /// Deterministic values in [-scale, scale).
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.next_signed_f32() * scale).collect()
 }
 
 fn conv_weights(seed: u64, cout: usize, cin: usize, k: usize, depthwise: bool) -> ConvWeights {

@@ -27,7 +27,7 @@ pub struct BuildArgs {
     #[arg(long, required = true, num_args = 1..)]
     images: Vec<PathBuf>,
     #[command(flatten)]
-    run: RunOptions,
+    pub(super) run: RunOptions,
     /// The bank file to write (safetensors; written atomically).
     #[arg(long)]
     out: PathBuf,

@@ -15,7 +15,7 @@ use super::RunOptions;
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    run: RunOptions,
+    pub(super) run: RunOptions,
     /// Real weights; by default deterministic synthetic ones (time does not depend on values).
     #[arg(long)]
     weights: Option<PathBuf>,

@@ -46,7 +46,7 @@ pub struct EvalArgs {
     #[arg(long = "class")]
     classes: Vec<String>,
     #[command(flatten)]
-    run: RunOptions,
+    pub(super) run: RunOptions,
     /// Output directory for report.{md,csv,json} (and maps/ with --save-maps).
     #[arg(long, default_value = "metauas-eval")]
     out: PathBuf,

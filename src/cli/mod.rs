@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use metauas::graph::Precision;
 use metauas::model::{check_size, BackendChoice, Engine, EngineOptions};
-use metauas::Result;
+use metauas::{Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +65,16 @@ impl RunOptions {
         engine_options(self.backend, self.precision)
     }
 
+    /// Names the flag behind a library error about a setting: `--size 250: size 250 is ...`.
+    pub fn name_flag(&self, e: Error) -> Error {
+        match e.about_setting() {
+            Some("size") => size_flag(e, self.size),
+            Some("precision") => e.context(format!("--precision {}", flag_value(self.precision))),
+            Some("backend") => e.context(format!("--backend {}", flag_value(self.backend))),
+            _ => e,
+        }
+    }
+
     /// Loads `weights` for these options and says on stderr which backend runs.
     pub fn load_engine(&self, weights: &std::path::Path) -> Result<Engine> {
         check_size(self.size)?;
@@ -72,6 +82,20 @@ impl RunOptions {
         announce(&engine);
         Ok(engine)
     }
+}
+
+fn size_flag(e: Error, size: usize) -> Error {
+    match e.about_setting() {
+        Some("size") => e.context(format!("--size {size}")),
+        _ => e,
+    }
+}
+
+/// How a value is spelled on the command line.
+fn flag_value(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
 /// Engine options from the command line.
@@ -131,16 +155,24 @@ enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    let flagged = |run: RunOptions, result: Result<ExitCode>| result.map_err(|e| run.name_flag(e));
     match cli.command {
-        Command::Segment(args) => segment::run(args),
-        Command::Bank(command) => bank::run(command).map(|_| ExitCode::SUCCESS),
-        Command::Info { weights, size } => info::run(&weights, size).map(|_| ExitCode::SUCCESS),
+        Command::Segment(args) => flagged(args.run, segment::run(args)),
+        Command::Bank(command) => {
+            let run = match &command {
+                bank::BankCommand::Build(args) => args.run,
+            };
+            flagged(run, bank::run(command).map(|_| ExitCode::SUCCESS))
+        }
+        Command::Info { weights, size } => info::run(&weights, size)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(|e| size_flag(e, size)),
         Command::Convert { input, output } => {
             let n = metauas::io::weights::convert_to_safetensors(&input, &output)?;
             eprintln!("wrote {} ({n} entries)", output.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Bench(args) => flagged(args.run, bench::run(args).map(|_| ExitCode::SUCCESS)),
         Command::SynthWeights { out, seed } => {
             write_synthetic_weights(&out, seed)?;
             eprintln!(
@@ -149,8 +181,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval(args) => eval::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Eval(args) => flagged(args.run, eval::run(args)),
+        Command::Serve(args) => flagged(args.run, serve::run(args)),
     }
 }
 

@@ -58,7 +58,7 @@ pub struct SegmentArgs {
     #[arg(long, value_enum, default_value_t = MultiPrompt::Best)]
     multi_prompt: MultiPrompt,
     #[command(flatten)]
-    run: RunOptions,
+    pub(super) run: RunOptions,
     /// Output directory.
     #[arg(long, default_value = "metauas-out")]
     out: PathBuf,

@@ -23,7 +23,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     bind: String,
     #[command(flatten)]
-    run: super::RunOptions,
+    pub(super) run: super::RunOptions,
     /// A prompt bank (`metauas bank build`) to preload.
     #[arg(long)]
     bank: Option<PathBuf>,

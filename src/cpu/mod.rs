@@ -6,7 +6,7 @@ mod fold;
 pub mod kernels;
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::error::Result;
@@ -14,6 +14,7 @@ use crate::graph::{
     graph_lifetimes, Backend, CompiledGraph, Graph, MemoryPlan, NodeTimes, Op, Outputs, ValueId,
     WeightTables,
 };
+use crate::util::sync::lock;
 use fold::Fold;
 use kernels::{
     Activation, ConvGeometry, PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite,
@@ -409,10 +410,4 @@ impl CpuGraph {
         };
         graph.outputs.iter().map(read).collect()
     }
-}
-
-/// A poisoned arena only means another thread panicked mid-run; the arena is rewritten by
-/// every run, so it is safe to keep using it.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::graph::Precision;
+use crate::util::sync::lock;
 
 /// What the chosen adapter is, for messages and `auto` decisions.
 #[derive(Clone, Debug)]
@@ -56,10 +57,11 @@ fn request_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
         apply_limit_buckets: false,
     };
     pollster::block_on(instance.request_adapter(&options)).map_err(|e| {
-        Error::new(format!(
+        let problem = format!(
             "no GPU adapter (Vulkan, Metal or DX12) found: {e}; install a driver \
-             (e.g. mesa-vulkan-drivers) or use --backend cpu"
-        ))
+             (e.g. mesa-vulkan-drivers) or use the CPU backend"
+        );
+        Error::setting("backend", problem)
     })
 }
 
@@ -101,15 +103,17 @@ impl Family {
     }
 }
 
-/// The template step: a fixed header choosing the storage type, the shared helpers, then
-/// the family's file. Nothing user-provided is ever pasted into a shader.
-fn shader_source(family: Family, precision: Precision) -> String {
+/// The template step: a fixed header choosing the storage type, the activation and input-mode
+/// codes (defined in `params`), the shared helpers, then the family's file. Nothing
+/// user-provided is ever pasted into a shader.
+pub(super) fn shader_source(family: Family, precision: Precision) -> String {
     let header = match precision {
         Precision::F32 => "alias store = f32;\n",
         Precision::F16 => "enable f16;\nalias store = f16;\n",
     };
+    let codes = super::params::wgsl_constants();
     let common = include_str!("../../shaders/common.wgsl");
-    format!("{header}{common}\n{}", family.source())
+    format!("{header}{codes}{common}\n{}", family.source())
 }
 
 /// One device, its queue, and every pipeline built so far.
@@ -135,9 +139,13 @@ impl GpuContext {
         let mut features = wgpu::Features::empty();
         if precision == Precision::F16 {
             if !available.contains(wgpu::Features::SHADER_F16) {
-                return Err(Error::new(format!(
-                    "--precision f16 needs the SHADER_F16 feature, which the GPU {summary} does not offer; use --precision f32"
-                )));
+                return Err(Error::setting(
+                    "precision",
+                    format!(
+                        "f16 storage needs the SHADER_F16 feature, which the GPU {summary} \
+                         does not offer; use f32"
+                    ),
+                ));
             }
             features |= wgpu::Features::SHADER_F16;
         }
@@ -265,8 +273,4 @@ fn open_pipeline_cache(
         })
     };
     Some((cache, path))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -6,7 +6,12 @@
 
 use std::collections::HashMap;
 
-use super::device::{Family, PipelineKey};
+use super::device::PipelineKey;
+use super::params::{
+    AlignParams, ChannelSumParams, ConvOverrides, ConvParams, DepthwiseOverrides, DepthwiseParams,
+    ExciteOverrides, ExciteParams, HeadParams, InputMode, Kernel, Overrides as _, ScseApplyParams,
+    SpatialGateOverrides, SpatialGateParams, UNIFORM_BYTES,
+};
 use super::weights::WeightTable;
 use crate::graph::{Activation, ConvGeometry, Graph, Op, ValueId};
 
@@ -37,7 +42,8 @@ pub struct Step {
     pub node: String,
     pub key: PipelineKey,
     pub uniform_binding: u32,
-    pub params: [u32; 16],
+    /// The kernel's `Kernel` struct, zero-padded to one uniform slot.
+    pub params: [u32; UNIFORM_BYTES / 4],
     pub bindings: Vec<(u32, Buf)>,
     pub workgroups: [u32; 3],
     pub flops: f64,
@@ -120,19 +126,48 @@ pub fn fold(groups: usize) -> [u32; 3] {
     [x as u32, groups.div_ceil(x).max(1) as u32, 1]
 }
 
-fn act_code(a: Activation) -> u32 {
-    match a {
-        Activation::Identity => 0,
-        Activation::Relu => 1,
-        Activation::Swish => 2,
-        Activation::Sigmoid => 3,
+/// `ca`: channels of the upsampled part when the input is an upsample-concat.
+fn conv_params(g: &ConvGeometry, ca: usize) -> ConvParams {
+    ConvParams {
+        in_h: g.in_h as u32,
+        in_w: g.in_w as u32,
+        cin: g.cin as u32,
+        cout: g.cout as u32,
+        out_h: g.out_h as u32,
+        out_w: g.out_w as u32,
+        pad_top: g.pad_top as u32,
+        pad_left: g.pad_left as u32,
+        ca: ca as u32,
+        pixel_tiles: (g.out_h * g.out_w).div_ceil(CONV_TILE) as u32,
+        cout_vec4: g.cout.div_ceil(4) as u32,
     }
 }
 
-fn params(words: &[u32]) -> [u32; 16] {
-    let mut p = [0u32; 16];
-    p[..words.len()].copy_from_slice(words);
-    p
+impl Step {
+    /// A dispatch of kernel `K`: its pipeline, uniform binding and parameters all follow
+    /// from the typed parameters.
+    fn new<K: Kernel>(
+        node: &str,
+        params: K,
+        overrides: K::Overrides,
+        bindings: Vec<(u32, Buf)>,
+        workgroups: [u32; 3],
+        flops: f64,
+    ) -> Step {
+        Step {
+            node: node.to_string(),
+            key: PipelineKey {
+                family: K::FAMILY,
+                entry: K::ENTRY,
+                constants: overrides.values(),
+            },
+            uniform_binding: K::BINDING,
+            params: params.uniform_words(),
+            bindings,
+            workgroups,
+            flops,
+        }
+    }
 }
 
 impl Lowering<'_> {
@@ -204,7 +239,8 @@ impl Lowering<'_> {
                 let x = self.plain(input, name);
                 let s = self.graph.values[input].shape;
                 let entry = self.weights.se[se];
-                let gate = self.channel_gate(name, &[(x, s.pixels(), s.c)], entry, 2);
+                let parts = [(x, s.pixels(), s.c)];
+                let gate = self.channel_gate(name, &parts, entry, Activation::Swish);
                 self.sources.insert(out, Source::ChannelScaled { x, gate });
             }
             Op::UpsampleConcat { input, skip } => {
@@ -244,64 +280,58 @@ impl Lowering<'_> {
     ) {
         let e = self.weights.convs[conv];
         let (mode, x, skip, cgate, sgate, ca) = match src {
-            Source::Plain(x) => (0, x, Buf::Unused, Buf::Unused, Buf::Unused, 0),
+            Source::Plain(x) => (
+                InputMode::Plain,
+                x,
+                Buf::Unused,
+                Buf::Unused,
+                Buf::Unused,
+                0,
+            ),
             Source::ChannelScaled { x, gate } => {
-                (1, x, Buf::Unused, Buf::Value(gate), Buf::Unused, 0)
+                let cgate = Buf::Value(gate);
+                (
+                    InputMode::ChannelScaled,
+                    x,
+                    Buf::Unused,
+                    cgate,
+                    Buf::Unused,
+                    0,
+                )
             }
             Source::UpConcat { a, ca, skip, gates } => {
                 let skip = skip.map_or(Buf::Unused, Buf::Value);
                 match gates {
-                    Some((cg, sg)) => (3, a, skip, Buf::Value(cg), Buf::Value(sg), ca),
-                    None => (2, a, skip, Buf::Unused, Buf::Unused, ca),
+                    Some((cg, sg)) => {
+                        let (cgate, sgate) = (Buf::Value(cg), Buf::Value(sg));
+                        (InputMode::UpConcatGated, a, skip, cgate, sgate, ca)
+                    }
+                    None => (InputMode::UpConcat, a, skip, Buf::Unused, Buf::Unused, ca),
                 }
             }
         };
-        let pixel_tiles = (g.out_h * g.out_w).div_ceil(CONV_TILE);
-        let mut workgroups = fold(pixel_tiles);
+        let params = conv_params(g, ca);
+        let mut workgroups = fold(params.pixel_tiles as usize);
         workgroups[2] = g.cout.div_ceil(CONV_TILE) as u32;
-        let p = [
-            g.in_h,
-            g.in_w,
-            g.cin,
-            g.cout,
-            g.out_h,
-            g.out_w,
-            g.pad_top,
-            g.pad_left,
-            ca,
-            pixel_tiles,
-            g.cout.div_ceil(4),
-        ]
-        .map(|v| v as u32);
-        let key = PipelineKey {
-            family: Family::Conv,
-            entry: "conv2d_nhwc",
-            constants: vec![
-                ("ACT", act_code(act)),
-                ("INPUT_MODE", mode),
-                ("KSIZE", g.kernel as u32),
-                ("RESIDUAL", residual.is_some() as u32),
-                ("STRIDE", g.stride as u32),
-            ],
+        let overrides = ConvOverrides {
+            act,
+            input_mode: mode,
+            ksize: g.kernel as u32,
+            residual: residual.is_some(),
+            stride: g.stride as u32,
         };
-        self.steps.push(Step {
-            node: name.to_string(),
-            key,
-            uniform_binding: 0,
-            params: params(&p),
-            bindings: vec![
-                (1, Buf::Value(x)),
-                (2, Buf::Weight(e.weight)),
-                (3, Buf::Weight(e.bias)),
-                (4, Buf::Value(y)),
-                (5, skip),
-                (6, cgate),
-                (7, sgate),
-                (8, residual.map_or(Buf::Unused, Buf::Value)),
-            ],
-            workgroups,
-            flops,
-        });
+        let bindings = vec![
+            (1, Buf::Value(x)),
+            (2, Buf::Weight(e.weight)),
+            (3, Buf::Weight(e.bias)),
+            (4, Buf::Value(y)),
+            (5, skip),
+            (6, cgate),
+            (7, sgate),
+            (8, residual.map_or(Buf::Unused, Buf::Value)),
+        ];
+        let step = Step::new(name, params, overrides, bindings, workgroups, flops);
+        self.steps.push(step);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -318,56 +348,49 @@ impl Lowering<'_> {
         let e = self.weights.convs[conv];
         let quads = g.cout.div_ceil(4);
         let total = g.out_h * g.out_w * quads;
-        let p = [
-            g.in_h, g.in_w, g.cout, g.out_h, g.out_w, g.pad_top, g.pad_left, quads, total,
-        ]
-        .map(|v| v as u32);
-        self.steps.push(Step {
-            node: name.to_string(),
-            key: PipelineKey {
-                family: Family::Depthwise,
-                entry: "depthwise_nhwc",
-                constants: vec![
-                    ("ACT", act_code(act)),
-                    ("KSIZE", g.kernel as u32),
-                    ("STRIDE", g.stride as u32),
-                ],
-            },
-            uniform_binding: 0,
-            params: params(&p),
-            bindings: vec![
-                (1, Buf::Value(x)),
-                (2, Buf::Weight(e.weight)),
-                (3, Buf::Weight(e.bias)),
-                (4, Buf::Value(y)),
-            ],
-            workgroups: fold(total.div_ceil(64)),
-            flops,
-        });
+        let params = DepthwiseParams {
+            in_h: g.in_h as u32,
+            in_w: g.in_w as u32,
+            channels: g.cout as u32,
+            out_h: g.out_h as u32,
+            out_w: g.out_w as u32,
+            pad_top: g.pad_top as u32,
+            pad_left: g.pad_left as u32,
+            channel_quads: quads as u32,
+            total: total as u32,
+        };
+        let overrides = DepthwiseOverrides {
+            act,
+            ksize: g.kernel as u32,
+            stride: g.stride as u32,
+        };
+        let bindings = vec![
+            (1, Buf::Value(x)),
+            (2, Buf::Weight(e.weight)),
+            (3, Buf::Weight(e.bias)),
+            (4, Buf::Value(y)),
+        ];
+        let workgroups = fold(total.div_ceil(64));
+        let step = Step::new(name, params, overrides, bindings, workgroups, flops);
+        self.steps.push(step);
     }
 
     fn head(&mut self, name: &str, x: usize, y: usize, conv: usize, g: &ConvGeometry, flops: f64) {
         let e = self.weights.convs[conv];
         let pixels = g.out_h * g.out_w;
-        let bias = self.weights.head_bias[conv];
-        let p = [pixels as u32, g.cin as u32, bias.to_bits()];
-        self.steps.push(Step {
-            node: name.to_string(),
-            key: PipelineKey {
-                family: Family::Head,
-                entry: "head_sigmoid",
-                constants: vec![],
-            },
-            uniform_binding: 0,
-            params: params(&p),
-            bindings: vec![
-                (1, Buf::Value(x)),
-                (2, Buf::Weight(e.head.expect("head weights"))),
-                (3, Buf::Value(y)),
-            ],
-            workgroups: fold(pixels.div_ceil(64)),
-            flops,
-        });
+        let params = HeadParams {
+            pixels: pixels as u32,
+            cin: g.cin as u32,
+            bias: self.weights.head_bias[conv],
+        };
+        let bindings = vec![
+            (1, Buf::Value(x)),
+            (2, Buf::Weight(e.head.expect("head weights"))),
+            (3, Buf::Value(y)),
+        ];
+        let workgroups = fold(pixels.div_ceil(64));
+        let step = Step::new(name, params, (), bindings, workgroups, flops);
+        self.steps.push(step);
     }
 
     /// Channel means of the parts `(value, pixels, channels)` (concatenated along channels),
@@ -377,7 +400,7 @@ impl Lowering<'_> {
         name: &str,
         parts: &[(usize, usize, usize)],
         e: super::weights::AttentionEntry,
-        mid_act: u32,
+        mid_act: Activation,
     ) -> usize {
         let c_total: usize = parts.iter().map(|p| p.2).sum();
         let full_pixels = parts.iter().map(|p| p.1).max().unwrap_or(1);
@@ -390,47 +413,36 @@ impl Lowering<'_> {
         let gate = self.new_value(format!("{name}.gate"), c_total, true);
         let mut c_off = 0;
         for &(x, pixels, channels) in parts {
-            let chunk = pixels.div_ceil(chunks).max(1);
-            let inv = (1.0f32 / pixels as f32).to_bits();
-            let p = [pixels as u32, channels as u32, c_off as u32, c_total as u32];
-            let mut words = p.to_vec();
-            words.extend([chunk as u32, inv]);
-            self.steps.push(Step {
-                node: name.to_string(),
-                key: PipelineKey {
-                    family: Family::SqueezeExcite,
-                    entry: "channel_sums",
-                    constants: vec![],
-                },
-                uniform_binding: 0,
-                params: params(&words),
-                bindings: vec![(1, Buf::Value(x)), (2, Buf::Value(partial))],
-                workgroups: [channels.div_ceil(64) as u32, chunks as u32, 1],
-                flops: 0.0,
-            });
+            let params = ChannelSumParams {
+                pixels: pixels as u32,
+                channels: channels as u32,
+                c_off: c_off as u32,
+                c_total: c_total as u32,
+                chunk: pixels.div_ceil(chunks).max(1) as u32,
+                inv_count: 1.0 / pixels as f32,
+            };
+            let bindings = vec![(1, Buf::Value(x)), (2, Buf::Value(partial))];
+            let workgroups = [channels.div_ceil(64) as u32, chunks as u32, 1];
+            let step = Step::new(name, params, (), bindings, workgroups, 0.0);
+            self.steps.push(step);
             c_off += channels;
         }
-        let p = [c_total as u32, e.hidden as u32, chunks as u32];
-        self.steps.push(Step {
-            node: name.to_string(),
-            key: PipelineKey {
-                family: Family::SqueezeExcite,
-                entry: "excite",
-                constants: vec![("MID_ACT", mid_act)],
-            },
-            uniform_binding: 3,
-            params: params(&p),
-            bindings: vec![
-                (4, Buf::Value(partial)),
-                (5, Buf::Weight(e.w1)),
-                (6, Buf::Weight(e.b1)),
-                (7, Buf::Weight(e.w2)),
-                (8, Buf::Weight(e.b2)),
-                (9, Buf::Value(gate)),
-            ],
-            workgroups: [1, 1, 1],
-            flops: 0.0,
-        });
+        let params = ExciteParams {
+            channels: c_total as u32,
+            hidden: e.hidden as u32,
+            chunks: chunks as u32,
+        };
+        let bindings = vec![
+            (4, Buf::Value(partial)),
+            (5, Buf::Weight(e.w1)),
+            (6, Buf::Weight(e.b1)),
+            (7, Buf::Weight(e.w2)),
+            (8, Buf::Weight(e.b2)),
+            (9, Buf::Value(gate)),
+        ];
+        let overrides = ExciteOverrides { mid_act };
+        let step = Step::new(name, params, overrides, bindings, [1, 1, 1], 0.0);
+        self.steps.push(step);
         gate
     }
 
@@ -439,7 +451,7 @@ impl Lowering<'_> {
         let s = self.graph.values[input].shape;
         let pixels = s.pixels();
         let (parts, mode, x, skip, ca) = match self.sources[&input] {
-            Source::Plain(x) => (vec![(x, pixels, s.c)], 0, x, Buf::Unused, 0),
+            Source::Plain(x) => (vec![(x, pixels, s.c)], InputMode::Plain, x, Buf::Unused, 0),
             Source::UpConcat {
                 a,
                 ca,
@@ -450,32 +462,30 @@ impl Lowering<'_> {
                 if let Some(k) = skip {
                     parts.push((k, pixels, s.c - ca));
                 }
-                (parts, 2, a, skip.map_or(Buf::Unused, Buf::Value), ca)
+                let skip = skip.map_or(Buf::Unused, Buf::Value);
+                (parts, InputMode::UpConcat, a, skip, ca)
             }
             other => panic!("GPU lowering: {name} cannot read {other:?}"),
         };
-        let cgate = self.channel_gate(name, &parts, e, 1);
+        let cgate = self.channel_gate(name, &parts, e, Activation::Relu);
         let sgate = self.new_value(format!("{name}.sgate"), pixels, true);
-        let bias = self.weights.sse_bias[scse].to_bits();
-        let p = [s.h as u32, s.w as u32, s.c as u32, ca as u32, bias];
-        self.steps.push(Step {
-            node: name.to_string(),
-            key: PipelineKey {
-                family: Family::Scse,
-                entry: "spatial_gate",
-                constants: vec![("INPUT_MODE", mode)],
-            },
-            uniform_binding: 0,
-            params: params(&p),
-            bindings: vec![
-                (1, Buf::Value(x)),
-                (2, skip),
-                (3, Buf::Weight(e.sse.expect("scSE spatial weights"))),
-                (4, Buf::Value(sgate)),
-            ],
-            workgroups: fold(pixels.div_ceil(64)),
-            flops: 0.0,
-        });
+        let params = SpatialGateParams {
+            h: s.h as u32,
+            w: s.w as u32,
+            cin: s.c as u32,
+            ca: ca as u32,
+            bias: self.weights.sse_bias[scse],
+        };
+        let bindings = vec![
+            (1, Buf::Value(x)),
+            (2, skip),
+            (3, Buf::Weight(e.sse.expect("scSE spatial weights"))),
+            (4, Buf::Value(sgate)),
+        ];
+        let overrides = SpatialGateOverrides { input_mode: mode };
+        let workgroups = fold(pixels.div_ceil(64));
+        let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
+        self.steps.push(step);
         if let Source::UpConcat { a, ca, skip, .. } = self.sources[&input] {
             // Read in place by the next conv (mode 3): nothing written.
             let gates = Some((cgate, sgate));
@@ -484,25 +494,19 @@ impl Lowering<'_> {
             return;
         }
         let y = self.materialize(out);
-        let total = s.len();
-        self.steps.push(Step {
-            node: name.to_string(),
-            key: PipelineKey {
-                family: Family::Scse,
-                entry: "apply",
-                constants: vec![],
-            },
-            uniform_binding: 5,
-            params: params(&[pixels as u32, s.c as u32]),
-            bindings: vec![
-                (6, Buf::Value(x)),
-                (7, Buf::Value(cgate)),
-                (8, Buf::Value(sgate)),
-                (9, Buf::Value(y)),
-            ],
-            workgroups: fold(total.div_ceil(64)),
-            flops: 0.0,
-        });
+        let params = ScseApplyParams {
+            pixels: pixels as u32,
+            channels: s.c as u32,
+        };
+        let bindings = vec![
+            (6, Buf::Value(x)),
+            (7, Buf::Value(cgate)),
+            (8, Buf::Value(sgate)),
+            (9, Buf::Value(y)),
+        ];
+        let workgroups = fold(s.len().div_ceil(64));
+        let step = Step::new(name, params, (), bindings, workgroups, 0.0);
+        self.steps.push(step);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -520,25 +524,19 @@ impl Lowering<'_> {
             hidden <= MAX_ALIGN_HIDDEN && cin <= MAX_ALIGN_CHANNELS,
             "{name}: alignment sizes beyond the kernel's capacity"
         );
-        let p = [n as u32, cin as u32, hidden as u32];
-        self.steps.push(Step {
-            node: name.to_string(),
-            key: PipelineKey {
-                family: Family::Align,
-                entry: "soft_align",
-                constants: vec![],
-            },
-            uniform_binding: 0,
-            params: params(&p),
-            bindings: vec![
-                (1, Buf::Value(fq)),
-                (2, Buf::Value(q)),
-                (3, Buf::Value(k)),
-                (4, Buf::Value(fp)),
-                (5, Buf::Value(y)),
-            ],
-            workgroups: fold(n),
-            flops,
-        });
+        let params = AlignParams {
+            n: n as u32,
+            cin: cin as u32,
+            hidden: hidden as u32,
+        };
+        let bindings = vec![
+            (1, Buf::Value(fq)),
+            (2, Buf::Value(q)),
+            (3, Buf::Value(k)),
+            (4, Buf::Value(fp)),
+            (5, Buf::Value(y)),
+        ];
+        let step = Step::new(name, params, (), bindings, fold(n), flops);
+        self.steps.push(step);
     }
 }

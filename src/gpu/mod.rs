@@ -7,14 +7,16 @@
 
 mod device;
 mod lower;
+mod params;
 mod program;
 mod weights;
 
-pub use crate::graph::Precision;
+use crate::graph::Precision;
+pub use crate::util::sync::lock;
 pub use device::{probe_adapter, AdapterSummary, GpuContext};
 pub use program::GpuProgram;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
 use crate::graph::{Backend, CompiledGraph, DispatchTime, Graph, NodeTimes, Outputs, WeightTables};
@@ -107,10 +109,4 @@ impl CompiledGraph for GpuGraph {
     fn dispatches(&self) -> Option<usize> {
         Some(lock(&self.program).dispatches())
     }
-}
-
-/// A poisoned program only means another thread panicked mid-run; every run rewrites what
-/// it reads, so it is safe to keep using it.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

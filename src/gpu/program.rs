@@ -44,13 +44,14 @@ impl GpuProgram {
         let (value_slot, slot_bytes) = assign_slots(&bytes, &lifetimes);
         let limit = ctx.limits.max_storage_buffer_binding_size;
         if let Some(big) = slot_bytes.iter().find(|&&b| b > limit) {
-            return Err(Error::new(format!(
+            let problem = format!(
                 "GPU {}: this size needs a {} MiB tensor but the adapter binds at most {} MiB; \
-                 use a smaller --size or --backend cpu",
+                 use a smaller size or the CPU backend",
                 ctx.adapter,
                 big >> 20,
                 limit >> 20
-            )));
+            );
+            return Err(Error::setting("size", problem));
         }
         let slots: Vec<wgpu::Buffer> = slot_bytes
             .iter()

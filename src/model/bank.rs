@@ -170,14 +170,12 @@ impl PromptBank {
                 ));
             }
             if meta.size != engine.size() {
-                return Err(Error::at(
-                    path,
-                    format!(
-                        "bank was built at --size {}, this run uses --size {}",
-                        meta.size,
-                        engine.size()
-                    ),
-                ));
+                let problem = format!(
+                    "bank was built at size {}, this engine runs at size {}",
+                    meta.size,
+                    engine.size()
+                );
+                return Err(Error::setting("size", problem).context(path.display()));
             }
         }
         let mut bank = PromptBank {

@@ -24,14 +24,16 @@ pub const MAX_SIZE: usize = 2048;
 /// Checks the model resolution: a positive multiple of 32, at most `MAX_SIZE`.
 pub fn check_size(size: usize) -> Result<()> {
     if size == 0 || !size.is_multiple_of(32) {
-        return Err(Error::new(format!(
-            "--size {size}: must be a positive multiple of 32 (e.g. 256 or 512)"
-        )));
+        return Err(Error::setting(
+            "size",
+            format!("size {size} is not a positive multiple of 32 (e.g. 256 or 512)"),
+        ));
     }
     if size > MAX_SIZE {
-        return Err(Error::new(format!(
-            "--size {size}: larger than the supported maximum {MAX_SIZE}"
-        )));
+        return Err(Error::setting(
+            "size",
+            format!("size {size} is larger than the supported maximum {MAX_SIZE}"),
+        ));
     }
     Ok(())
 }
@@ -449,8 +451,9 @@ fn create_backend(tables: &WeightTables, options: EngineOptions) -> Result<Box<d
         BackendChoice::Auto => hardware_gpu(),
     };
     if !use_gpu && options.precision != Precision::F32 {
-        return Err(Error::new(
-            "--precision f16 needs the GPU backend (the CPU backend is float32 only)",
+        return Err(Error::setting(
+            "precision",
+            "f16 storage needs the GPU backend (the CPU backend is float32 only)",
         ));
     }
     if use_gpu {

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use super::arch::{
-    efficientnet_b4_blocks, se_squeeze, DECODER_BLOCKS, DECODER_BN_EPS, ENCODER_BN_EPS,
+    efficientnet_b4_blocks, se_squeeze, ALIGN_CHANNELS, DECODER_BLOCKS, DECODER_BN_EPS,
+    ENCODER_BN_EPS,
 };
 use crate::error::Result;
 use crate::graph::WeightTables;
@@ -44,12 +45,13 @@ impl ModelWeights {
     pub fn load(src: &dyn TensorSource) -> Result<ModelWeights> {
         let mut m = ModelWeights::default();
         m.load_encoder(src)?;
-        for (i, cin) in [448usize, 160, 56].into_iter().enumerate() {
+        for (i, cin) in ALIGN_CHANNELS.into_iter().enumerate() {
             let name = format!("alignment.{i}.alignment_layer.dimensionality_reduction");
             m.push_conv(conv_with_bias(src, &name, cin / 2, cin, 1)?);
         }
         m.load_decoder(src)?;
-        m.push_conv(conv_with_bias(src, "mask_head", 1, 48, 1)?);
+        let head_cin = DECODER_BLOCKS[DECODER_BLOCKS.len() - 1].cout;
+        m.push_conv(conv_with_bias(src, "mask_head", 1, head_cin, 1)?);
         Ok(m)
     }
 

@@ -14,6 +14,7 @@ use super::metrics::Metrics;
 use crate::io::image::{decode_image_bytes, RgbImage8};
 use crate::io::output::{gray_png_bytes, heatmap_png_bytes, npy_f32_bytes, threshold_mask};
 use crate::model::{Engine, PromptFeatures};
+use crate::util::sync::{lock, read, wait, write};
 
 /// Largest image (width x height) the server decodes: 8192 x 8192.
 pub const MAX_IMAGE_PIXELS: u64 = 8192 * 8192;
@@ -70,9 +71,9 @@ struct Permits {
 
 impl Permits {
     fn acquire(&self) -> PermitGuard<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = lock(&self.free);
         while *free == 0 {
-            free = self.cv.wait(free).unwrap_or_else(|e| e.into_inner());
+            free = wait(&self.cv, free);
         }
         *free -= 1;
         PermitGuard(self)
@@ -83,7 +84,7 @@ struct PermitGuard<'a>(&'a Permits);
 
 impl Drop for PermitGuard<'_> {
     fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        *lock(&self.0.free) += 1;
         self.0.cv.notify_one();
     }
 }
@@ -129,7 +130,7 @@ impl Api {
 
     /// Registers an already encoded prompt (bank preload); returns its id.
     pub fn preload(&self, name: &str, features: PromptFeatures) -> crate::Result<String> {
-        let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        let mut reg = write(&self.registry);
         if reg.entries.len() >= self.max_prompts {
             return Err(crate::Error::new(format!(
                 "more prompts than --max-prompts {}",
@@ -143,11 +144,7 @@ impl Api {
     }
 
     pub fn prompt_count(&self) -> usize {
-        self.registry
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .entries
-            .len()
+        read(&self.registry).entries.len()
     }
 
     /// Routes one request; returns the response and the route's label for metrics.
@@ -210,7 +207,7 @@ impl Api {
 
     fn list_prompts(&self, req: &Request) -> Result<Response, Response> {
         params(&req.head, &[])?;
-        let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        let reg = read(&self.registry);
         let list: Vec<_> = reg
             .entries
             .iter()
@@ -221,7 +218,7 @@ impl Api {
 
     fn get_prompt(&self, key: &str) -> Result<Response, Response> {
         let key = percent_decode(key, false)?;
-        let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        let reg = read(&self.registry);
         let i = reg.find(&key).ok_or_else(|| unknown_prompt(404, &key))?;
         let e = &reg.entries[i];
         Ok(Response::json(200, &json!({ "id": e.id, "name": e.name })))
@@ -229,7 +226,7 @@ impl Api {
 
     fn delete_prompt(&self, key: &str) -> Result<Response, Response> {
         let key = percent_decode(key, false)?;
-        let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        let mut reg = write(&self.registry);
         let i = reg.find(&key).ok_or_else(|| unknown_prompt(404, &key))?;
         let e = reg.entries.remove(i);
         Ok(Response::json(
@@ -245,7 +242,7 @@ impl Api {
             None => None,
         };
         {
-            let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+            let reg = read(&self.registry);
             self.check_room(&reg, name.as_deref())?;
         }
         let image = self.decode(&req.body, "prompt image")?;
@@ -253,7 +250,7 @@ impl Api {
             .engine
             .encode_prompt(&image)
             .map_err(|e| Response::error(500, format!("cannot encode the prompt: {e}")))?;
-        let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        let mut reg = write(&self.registry);
         // Checked again: another request may have taken the name or the room meanwhile.
         self.check_room(&reg, name.as_deref())?;
         let (id, name) = reg.add(name, features);
@@ -308,7 +305,7 @@ impl Api {
             },
         };
         let (id, features) = {
-            let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+            let reg = read(&self.registry);
             let i = reg.find(key).ok_or_else(|| unknown_prompt(400, key))?;
             (reg.entries[i].id.clone(), reg.entries[i].features.clone())
         };

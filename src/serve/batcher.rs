@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::metrics::Metrics;
 use crate::io::image::RgbImage8;
 use crate::model::{AnomalyMap, Engine, PromptFeatures};
+use crate::util::sync::lock;
 
 /// Total bytes of decoded images the queue may hold; past it a new job is refused like a full
 /// queue, unless the queue is empty (so that one large image is always served).
@@ -235,10 +236,6 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     } else {
         "panic".to_string()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

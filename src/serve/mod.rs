@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::{Engine, PromptFeatures};
+use crate::util::sync::{lock, wait_timeout};
 use api::{Api, Request};
 use batcher::{panic_message, BatchConfig, Batcher};
 use http::{parse_request_head, response_bytes, HttpError, Limits, RequestHead, Response};
@@ -125,7 +126,7 @@ impl Shared {
     }
 
     fn connections(&self) -> std::sync::MutexGuard<'_, usize> {
-        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.connections)
     }
 }
 
@@ -247,12 +248,7 @@ impl ServerHandle {
             if left.is_zero() {
                 break;
             }
-            open = self
-                .shared
-                .connections_changed
-                .wait_timeout(open, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            open = wait_timeout(&self.shared.connections_changed, open, left).0;
         }
         let finished = *open == 0;
         drop(open);

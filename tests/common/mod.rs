@@ -50,12 +50,12 @@ pub fn write_png(path: &Path, img: &RgbImage8) {
 #[allow(dead_code)]
 pub fn gpu_options(
     test: &str,
-    precision: metauas::gpu::Precision,
+    precision: metauas::graph::Precision,
 ) -> Option<metauas::model::EngineOptions> {
     let required = std::env::var("METAUAS_REQUIRE_GPU").is_ok_and(|v| v == "1");
     let reason = match metauas::gpu::probe_adapter() {
         None => "no Vulkan/Metal/DX12 adapter".to_string(),
-        Some(a) if precision == metauas::gpu::Precision::F16 && !a.f16 => {
+        Some(a) if precision == metauas::graph::Precision::F16 && !a.f16 => {
             format!("{a} has no SHADER_F16")
         }
         Some(_) => {

@@ -4,8 +4,8 @@
 use proptest::prelude::*;
 
 use super::isa::Isa;
-use super::tests::Rng;
 use super::*;
+use crate::util::rng::SplitMix64;
 
 /// A stride-1 3x3 conv on the 2x nearest upsampling of a `h x w x cin` map.
 #[derive(Clone, Debug)]
@@ -138,8 +138,8 @@ impl GatedConcatConv {
         let (h, w, ca, cs) = (self.h, self.w, self.ca, self.cs);
         let c = ca + cs;
         let pixels = 4 * h * w;
-        let mut rng = Rng(self.seed);
-        let mut data = |n: usize| rng.vec(n);
+        let mut rng = SplitMix64::new(self.seed);
+        let mut data = |n: usize| rng.signed_f32s(n);
         let x_half = data(h * w * ca);
         let skip = data(pixels * cs);
         let scse = Scse {

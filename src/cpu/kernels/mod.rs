@@ -2,27 +2,22 @@
 //! instruction set (AVX-512, AVX2+FMA, portable) and dispatched once at run time
 //! (`METAUAS_ISA=portable|avx2|avx512` forces a lower level).
 //!
-//! Floors (what each family cannot beat; P = output pixels; FMA peak measured on this
-//! project's VM: about 165-172 GFLOP/s per core; memory per core: L2 about 60 GB/s, L3 about
-//! 25 GB/s, DRAM about 11 GB/s):
+//! Floors (what each family cannot beat; P = output pixels). How close each kernel comes,
+//! and the machine's measured FMA peak and bandwidths, are in docs/BENCHMARKS.md
+//! ("Kernel floors and how close the kernels come").
 //! - `conv2d_nhwc`: 2 * P * cout * k^2 * cin FLOPs over 4 * (input + weights + output) bytes.
 //!   Every decoder conv and every pointwise conv with cin >= 64 does more than 30 FLOPs per
 //!   byte, so the floor is FLOPs / FMA peak. The implicit GEMM keeps 24 zmm accumulators per
-//!   8 pixels x 48 channels; that broadcast kernel itself tops out at about 65-78% of peak
-//!   (measured alone with its data in L1/L2), and the convs reach 60-90% of peak on one
-//!   thread (3x3 direct ~135-157, 1x1 ~95-120 GFLOP/s). Pointwise convs with cin 24-48 sit at
-//!   6-12 FLOPs per byte: there the output write bounds them. A 1x1 conv to one channel (the
-//!   mask head) is a dot product per pixel, bound by reading its input.
+//!   8 pixels x 48 channels. Pointwise convs with cin 24-48 sit at 6-12 FLOPs per byte: there
+//!   the output write bounds them. A 1x1 conv to one channel (the mask head) is a dot product
+//!   per pixel, bound by reading its input.
 //! - `conv3x3_winograd_nhwc` (stride-1 3x3, decoder): F(4x4, 3x3) does 36 / 144 of the
 //!   direct multiply-adds plus transforms of O(cin + cout) per 4x4 tile: its floor is 1/4 of
 //!   the direct one, as long as the transformed weights (36 * cin * cout floats, 4x the plain
 //!   ones) are re-read from cache. With many tiles, units are tile blocks (weights re-read per
 //!   block); with few tiles and many channels (dec0: 16 or 64 tiles, 1216 -> 256, 45 MB of
 //!   weights) a by-position schedule reads each weight once: its floor is then the larger of
-//!   the FLOPs (16x16: 0.36 GFLOP, 2.2 ms per core) and streaming the weights (4.1 ms at
-//!   DRAM speed, 1.8 from L3), which the weight prefetch overlaps. Measured 210-280
-//!   "direct-equivalent" GFLOP/s on one thread, i.e. about 55-70 real GFLOP/s in the GEMM
-//!   (dec0.conv1 at 32x32: about 400): the gap is the 6x6 transforms and short GEMMs.
+//!   the FLOPs and streaming the weights, which the weight prefetch overlaps.
 //! - `depthwise_conv2d_nhwc`: 2 * k^2 FLOPs per output element against 8 bytes moved
 //!   (one input read, one output write; 18-50 FLOPs per 8 bytes): bandwidth bound on large
 //!   maps; on small ones the fused swish (about 20 vector ops) costs as much as a 3x3 sum.

@@ -9,27 +9,7 @@ use proptest::prelude::*;
 use super::isa::{dispatch_isa, Isa};
 use super::winograd::Schedule;
 use super::*;
-
-/// Deterministic data in [-1, 1] (splitmix64).
-pub(super) struct Rng(pub(super) u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    pub(super) fn vec(&mut self, len: usize) -> Vec<f32> {
-        (0..len).map(|_| self.uniform()).collect()
-    }
-}
+use crate::util::rng::SplitMix64;
 
 fn act_f64(act: Activation, x: f64) -> f64 {
     let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
@@ -102,12 +82,12 @@ struct ConvData {
 impl ConvProblem {
     fn data(&self) -> ConvData {
         let g = &self.g;
-        let mut rng = Rng(self.seed);
+        let mut rng = SplitMix64::new(self.seed);
         ConvData {
-            x: rng.vec(g.input_len()),
-            w: rng.vec(g.cout * g.cin * g.kernel * g.kernel),
-            bias: rng.vec(g.cout),
-            residual: self.residual.then(|| rng.vec(g.output_len())),
+            x: rng.signed_f32s(g.input_len()),
+            w: rng.signed_f32s(g.cout * g.cin * g.kernel * g.kernel),
+            bias: rng.signed_f32s(g.cout),
+            residual: self.residual.then(|| rng.signed_f32s(g.output_len())),
         }
     }
 
@@ -611,10 +591,10 @@ impl DepthwiseProblem {
         let g = &self.g;
         let c = g.cin;
         let k = g.kernel;
-        let mut rng = Rng(self.seed);
-        let x = rng.vec(g.input_len());
-        let w = rng.vec(c * k * k);
-        let bias = rng.vec(c);
+        let mut rng = SplitMix64::new(self.seed);
+        let x = rng.signed_f32s(g.input_len());
+        let w = rng.signed_f32s(c * k * k);
+        let bias = rng.signed_f32s(c);
         let mut reference = Vec::new();
         let mut scales = Vec::new();
         for oy in 0..g.out_h {
@@ -776,15 +756,19 @@ fn check_squeeze_excite(
     squeeze: usize,
     seed: u64,
 ) -> Result<(), String> {
-    let mut rng = Rng(seed);
-    let x: Vec<f32> = rng.vec(pixels * channels).iter().map(|v| v + 0.3).collect();
+    let mut rng = SplitMix64::new(seed);
+    let x: Vec<f32> = rng
+        .signed_f32s(pixels * channels)
+        .iter()
+        .map(|v| v + 0.3)
+        .collect();
     let se = SqueezeExcite {
         channels,
         squeeze,
-        reduce_w: rng.vec(squeeze * channels),
-        reduce_b: rng.vec(squeeze),
-        expand_w: rng.vec(channels * squeeze),
-        expand_b: rng.vec(channels),
+        reduce_w: rng.signed_f32s(squeeze * channels),
+        reduce_b: rng.signed_f32s(squeeze),
+        expand_w: rng.signed_f32s(channels * squeeze),
+        expand_b: rng.signed_f32s(channels),
     };
     let m = mean_f64(&x, pixels, channels);
     let s = matvec_f64(&se.reduce_w, &se.reduce_b, &m, Activation::Swish);
@@ -802,17 +786,21 @@ fn check_squeeze_excite(
 }
 
 fn check_scse(pixels: usize, channels: usize, hidden: usize, seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed);
-    let x: Vec<f32> = rng.vec(pixels * channels).iter().map(|v| v - 0.2).collect();
+    let mut rng = SplitMix64::new(seed);
+    let x: Vec<f32> = rng
+        .signed_f32s(pixels * channels)
+        .iter()
+        .map(|v| v - 0.2)
+        .collect();
     let w = Scse {
         channels,
         hidden,
-        cse1_w: rng.vec(hidden * channels),
-        cse1_b: rng.vec(hidden),
-        cse3_w: rng.vec(channels * hidden),
-        cse3_b: rng.vec(channels),
-        sse_w: rng.vec(channels),
-        sse_b: rng.uniform(),
+        cse1_w: rng.signed_f32s(hidden * channels),
+        cse1_b: rng.signed_f32s(hidden),
+        cse3_w: rng.signed_f32s(channels * hidden),
+        cse3_b: rng.signed_f32s(channels),
+        sse_w: rng.signed_f32s(channels),
+        sse_b: rng.next_signed_f32(),
     };
     let m = mean_f64(&x, pixels, channels);
     let z = matvec_f64(&w.cse1_w, &w.cse1_b, &m, Activation::Relu);
@@ -885,11 +873,15 @@ fn check_soft_align(
     sharpness: f32,
     seed: u64,
 ) -> Result<(), String> {
-    let mut rng = Rng(seed);
-    let fq = rng.vec(n * cin);
-    let fp = rng.vec(n * cin);
-    let q: Vec<f32> = rng.vec(n * hidden).iter().map(|v| v * sharpness).collect();
-    let k = rng.vec(n * hidden);
+    let mut rng = SplitMix64::new(seed);
+    let fq = rng.signed_f32s(n * cin);
+    let fp = rng.signed_f32s(n * cin);
+    let q: Vec<f32> = rng
+        .signed_f32s(n * hidden)
+        .iter()
+        .map(|v| v * sharpness)
+        .collect();
+    let k = rng.signed_f32s(n * hidden);
     check_soft_align_data(&fq, &q, &k, &fp, n, cin, hidden)
 }
 
@@ -969,19 +961,19 @@ fn soft_align_near_ties_among_logits_in_the_thousands() {
     // Keys nearly equal: logits around 10^4 that differ by O(1), so many keys share the
     // weight. Logits rounded to f32 (ulp 1e-3) would move the output by ~1e-4.
     let (n, cin, hidden) = (24, 9, 28);
-    let mut rng = Rng(21);
+    let mut rng = SplitMix64::new(21);
     let base: Vec<f32> = rng
-        .vec(hidden)
+        .signed_f32s(hidden)
         .iter()
         .map(|v| v.signum() * 0.5 + 0.3 * v)
         .collect();
     let k: Vec<f32> = (0..n * hidden)
-        .map(|i| base[i % hidden] + 2e-3 * rng.uniform())
+        .map(|i| base[i % hidden] + 2e-3 * rng.next_signed_f32())
         .collect();
     let q: Vec<f32> = (0..n * hidden)
-        .map(|i| 1000.0 * base[i % hidden].signum() + 80.0 * rng.uniform())
+        .map(|i| 1000.0 * base[i % hidden].signum() + 80.0 * rng.next_signed_f32())
         .collect();
-    let (fq, fp) = (rng.vec(n * cin), rng.vec(n * cin));
+    let (fq, fp) = (rng.signed_f32s(n * cin), rng.signed_f32s(n * cin));
     let logit = |i: usize, j: usize| -> f64 {
         (0..hidden)
             .map(|c| q[i * hidden + c] as f64 * k[j * hidden + c] as f64)
@@ -1007,10 +999,10 @@ fn soft_align_sharp_model_shapes() {
 // Upsample + concat
 
 fn check_upsample(h: usize, w: usize, cx: usize, cs: usize, with_skip: bool, seed: u64) {
-    let mut rng = Rng(seed);
-    let x = rng.vec(h * w * cx);
+    let mut rng = SplitMix64::new(seed);
+    let x = rng.signed_f32s(h * w * cx);
     let cs = if with_skip { cs } else { 0 };
-    let skip = with_skip.then(|| rng.vec(4 * h * w * cs));
+    let skip = with_skip.then(|| rng.signed_f32s(4 * h * w * cs));
     let c = cx + cs;
     let mut y = vec![f32::NAN; 4 * h * w * c];
     upsample::upsample2x_concat_nhwc(&x, h, w, cx, skip.as_deref(), cs, &mut y);
@@ -1174,8 +1166,12 @@ fn public_entry_points_use_the_selected_level() {
         out_h: 5,
         out_w: 6,
     };
-    let mut rng = Rng(5);
-    let (x, w, bias) = (rng.vec(g.input_len()), rng.vec(20 * 7 * 9), rng.vec(20));
+    let mut rng = SplitMix64::new(5);
+    let (x, w, bias) = (
+        rng.signed_f32s(g.input_len()),
+        rng.signed_f32s(20 * 7 * 9),
+        rng.signed_f32s(20),
+    );
     let packed = PackedConv::pack(&w, 20, 7, 3);
     let (mut ours, mut direct) = (vec![0.0; g.output_len()], vec![1.0; g.output_len()]);
     conv2d_nhwc(&x, &g, &packed, &bias, Activation::Swish, None, &mut ours);

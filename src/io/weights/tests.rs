@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::util::rng::SplitMix64;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -867,23 +868,6 @@ fn convert_refuses_to_blow_up_a_tiny_file() {
 }
 
 // ------------------------------------------------------------------ robustness
-/// Deterministic SplitMix64 for reproducible damage.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Opens and, if that works, reads every entry; any outcome but a panic is fine.
 fn exercise(path: &Path) -> bool {
     match WeightFile::open(path) {
@@ -906,7 +890,7 @@ fn damaged_checkpoints_never_panic() {
     let scratch = Scratch::new("damage");
     let original = std::fs::read(fixture("small_state_dict.pt")).unwrap();
     let path = scratch.0.join("damaged.pt");
-    let mut rng = Rng(7);
+    let mut rng = SplitMix64::new(7);
     // Every truncation point near the ends (central directory, first headers), sampled between.
     let n = original.len();
     let cuts = (0..n).filter(|&c| c < 400 || c + 400 > n || c % 13 == 0);
@@ -943,7 +927,7 @@ fn damaged_pickles_never_panic() {
         .position(|(n, _)| n.ends_with("data.pkl"))
         .unwrap();
     let path = scratch.0.join("damaged.pt");
-    let mut rng = Rng(11);
+    let mut rng = SplitMix64::new(11);
     let mut opened = 0;
     for round in 0..1500 {
         let mut edited = records.clone();
@@ -951,7 +935,7 @@ fn damaged_pickles_never_panic() {
         match round % 3 {
             0 => {
                 let i = rng.below(data.len());
-                data[i] = rng.next() as u8;
+                data[i] = rng.next_u64() as u8;
             }
             1 => {
                 let i = rng.below(data.len());

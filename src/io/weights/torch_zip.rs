@@ -17,6 +17,7 @@ use super::pickle::{self, TensorDecl};
 use super::strided::{ByteOrder, View};
 use super::{element_count, DType, TensorInfo, WeightLimits};
 use crate::error::{Error, Result};
+use crate::util::sync::lock;
 
 /// A state dict's pickle is small (about 100 bytes per entry).
 const MAX_PICKLE_BYTES: u64 = 256 << 20;
@@ -168,7 +169,7 @@ impl TorchZipSource {
         let verified = &self.verified[decl.storage];
         let bytes = {
             // A panic elsewhere cannot leave the archive inconsistent: every read seeks afresh.
-            let mut archive = self.archive.lock().unwrap_or_else(|p| p.into_inner());
+            let mut archive = lock(&self.archive);
             let verify = !verified.load(Ordering::Relaxed);
             read_record_prefix(&mut archive, &record.zip_name, wanted as u64, verify)?
         };
