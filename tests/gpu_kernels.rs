@@ -75,7 +75,7 @@ fn compare(test: &str, weights: &ModelWeights, graph: &Graph, inputs: &[Vec<f32>
     let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
     let cpu_backend = CpuBackend::new(weights);
     let mut arena = Vec::new();
-    cpu_backend.run(graph, &mut arena, &refs, None);
+    cpu_backend.run(graph, &cpu_backend.plan(graph), &mut arena, &refs, None);
     let gpu = GpuBackend::new(weights, Precision::F32).expect("GPU backend");
     let program = gpu.program(graph).expect("GPU program");
     let got = gpu.run(&program, &refs).expect("GPU run");

@@ -160,12 +160,14 @@ fn profile(
     const PEAK_GFLOPS_PER_CORE: f64 = 165.0;
     let peak = PEAK_GFLOPS_PER_CORE * rayon::current_num_threads() as f64;
     let sum: f64 = total.iter().sum();
+    // How each node runs: the conv strategies and folds the backend chose for the graph.
+    let plan = engine.cpu_query_plan();
     println!("\nper-op profile of the query graph (mean of {iters} runs)");
     println!(
-        "{:<24} {:<16} {:>9} {:>7} {:>9} {:>7}",
-        "node", "op", "ms", "%", "GFLOP/s", "% peak"
+        "{:<24} {:<16} {:>9} {:>7} {:>9} {:>7}  {}",
+        "node", "op", "ms", "%", "GFLOP/s", "% peak", "strategy"
     );
-    for (node, t) in g.nodes.iter().zip(&total) {
+    for (i, (node, t)) in g.nodes.iter().zip(&total).enumerate() {
         let ms = t / iters as f64 * 1e3;
         let flops = 2.0 * node.op.macs(g.values[node.output].shape, &g.values) as f64;
         // A folded op (done inside its reader) takes no time of its own.
@@ -174,15 +176,17 @@ fn profile(
         } else {
             0.0
         };
-        println!(
-            "{:<24} {:<16} {:>9.3} {:>6.1}% {:>9.1} {:>6.1}%",
+        let line = format!(
+            "{:<24} {:<16} {:>9.3} {:>6.1}% {:>9.1} {:>6.1}%  {}",
             node.name,
             node.op.kind(),
             ms,
             100.0 * t / sum,
             gflops,
-            100.0 * gflops / peak
+            100.0 * gflops / peak,
+            plan.map_or(String::new(), |p| p.describe(g, i))
         );
+        println!("{}", line.trim_end());
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 
 mod fold;
 pub mod kernels;
+mod plan;
+mod strategy;
 
 use std::ops::Range;
 use std::time::Instant;
@@ -10,26 +12,11 @@ use std::time::Instant;
 use crate::graph::{Graph, Op, ValueId};
 use crate::model::ModelWeights;
 use fold::Fold;
-use kernels::{
-    Activation, ConvGeometry, PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite,
-};
-
-/// Input channels from which a 3x3 conv is also packed for Winograd (the stem, with 3,
-/// is stride 2 anyway; with very few channels the transforms would dominate).
-const WINOGRAD_MIN_CIN: usize = 16;
-/// Largest Winograd weight set (36 * cin * cout floats) worth packing (also bounds the extra
-/// memory: 4x the plain weights). dec0.conv1 (1216 -> 256, 45 MB) on its few tiles runs
-/// Winograd's by-position schedule, which reads each transformed weight once: single thread,
-/// 16x16 map: direct 9.1 ms, Winograd 3.6 (the old tile-block schedule: 10.4); 32x32: 42 vs
-/// 14 (37.8). dec0.conv2 (256 -> 256, 9.4 MB), 16x16: 1.9 vs 1.1 ms.
-const WINOGRAD_MAX_WEIGHT_FLOATS: usize = 16 << 20;
-
-enum PackedWeights {
-    Dense(PackedConv),
-    /// 3x3 weights: Winograd for stride 1, the direct packing for anything else.
-    Dense3x3(PackedWinograd, PackedConv),
-    Depthwise(PackedDepthwise),
-}
+use kernels::{Activation, ConvGeometry, GatedConcat, InputLayout, PackedWinograd};
+use kernels::{Scse, SqueezeExcite};
+pub use plan::CpuPlan;
+use strategy::PackedWeights;
+pub use strategy::{ConvInput, ConvStrategy};
 
 /// Model weights in the layouts the CPU kernels want.
 pub struct CpuBackend {
@@ -46,22 +33,7 @@ impl CpuBackend {
         let convs = w
             .convs
             .iter()
-            .map(|c| {
-                let packed = if c.depthwise {
-                    PackedWeights::Depthwise(PackedDepthwise::pack(&c.weight, c.cout, c.kernel))
-                } else if c.kernel == 3
-                    && c.cin >= WINOGRAD_MIN_CIN
-                    && 36 * c.cin * c.cout <= WINOGRAD_MAX_WEIGHT_FLOATS
-                {
-                    PackedWeights::Dense3x3(
-                        PackedWinograd::pack(&c.weight, c.cout, c.cin),
-                        PackedConv::pack(&c.weight, c.cout, c.cin, c.kernel),
-                    )
-                } else {
-                    PackedWeights::Dense(PackedConv::pack(&c.weight, c.cout, c.cin, c.kernel))
-                };
-                (packed, c.bias.clone())
-            })
+            .map(|c| (PackedWeights::pack(c), c.bias.clone()))
             .collect();
         CpuBackend {
             convs,
@@ -70,12 +42,19 @@ impl CpuBackend {
         }
     }
 
-    /// Runs `graph` in `arena` (resized to the plan once). `inputs` are copied in first, in
-    /// the order of `graph.inputs`. Outputs are read from the arena afterwards with `value`.
-    /// With `times`, each node's wall time in seconds is recorded.
+    /// Decides, once, how `graph` runs on this backend: each conv node's strategy and the
+    /// ops folded into their readers.
+    pub fn plan(&self, graph: &Graph) -> CpuPlan {
+        CpuPlan::new(graph, |conv| &self.convs[conv].0)
+    }
+
+    /// Runs `graph` by its `plan` in `arena` (resized to the memory plan once). `inputs` are
+    /// copied in first, in the order of `graph.inputs`. Outputs are read from the arena
+    /// afterwards with `value`. With `times`, each node's wall time in seconds is recorded.
     pub fn run(
         &self,
         graph: &Graph,
+        plan: &CpuPlan,
         arena: &mut Vec<f32>,
         inputs: &[&[f32]],
         times: Option<&mut NodeTimes>,
@@ -87,7 +66,7 @@ impl CpuBackend {
             arena,
             graph.inputs.iter().copied().zip(inputs.iter().copied()),
         );
-        self.run_nodes(graph, arena, 0..graph.nodes.len(), times);
+        self.run_nodes(graph, plan, arena, 0..graph.nodes.len(), times);
     }
 
     /// Runs the nodes `range` of `graph` on an arena that `prepare_arena` sized and whose
@@ -95,25 +74,28 @@ impl CpuBackend {
     pub fn run_nodes(
         &self,
         graph: &Graph,
+        plan: &CpuPlan,
         arena: &mut [f32],
         range: Range<usize>,
         mut times: Option<&mut NodeTimes>,
     ) {
         assert!(arena.len() >= graph.plan.arena_len, "arena not prepared");
+        assert!(plan.fits(graph), "a plan made for another graph");
         let base = Arena {
             ptr: arena.as_mut_ptr(),
             graph,
-            folds: fold::plan_folds(graph, |conv| self.runs_winograd(conv)),
+            plan,
         };
         // The whole node loop runs on a pool thread, which then takes part in every op's
         // parallel work: no cross-thread wake-up of the caller per op (about 200 ops per
         // graph; a wake-up costs tens of microseconds in a VM).
         rayon::scope(|_| {
-            for node in &graph.nodes[range] {
+            for i in range {
+                let node = &graph.nodes[i];
                 let start = Instant::now();
-                let runs = base.folds[node.output].runs_op();
+                let runs = plan.folds[node.output].runs_op();
                 if runs {
-                    self.run_node(&base, &node.op, node.output);
+                    self.run_node(&base, &node.op, plan.convs[i], node.output);
                 }
                 if let Some(t) = times.as_deref_mut() {
                     t.push(if !runs {
@@ -126,12 +108,8 @@ impl CpuBackend {
         });
     }
 
-    /// Whether a stride-1 use of this conv runs by Winograd.
-    fn runs_winograd(&self, conv: usize) -> bool {
-        matches!(self.convs[conv].0, PackedWeights::Dense3x3(..))
-    }
-
-    fn run_node(&self, a: &Arena, op: &Op, out: ValueId) {
+    /// Runs `op` (a conv by `strategy`) into the value `out`.
+    fn run_node(&self, a: &Arena, op: &Op, strategy: Option<ConvStrategy>, out: ValueId) {
         // SAFETY: the memory plan gives values alive at the same step disjoint arena ranges,
         // and an op's inputs and output are all alive at its step.
         let y = unsafe { a.slice_mut(out) };
@@ -146,12 +124,19 @@ impl CpuBackend {
             } => {
                 let x = unsafe { a.slice(input) };
                 let (packed, bias) = &self.convs[conv];
-                match packed {
-                    PackedWeights::Dense(w) => {
+                let strategy = strategy.expect("every conv node has a strategy");
+                match (strategy, packed) {
+                    (
+                        ConvStrategy::Direct,
+                        PackedWeights::Dense(w) | PackedWeights::Dense3x3(_, w),
+                    ) => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
                         kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
                     }
-                    PackedWeights::Dense3x3(wino, _) if geometry.stride == 1 => {
+                    (ConvStrategy::Depthwise, PackedWeights::Depthwise(w)) => {
+                        kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)
+                    }
+                    (_, PackedWeights::Dense3x3(wino, _)) if strategy.schedule().is_some() => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
                         let conv = WinogradConv {
                             geometry,
@@ -160,15 +145,9 @@ impl CpuBackend {
                             act,
                             residual: r,
                         };
-                        self.winograd(a, input, x, &conv, y)
+                        self.winograd(a, strategy, x, &conv, y)
                     }
-                    PackedWeights::Dense3x3(_, w) => {
-                        let r = residual.map(|r| unsafe { a.slice(r) });
-                        kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
-                    }
-                    PackedWeights::Depthwise(w) => {
-                        kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)
-                    }
+                    _ => unreachable!("{strategy} does not apply to these weights"),
                 }
             }
             Op::SqueezeExcite { input, se } => {
@@ -180,7 +159,7 @@ impl CpuBackend {
                     y,
                 )
             }
-            Op::Scse { input, scse } => match a.folds[out] {
+            Op::Scse { input, scse } => match a.plan.folds[out] {
                 Fold::GatedConcat { half, skip } => {
                     // Only the gates, at the start of this value's (otherwise unused) place.
                     let s = a.graph.values[half].shape;
@@ -231,9 +210,16 @@ struct WinogradConv<'a> {
 }
 
 impl CpuBackend {
-    /// Runs `conv` on the value `input` (`x`), or, when that value is folded (see `fold`),
-    /// on what it was folded from.
-    fn winograd(&self, a: &Arena, input: ValueId, x: &[f32], conv: &WinogradConv, y: &mut [f32]) {
+    /// Runs `conv` by the Winograd `strategy` on `x`, the conv's input value, or, when that
+    /// value is folded (see `fold`), on what it was folded from.
+    fn winograd(
+        &self,
+        a: &Arena,
+        strategy: ConvStrategy,
+        x: &[f32],
+        conv: &WinogradConv,
+        y: &mut [f32],
+    ) {
         let WinogradConv {
             geometry: g,
             w,
@@ -241,36 +227,25 @@ impl CpuBackend {
             act,
             residual: r,
         } = *conv;
-        match a.folds[input] {
-            Fold::Upsampled { half } => {
-                // SAFETY: the plan keeps a folded upsample's input alive until its reader.
-                let x_half = unsafe { a.slice(half) };
-                kernels::conv3x3_winograd_upsampled_nhwc(x_half, g, w, bias, act, r, y)
-            }
-            Fold::GatedConcat { half, skip } => {
+        let schedule = strategy.schedule().expect("a Winograd strategy");
+        let (x, layout) = match strategy.input() {
+            ConvInput::Plain => (x, InputLayout::Plain),
+            // SAFETY: the plan keeps a folded upsample's input alive until its reader.
+            ConvInput::Upsampled { half } => (unsafe { a.slice(half) }, InputLayout::Upsampled),
+            ConvInput::GatedConcat { half, skip } => {
                 // The folded scSE left its gates at the start of its place (`x`).
                 let (channel_gate, rest) = x.split_at(g.cin);
-                let spatial_gate = &rest[..g.in_h * g.in_w];
-                // SAFETY: as above, for the upsample under the scSE.
-                let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
-                let ca = a.graph.values[half].shape.c;
-                kernels::conv3x3_winograd_gated_concat_nhwc(
-                    x_half,
-                    ca,
-                    skip,
+                let concat = GatedConcat {
+                    // SAFETY: as above, for the upsample under the scSE.
+                    skip: unsafe { a.slice(skip) },
+                    x_channels: a.graph.values[half].shape.c,
                     channel_gate,
-                    spatial_gate,
-                    g,
-                    w,
-                    bias,
-                    act,
-                    y,
-                )
+                    spatial_gate: &rest[..g.in_h * g.in_w],
+                };
+                (unsafe { a.slice(half) }, InputLayout::GatedConcat(concat))
             }
-            Fold::Computed | Fold::Skipped => {
-                kernels::conv3x3_winograd_nhwc(x, g, w, bias, act, r, y)
-            }
-        }
+        };
+        kernels::conv3x3_winograd_planned(schedule, x, layout, g, w, bias, act, r, y)
     }
 }
 
@@ -278,8 +253,7 @@ impl CpuBackend {
 struct Arena<'g> {
     ptr: *mut f32,
     graph: &'g Graph,
-    /// How each value is produced (see `fold`).
-    folds: Vec<Fold>,
+    plan: &'g CpuPlan,
 }
 
 // SAFETY: the arena is only used by the node loop, which runs on one thread at a time

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use super::graphs::{build_prompt_graph, build_query_graph, prompt_shapes, TAPS};
 use super::weights::{ModelWeights, TensorSource};
-use crate::cpu::{self, CpuBackend, NodeTimes};
+use crate::cpu::{self, CpuBackend, CpuPlan, NodeTimes};
 use crate::error::{Error, Result};
 use crate::gpu::{probe_adapter, GpuBackend, GpuProgram, Precision};
 use crate::graph::{Graph, Shape};
@@ -126,6 +126,9 @@ impl Default for EngineOptions {
 enum Runner {
     Cpu {
         backend: CpuBackend,
+        /// How the backend runs each graph (conv strategies, folds), decided once.
+        prompt_plan: CpuPlan,
+        query_plan: CpuPlan,
         prompt_arena: Mutex<Vec<f32>>,
         query_arena: Mutex<Vec<f32>>,
     },
@@ -205,7 +208,7 @@ impl Engine {
 
     /// CPU engine from loaded weights.
     pub fn from_weights(weights: ModelWeights, size: usize) -> Engine {
-        let runner = cpu_runner(&weights);
+        let runner = cpu_runner(&weights, size);
         Engine::assemble(weights, size, runner)
     }
 
@@ -235,7 +238,7 @@ impl Engine {
                 query: Mutex::new(query),
             }
         } else {
-            cpu_runner(&weights)
+            cpu_runner(&weights, size)
         };
         Ok(Engine::assemble(weights, size, runner))
     }
@@ -294,6 +297,15 @@ impl Engine {
         };
         let input = preprocess(image, self.size);
         backend.profile(&lock(query), &self.query_inputs(&input, prompt))
+    }
+
+    /// How the CPU backend runs the query graph: each conv node's strategy, the folded ops
+    /// (None on the GPU).
+    pub fn cpu_query_plan(&self) -> Option<&CpuPlan> {
+        match &self.runner {
+            Runner::Cpu { query_plan, .. } => Some(query_plan),
+            Runner::Gpu { .. } => None,
+        }
     }
 
     /// Compute dispatches per query forward on the GPU (None on the CPU).
@@ -374,6 +386,8 @@ impl Engine {
     ) -> Result<(PromptFeatures, AnomalyMap)> {
         let Runner::Cpu {
             backend,
+            prompt_plan,
+            query_plan,
             prompt_arena,
             query_arena,
         } = &self.runner
@@ -393,8 +407,8 @@ impl Engine {
         let split = self.query_encoder_nodes;
         let (pa_vec, qa_vec): (&mut Vec<f32>, &mut Vec<f32>) = (&mut pa, &mut qa);
         rayon::join(
-            || backend.run(pg, pa_vec, &[&prompt_input], None),
-            || backend.run_nodes(qg, qa_vec, 0..split, None),
+            || backend.run(pg, prompt_plan, pa_vec, &[&prompt_input], None),
+            || backend.run_nodes(qg, query_plan, qa_vec, 0..split, None),
         );
         let tensors: Vec<Vec<f32>> = pg
             .outputs
@@ -407,7 +421,7 @@ impl Engine {
             &mut qa,
             prompt_inputs.zip(tensors.iter().map(|t| t.as_slice())),
         );
-        backend.run_nodes(qg, &mut qa, split..qg.nodes.len(), None);
+        backend.run_nodes(qg, query_plan, &mut qa, split..qg.nodes.len(), None);
         let map = AnomalyMap {
             size: self.size,
             data: cpu::value(qg, &qa, qg.outputs[0]).to_vec(),
@@ -464,7 +478,7 @@ impl Engine {
         let outputs = match &self.runner {
             Runner::Cpu { backend, .. } => {
                 let mut arena = Vec::new();
-                backend.run(&g, &mut arena, &inputs, None);
+                backend.run(&g, &backend.plan(&g), &mut arena, &inputs, None);
                 let read = |&v| cpu::value(&g, &arena, v).to_vec();
                 g.outputs.iter().map(read).collect()
             }
@@ -500,11 +514,14 @@ impl Engine {
         match &self.runner {
             Runner::Cpu {
                 backend,
+                prompt_plan,
+                query_plan,
                 prompt_arena,
                 query_arena,
             } => {
                 let mut arena = lock(if query { query_arena } else { prompt_arena });
-                backend.run(g, &mut arena, inputs, times);
+                let plan = if query { query_plan } else { prompt_plan };
+                backend.run(g, plan, &mut arena, inputs, times);
                 Ok(g.outputs
                     .iter()
                     .map(|&v| cpu::value(g, &arena, v).to_vec())
@@ -547,9 +564,14 @@ impl Engine {
     }
 }
 
-fn cpu_runner(weights: &ModelWeights) -> Runner {
+/// The CPU backend and its plans of the graphs `assemble` builds (as the GPU backend's
+/// programs, from graphs built the same way).
+fn cpu_runner(weights: &ModelWeights, size: usize) -> Runner {
+    let backend = CpuBackend::new(weights);
     Runner::Cpu {
-        backend: CpuBackend::new(weights),
+        prompt_plan: backend.plan(&build_prompt_graph(weights, size)),
+        query_plan: backend.plan(&build_query_graph(weights, size, false)),
+        backend,
         prompt_arena: Mutex::new(Vec::new()),
         query_arena: Mutex::new(Vec::new()),
     }
