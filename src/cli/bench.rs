@@ -164,8 +164,8 @@ fn profile(
     let plan = engine.cpu_query_plan();
     println!("\nper-op profile of the query graph (mean of {iters} runs)");
     println!(
-        "{:<24} {:<16} {:>9} {:>7} {:>9} {:>7}  {}",
-        "node", "op", "ms", "%", "GFLOP/s", "% peak", "strategy"
+        "{:<24} {:<16} {:>9} {:>7} {:>9} {:>7}  strategy",
+        "node", "op", "ms", "%", "GFLOP/s", "% peak"
     );
     for (i, (node, t)) in g.nodes.iter().zip(&total).enumerate() {
         let ms = t / iters as f64 * 1e3;
