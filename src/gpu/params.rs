@@ -7,7 +7,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::device::Family;
-use crate::cpu::kernels::Activation;
+use crate::graph::Activation;
 
 /// Bytes of one uniform slot: every kernel's struct fits, zero-padded.
 pub const UNIFORM_BYTES: usize = 64;
