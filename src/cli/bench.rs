@@ -162,10 +162,10 @@ fn profile(
     let sum: f64 = total.iter().sum();
     println!("\nper-op profile of the query graph (mean of {iters} runs)");
     println!(
-        "{:<24} {:<16} {:>9} {:>7} {:>9} {:>7}",
+        "{:<24} {:<16} {:>9} {:>7} {:>9} {:>7}  strategy",
         "node", "op", "ms", "%", "GFLOP/s", "% peak"
     );
-    for (node, t) in g.nodes.iter().zip(&total) {
+    for (i, (node, t)) in g.nodes.iter().zip(&total).enumerate() {
         let ms = t / iters as f64 * 1e3;
         let flops = 2.0 * node.op.macs(g.values[node.output].shape, &g.values) as f64;
         // A folded op (done inside its reader) takes no time of its own.
@@ -174,15 +174,18 @@ fn profile(
         } else {
             0.0
         };
-        println!(
-            "{:<24} {:<16} {:>9.3} {:>6.1}% {:>9.1} {:>6.1}%",
+        let line = format!(
+            "{:<24} {:<16} {:>9.3} {:>6.1}% {:>9.1} {:>6.1}%  {}",
             node.name,
             node.op.kind(),
             ms,
             100.0 * t / sum,
             gflops,
-            100.0 * gflops / peak
+            100.0 * gflops / peak,
+            // How the node runs: the conv strategy or fold the backend chose for it.
+            engine.describe_query_node(i).unwrap_or_default()
         );
+        println!("{}", line.trim_end());
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! ops; this backend's memory plan keeps an upsample's and an scSE's inputs alive as long as
 //! their outputs (`extend_lifetimes`), so a folded op's inputs are intact when its reader runs.
 
-use crate::graph::{Graph, Lifetime, Node, Op, ValueId};
+use crate::graph::{Graph, Lifetime, Op, ValueId};
 
 /// How a value is produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,17 +50,19 @@ pub(super) fn extend_lifetimes(graph: &Graph, life: &mut [Lifetime]) {
     }
 }
 
-/// Decides the folds of `graph`; `winograd(conv)` says whether that conv runs by Winograd.
+/// Decides the folds of `graph`; `winograd(node)` says whether that conv node runs by
+/// Winograd (the only reader of a folded value: its input transform reads through the fold).
 pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec<Fold> {
     let mut folds = vec![Fold::Computed; graph.values.len()];
-    let only_reader = |v: ValueId| -> Option<&Node> {
-        let mut readers = graph.nodes.iter().filter(|n| n.op.inputs().contains(&v));
+    let only_reader = |v: ValueId| -> Option<usize> {
+        let mut readers =
+            (0..graph.nodes.len()).filter(|&n| graph.nodes[n].op.inputs().contains(&v));
         let first = readers.next()?;
         (readers.next().is_none() && !graph.outputs.contains(&v)).then_some(first)
     };
-    let winograd_reads = |n: &Node, v: ValueId| {
-        matches!(n.op, Op::Conv { input, conv, ref geometry, residual: None, .. }
-            if input == v && geometry.kernel == 3 && geometry.stride == 1 && winograd(conv))
+    let winograd_reads = |n: usize, v: ValueId| {
+        matches!(graph.nodes[n].op, Op::Conv { input, residual: None, .. } if input == v)
+            && winograd(n)
     };
     for node in &graph.nodes {
         let Op::UpsampleConcat { input, skip } = node.op else {
@@ -70,14 +72,14 @@ pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec
         let Some(reader) = only_reader(u) else {
             continue;
         };
-        match (skip, &reader.op) {
+        match (skip, &graph.nodes[reader].op) {
             (None, _) if winograd_reads(reader, u) => folds[u] = Fold::Upsampled { half: input },
             (Some(skip), &Op::Scse { input: i, .. }) if i == u => {
                 // Whole vectors of the upsampled part: the gated reader loads 16 channels
                 // from one part at a time.
                 let c = graph.values[input].shape.c;
                 let aligned = c > 0 && c.is_multiple_of(16);
-                let v = reader.output;
+                let v = graph.nodes[reader].output;
                 if aligned && only_reader(v).is_some_and(|c| winograd_reads(c, v)) {
                     folds[u] = Fold::Skipped;
                     folds[v] = Fold::GatedConcat { half: input, skip };

@@ -4,6 +4,8 @@
 
 mod fold;
 pub mod kernels;
+mod plan;
+mod strategy;
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -16,26 +18,11 @@ use crate::graph::{
 };
 use crate::util::sync::lock;
 use fold::Fold;
-use kernels::{
-    Activation, ConvGeometry, PackedConv, PackedDepthwise, PackedWinograd, Scse, SqueezeExcite,
-};
-
-/// Input channels from which a 3x3 conv is also packed for Winograd (the stem, with 3,
-/// is stride 2 anyway; with very few channels the transforms would dominate).
-const WINOGRAD_MIN_CIN: usize = 16;
-/// Largest Winograd weight set (36 * cin * cout floats) worth packing (also bounds the extra
-/// memory: 4x the plain weights). dec0.conv1 (1216 -> 256, 45 MB) on its few tiles runs
-/// Winograd's by-position schedule, which reads each transformed weight once: single thread,
-/// 16x16 map: direct 9.1 ms, Winograd 3.6 (the old tile-block schedule: 10.4); 32x32: 42 vs
-/// 14 (37.8). dec0.conv2 (256 -> 256, 9.4 MB), 16x16: 1.9 vs 1.1 ms.
-const WINOGRAD_MAX_WEIGHT_FLOATS: usize = 16 << 20;
-
-enum PackedWeights {
-    Dense(PackedConv),
-    /// 3x3 weights: Winograd for stride 1, the direct packing for anything else.
-    Dense3x3(PackedWinograd, PackedConv),
-    Depthwise(PackedDepthwise),
-}
+use kernels::{Activation, ConvGeometry, GatedConcat, InputLayout, PackedWinograd};
+use kernels::{Scse, SqueezeExcite};
+pub use plan::CpuPlan;
+use strategy::PackedWeights;
+pub use strategy::{ConvInput, ConvStrategy};
 
 /// Model weights in the layouts the CPU kernels want.
 struct PackedModel {
@@ -54,22 +41,7 @@ impl CpuBackend {
         let convs = w
             .convs
             .iter()
-            .map(|c| {
-                let packed = if c.depthwise {
-                    PackedWeights::Depthwise(PackedDepthwise::pack(&c.weight, c.cout, c.kernel))
-                } else if c.kernel == 3
-                    && c.cin >= WINOGRAD_MIN_CIN
-                    && 36 * c.cin * c.cout <= WINOGRAD_MAX_WEIGHT_FLOATS
-                {
-                    PackedWeights::Dense3x3(
-                        PackedWinograd::pack(&c.weight, c.cout, c.cin),
-                        PackedConv::pack(&c.weight, c.cout, c.cin, c.kernel),
-                    )
-                } else {
-                    PackedWeights::Dense(PackedConv::pack(&c.weight, c.cout, c.cin, c.kernel))
-                };
-                (packed, c.bias.clone())
-            })
+            .map(|c| (PackedWeights::pack(c), c.bias.clone()))
             .collect();
         let packed = PackedModel {
             convs,
@@ -93,12 +65,12 @@ impl Backend for CpuBackend {
 
     fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledGraph>> {
         let packed = self.packed.clone();
-        let folds = fold::plan_folds(graph, |conv| packed.runs_winograd(conv));
+        let plan = CpuPlan::new(graph, |conv| &packed.convs[conv].0);
         Ok(Box::new(CpuGraph {
             packed,
             graph: graph.clone(),
-            plan: memory_plan(graph),
-            folds,
+            memory: memory_plan(graph),
+            plan,
             arena: Mutex::new(Vec::new()),
         }))
     }
@@ -112,13 +84,15 @@ pub fn memory_plan(graph: &Graph) -> MemoryPlan {
     MemoryPlan::new(&graph.values, lifetimes)
 }
 
-/// A graph compiled for the CPU: its folds decided, its arena allocated at the first run.
+/// A graph compiled for the CPU: its conv strategies and folds decided (its `CpuPlan`), its
+/// arena allocated at the first run.
 pub struct CpuGraph {
     packed: Arc<PackedModel>,
     graph: Graph,
-    plan: MemoryPlan,
-    /// How each value is produced (see `fold`).
-    folds: Vec<Fold>,
+    /// Where each value lives in the arena.
+    memory: MemoryPlan,
+    /// How each value is produced (see `fold`) and each conv node computed (see `strategy`).
+    plan: CpuPlan,
     arena: Mutex<Vec<f32>>,
 }
 
@@ -163,29 +137,37 @@ impl CompiledGraph for CpuGraph {
         self.run_nodes(&mut arena, prefix..g.nodes.len(), None);
         Ok((rest, self.outputs(&arena)))
     }
+
+    /// How node `node` runs on this backend: its conv strategy, or how it is folded into
+    /// its reader (see `CpuPlan::describe`).
+    fn describe_node(&self, node: usize) -> Option<String> {
+        Some(self.plan.describe(&self.graph, node))
+    }
 }
 
 impl CpuGraph {
-    /// Runs the nodes `range` on an arena that `prepare_arena` sized and whose inputs those
-    /// nodes read are loaded. Ranges run in order make one run.
+    /// Runs the nodes `range` by the plan on an arena that `prepare_arena` sized and whose
+    /// inputs those nodes read are loaded. Ranges run in order make one run.
     fn run_nodes(&self, arena: &mut [f32], range: Range<usize>, mut times: Option<&mut NodeTimes>) {
         let graph = &self.graph;
-        assert!(arena.len() >= self.plan.arena_len, "arena not prepared");
+        let plan = &self.plan;
+        assert!(arena.len() >= self.memory.arena_len, "arena not prepared");
         let base = Arena {
             ptr: arena.as_mut_ptr(),
             graph,
-            offsets: &self.plan.offsets,
-            folds: &self.folds,
+            offsets: &self.memory.offsets,
+            plan,
         };
         // The whole node loop runs on a pool thread, which then takes part in every op's
         // parallel work: no cross-thread wake-up of the caller per op (about 200 ops per
         // graph; a wake-up costs tens of microseconds in a VM).
         rayon::scope(|_| {
-            for node in &graph.nodes[range] {
+            for i in range {
+                let node = &graph.nodes[i];
                 let start = Instant::now();
-                let runs = base.folds[node.output].runs_op();
+                let runs = plan.folds[node.output].runs_op();
                 if runs {
-                    self.run_node(&base, &node.op, node.output);
+                    self.run_node(&base, &node.op, plan.convs[i], node.output);
                 }
                 if let Some(t) = times.as_deref_mut() {
                     t.push(if !runs {
@@ -198,7 +180,8 @@ impl CpuGraph {
         });
     }
 
-    fn run_node(&self, a: &Arena, op: &Op, out: ValueId) {
+    /// Runs `op` (a conv by `strategy`) into the value `out`.
+    fn run_node(&self, a: &Arena, op: &Op, strategy: Option<ConvStrategy>, out: ValueId) {
         // SAFETY: the memory plan gives values alive at the same step disjoint arena ranges,
         // and an op's inputs and output are all alive at its step.
         let y = unsafe { a.slice_mut(out) };
@@ -213,12 +196,19 @@ impl CpuGraph {
             } => {
                 let x = unsafe { a.slice(input) };
                 let (packed, bias) = &self.packed.convs[conv];
-                match packed {
-                    PackedWeights::Dense(w) => {
+                let strategy = strategy.expect("every conv node has a strategy");
+                match (strategy, packed) {
+                    (
+                        ConvStrategy::Direct,
+                        PackedWeights::Dense(w) | PackedWeights::Dense3x3(_, w),
+                    ) => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
                         kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
                     }
-                    PackedWeights::Dense3x3(wino, _) if geometry.stride == 1 => {
+                    (ConvStrategy::Depthwise, PackedWeights::Depthwise(w)) => {
+                        kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)
+                    }
+                    (_, PackedWeights::Dense3x3(wino, _)) if strategy.schedule().is_some() => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
                         let conv = WinogradConv {
                             geometry,
@@ -227,15 +217,9 @@ impl CpuGraph {
                             act,
                             residual: r,
                         };
-                        self.winograd(a, input, x, &conv, y)
+                        self.winograd(a, strategy, x, &conv, y)
                     }
-                    PackedWeights::Dense3x3(_, w) => {
-                        let r = residual.map(|r| unsafe { a.slice(r) });
-                        kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
-                    }
-                    PackedWeights::Depthwise(w) => {
-                        kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)
-                    }
+                    _ => unreachable!("{strategy} does not apply to these weights"),
                 }
             }
             Op::SqueezeExcite { input, se } => {
@@ -247,7 +231,7 @@ impl CpuGraph {
                     y,
                 )
             }
-            Op::Scse { input, scse } => match a.folds[out] {
+            Op::Scse { input, scse } => match a.plan.folds[out] {
                 Fold::GatedConcat { half, skip } => {
                     // Only the gates, at the start of this value's (otherwise unused) place.
                     let s = a.graph.values[half].shape;
@@ -298,9 +282,16 @@ struct WinogradConv<'a> {
 }
 
 impl CpuGraph {
-    /// Runs `conv` on the value `input` (`x`), or, when that value is folded (see `fold`),
-    /// on what it was folded from.
-    fn winograd(&self, a: &Arena, input: ValueId, x: &[f32], conv: &WinogradConv, y: &mut [f32]) {
+    /// Runs `conv` by the Winograd `strategy` on `x`, the conv's input value, or, when that
+    /// value is folded (see `fold`), on what it was folded from.
+    fn winograd(
+        &self,
+        a: &Arena,
+        strategy: ConvStrategy,
+        x: &[f32],
+        conv: &WinogradConv,
+        y: &mut [f32],
+    ) {
         let WinogradConv {
             geometry: g,
             w,
@@ -308,36 +299,25 @@ impl CpuGraph {
             act,
             residual: r,
         } = *conv;
-        match a.folds[input] {
-            Fold::Upsampled { half } => {
-                // SAFETY: the plan keeps a folded upsample's input alive until its reader.
-                let x_half = unsafe { a.slice(half) };
-                kernels::conv3x3_winograd_upsampled_nhwc(x_half, g, w, bias, act, r, y)
-            }
-            Fold::GatedConcat { half, skip } => {
+        let schedule = strategy.schedule().expect("a Winograd strategy");
+        let (x, layout) = match strategy.input() {
+            ConvInput::Plain => (x, InputLayout::Plain),
+            // SAFETY: the memory plan keeps a folded upsample's input alive until its reader.
+            ConvInput::Upsampled { half } => (unsafe { a.slice(half) }, InputLayout::Upsampled),
+            ConvInput::GatedConcat { half, skip } => {
                 // The folded scSE left its gates at the start of its place (`x`).
                 let (channel_gate, rest) = x.split_at(g.cin);
-                let spatial_gate = &rest[..g.in_h * g.in_w];
-                // SAFETY: as above, for the upsample under the scSE.
-                let (x_half, skip) = unsafe { (a.slice(half), a.slice(skip)) };
-                let ca = a.graph.values[half].shape.c;
-                kernels::conv3x3_winograd_gated_concat_nhwc(
-                    x_half,
-                    ca,
-                    skip,
+                let concat = GatedConcat {
+                    // SAFETY: as above, for the upsample under the scSE.
+                    skip: unsafe { a.slice(skip) },
+                    x_channels: a.graph.values[half].shape.c,
                     channel_gate,
-                    spatial_gate,
-                    g,
-                    w,
-                    bias,
-                    act,
-                    y,
-                )
+                    spatial_gate: &rest[..g.in_h * g.in_w],
+                };
+                (unsafe { a.slice(half) }, InputLayout::GatedConcat(concat))
             }
-            Fold::Computed | Fold::Skipped => {
-                kernels::conv3x3_winograd_nhwc(x, g, w, bias, act, r, y)
-            }
-        }
+        };
+        kernels::conv3x3_winograd_planned(schedule, x, layout, g, w, bias, act, r, y)
     }
 }
 
@@ -347,8 +327,8 @@ struct Arena<'g> {
     graph: &'g Graph,
     /// Each value's place (the memory plan).
     offsets: &'g [usize],
-    /// How each value is produced (see `fold`).
-    folds: &'g [Fold],
+    /// Each value's fold and each conv node's strategy.
+    plan: &'g CpuPlan,
 }
 
 // SAFETY: the arena is only used by the node loop, which runs on one thread at a time
@@ -369,18 +349,11 @@ impl Arena<'_> {
     }
 }
 
-impl PackedModel {
-    /// Whether a stride-1 use of this conv runs by Winograd.
-    fn runs_winograd(&self, conv: usize) -> bool {
-        matches!(self.convs[conv].0, PackedWeights::Dense3x3(..))
-    }
-}
-
 impl CpuGraph {
     /// Grows `arena` to the size the memory plan needs (once; later runs reuse it).
     fn prepare_arena(&self, arena: &mut Vec<f32>) {
-        if arena.len() < self.plan.arena_len {
-            arena.resize(self.plan.arena_len, 0.0);
+        if arena.len() < self.memory.arena_len {
+            arena.resize(self.memory.arena_len, 0.0);
         }
     }
 
@@ -396,7 +369,7 @@ impl CpuGraph {
         for (v, data) in inputs {
             assert!(graph.inputs.contains(&v), "not an input of the graph");
             assert_eq!(data.len(), graph.values[v].shape.len(), "input length");
-            let off = self.plan.offsets[v];
+            let off = self.memory.offsets[v];
             arena[off..off + data.len()].copy_from_slice(data);
         }
     }
@@ -405,7 +378,7 @@ impl CpuGraph {
     fn outputs(&self, arena: &[f32]) -> Outputs {
         let graph = &self.graph;
         let read = |&v: &ValueId| {
-            let off = self.plan.offsets[v];
+            let off = self.memory.offsets[v];
             arena[off..off + graph.values[v].shape.len()].to_vec()
         };
         graph.outputs.iter().map(read).collect()

@@ -76,4 +76,12 @@ pub trait CompiledGraph: Send + Sync {
     fn dispatches(&self) -> Option<usize> {
         None
     }
+
+    /// How node `node` runs, in words, on backends that choose per node (the CPU: each
+    /// conv's strategy, the ops folded into their readers; empty for a node run as the
+    /// graph says). For `metauas bench --profile`.
+    fn describe_node(&self, node: usize) -> Option<String> {
+        let _ = node;
+        None
+    }
 }

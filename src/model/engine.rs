@@ -269,6 +269,12 @@ impl Engine {
         self.query.dispatches()
     }
 
+    /// How the backend runs node `node` of the query graph, in words (on the CPU: each conv
+    /// node's strategy, the folded ops; None on backends that do not choose per node).
+    pub fn describe_query_node(&self, node: usize) -> Option<String> {
+        self.query.describe_node(node)
+    }
+
     pub fn size(&self) -> usize {
         self.size
     }

@@ -20,28 +20,22 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use super::gemm::{
-    accumulate, accumulate_prefetching, add_from, next_tile_width, prefetch_share, store_tile,
-    zero_tile, Tile,
+    accumulate, accumulate_prefetching, add_from, prefetch_share, store_tile, zero_tile, Tile,
 };
 use super::isa::{dispatch_isa, dispatch_tile, Isa};
+use super::partition::{column_groups, for_each_unit, ColumnGroup, OutPtr, KC_TARGET, SERIAL_MACS};
 use super::simd::{activate, load_partial, store_partial, AlignedBuf, Level, LANES};
 use super::{Activation, ConvGeometry};
 
-/// Target length of one reduction block: 256 x 48 packed weights = 48 KiB.
-pub(crate) const KC_TARGET: usize = 256;
 /// With few input channels, whole taps are grouped into one block up to this length: a
 /// single block avoids the partial-sum round trips, which halved the speed of the last
 /// decoder block (9 taps x 64 channels); its 110 KiB of packed weights stay in L2.
 const TAP_GROUP_TARGET: usize = 640;
 /// Largest block of output pixels per work unit (keeps the unit's input rows in L2).
 const MAX_PIXEL_BLOCK: usize = 384;
-/// Winograd's tile rows are reserved in multiples of every tile height in use (8, 6, 3, 2).
-pub(crate) const PIXEL_ALIGN: usize = 24;
 /// Pixel blocks of the direct conv are multiples of the AVX-512 tile height (other levels'
 /// shorter tiles may end a block with a partial tile).
 const BLOCK_ALIGN: usize = 8;
-/// Work (multiply-adds) below which a convolution runs on the calling thread.
-pub(crate) const SERIAL_MACS: usize = 1 << 20;
 
 /// Dense `kernel x kernel` weights, repacked once at load time for the microkernel.
 ///
@@ -54,16 +48,6 @@ pub struct PackedConv {
     kernel: usize,
     groups: Vec<ColumnGroup>,
     data: AlignedBuf,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ColumnGroup {
-    /// First output channel.
-    pub(crate) co0: usize,
-    /// Width in vectors of 16 channels.
-    pub(crate) nv: usize,
-    /// Start of this group's weights in the packed data.
-    pub(crate) offset: usize,
 }
 
 impl PackedConv {
@@ -79,16 +63,8 @@ impl PackedConv {
             "conv weight length"
         );
         let taps = kernel * kernel;
-        let reduction = taps * cin;
-        let mut groups = Vec::new();
-        let mut co0 = 0;
-        let mut offset = 0;
-        for nv in group_widths(cout.div_ceil(LANES)) {
-            groups.push(ColumnGroup { co0, nv, offset });
-            co0 += nv * LANES;
-            offset += reduction * nv * LANES;
-        }
-        let mut buf = AlignedBuf::zeroed(offset);
+        let (groups, len) = column_groups(cout, taps * cin);
+        let mut buf = AlignedBuf::zeroed(len);
         let data = buf.as_mut_slice();
         for group in &groups {
             let nr = group.nv * LANES;
@@ -124,18 +100,6 @@ impl PackedConv {
     pub fn kernel(&self) -> usize {
         self.kernel
     }
-}
-
-/// Split `n16` vectors of output channels into tile-wide groups (see [`next_tile_width`]).
-pub(crate) fn group_widths(n16: usize) -> Vec<usize> {
-    let mut widths = Vec::new();
-    let mut remaining = n16;
-    while remaining > 0 {
-        let nv = next_tile_width(remaining);
-        widths.push(nv);
-        remaining -= nv;
-    }
-    widths
 }
 
 /// A block of the reduction: taps `tap0..tap1`, input channels `c0..c1` of each.
@@ -242,13 +206,6 @@ fn plan_units(pixels: usize, w: &PackedConv, input_len: usize, threads: usize) -
     Plan { units, parallel }
 }
 
-/// Output pointer shared by the units; each unit writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
-// SAFETY: units write disjoint (pixel, channel) ranges, see `plan_units`.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 struct ConvJob<'a> {
     x: &'a [f32],
     g: ConvGeometry,
@@ -311,15 +268,9 @@ pub(crate) fn conv2d_nhwc_isa(
         kblocks: &kblocks,
     };
     let plan = plan_units(pixels, w, x.len(), rayon::current_num_threads());
-    if plan.parallel {
-        plan.units
-            .par_iter()
-            .for_each(|unit| conv_unit_isa(isa, &job, unit));
-    } else {
-        plan.units
-            .iter()
-            .for_each(|unit| conv_unit_isa(isa, &job, unit));
-    }
+    for_each_unit(plan.parallel, &plan.units, |unit| {
+        conv_unit_isa(isa, &job, unit)
+    });
 }
 
 dispatch_isa! {

@@ -39,6 +39,7 @@ mod gemm;
 mod isa;
 // AVX-512 (`target_feature(enable = "avx512f")` and its intrinsics) is stable since Rust
 // 1.89, so the crate's `rust-version` must be at least that.
+mod partition;
 #[clippy::msrv = "1.89"]
 mod simd;
 mod upsample;
@@ -52,6 +53,7 @@ mod tests;
 pub use conv::PackedConv;
 pub use depthwise::PackedDepthwise;
 pub use winograd::PackedWinograd;
+pub(crate) use winograd::{GatedConcat, InputLayout, Schedule};
 
 /// The graph's parameter types, under the names the kernels use.
 pub use crate::graph::{
@@ -85,6 +87,25 @@ pub fn conv3x3_winograd_nhwc(
     y: &mut [f32],
 ) {
     winograd::winograd_conv3x3_nhwc_isa(Isa::selected(), x, g, w, bias, act, residual, y)
+}
+
+/// [`conv3x3_winograd_nhwc`] on an input `x` held as `layout` says (the input itself, or
+/// one folded into the conv: see the wrappers below), by the `schedule` the CPU backend's
+/// plan chose for the node.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv3x3_winograd_planned(
+    schedule: Schedule,
+    x: &[f32],
+    layout: InputLayout<'_>,
+    g: &ConvGeometry,
+    w: &PackedWinograd,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let isa = Isa::selected();
+    winograd::winograd_conv3x3_isa(isa, schedule, x, layout, g, w, bias, act, residual, y)
 }
 
 /// [`conv3x3_winograd_nhwc`] on the nearest-neighbour 2x upsampling of `x_half`, which is

@@ -263,7 +263,11 @@ impl ConvProblem {
         let d = self.data();
         let (reference, scales) = self.reference(&d);
         let packed = PackedWinograd::pack(&d.w, self.g.cout, self.g.cin);
-        let schedules = [None, Some(Schedule::TileBlocks), Some(Schedule::ByPosition)];
+        let schedules = [
+            None,
+            Some(Schedule::TileBlocked),
+            Some(Schedule::ByPosition),
+        ];
         for isa in Isa::available() {
             for schedule in schedules {
                 let mut y = vec![f32::NAN; self.g.output_len()];
