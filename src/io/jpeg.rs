@@ -31,9 +31,9 @@ pub fn is_jpeg(head: &[u8]) -> bool {
 
 /// A TurboJPEG instance (a decompressor, or for [`encode_jpeg`] a compressor), destroyed on
 /// drop.
-struct Decompressor(tj::tjhandle);
+struct TurboJpeg(tj::tjhandle);
 
-impl Drop for Decompressor {
+impl Drop for TurboJpeg {
     fn drop(&mut self) {
         // SAFETY: the handle came from tj3Init and is destroyed once.
         unsafe { tj::tj3Destroy(self.0) }
@@ -60,8 +60,8 @@ impl std::fmt::Display for JpegProblem {
     }
 }
 
-impl Decompressor {
-    fn new() -> Result<Decompressor, JpegProblem> {
+impl TurboJpeg {
+    fn decompressor() -> Result<TurboJpeg, JpegProblem> {
         // SAFETY: plain constructor; NULL is checked.
         let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as c_int) };
         if handle.is_null() {
@@ -69,7 +69,7 @@ impl Decompressor {
                 "cannot start the JPEG decoder".into(),
             ));
         }
-        Ok(Decompressor(handle))
+        Ok(TurboJpeg(handle))
     }
 
     fn set(&mut self, param: tj::TJPARAM, value: c_int) -> Result<(), JpegProblem> {
@@ -115,7 +115,7 @@ struct Header {
     colorspace: c_int,
 }
 
-fn read_header(dec: &mut Decompressor, bytes: &[u8]) -> Result<Header, JpegProblem> {
+fn read_header(dec: &mut TurboJpeg, bytes: &[u8]) -> Result<Header, JpegProblem> {
     // SAFETY: `bytes` is valid for its length for the duration of the call.
     if unsafe { tj::tj3DecompressHeader(dec.0, bytes.as_ptr(), bytes.len() as _) } != 0 {
         // A warning (e.g. extraneous bytes before a marker) still leaves a read header;
@@ -150,7 +150,7 @@ fn read_header(dec: &mut Decompressor, bytes: &[u8]) -> Result<Header, JpegProbl
 /// Decode a JPEG held in memory to RGB the way Pillow does (see the module comment). The
 /// size is checked against `limits` from the header, before the pixel buffer exists.
 pub fn decode_jpeg(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage8, JpegProblem> {
-    let mut dec = Decompressor::new()?;
+    let mut dec = TurboJpeg::decompressor()?;
     dec.set(tj::TJPARAM_TJPARAM_STOPONWARNING, 0)?;
     dec.set(tj::TJPARAM_TJPARAM_SCANLIMIT, MAX_SCANS)?;
     let max_pixels = c_int::try_from(limits.max_pixels).unwrap_or(c_int::MAX);
@@ -230,7 +230,7 @@ pub fn encode_jpeg(img: &RgbImage8, quality: u8) -> Result<Vec<u8>, JpegProblem>
             "cannot start the JPEG encoder".into(),
         ));
     }
-    let mut enc = Decompressor(handle); // the same handle type; destroyed on drop
+    let mut enc = TurboJpeg(handle);
     enc.set(
         tj::TJPARAM_TJPARAM_QUALITY,
         c_int::from(quality.clamp(1, 100)),
