@@ -159,9 +159,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Segment(args) => flagged(args.run, segment::run(args)),
         Command::Bank(command) => {
-            let run = match &command {
-                bank::BankCommand::Build(args) => args.run,
-            };
+            let run = command.run_options();
             flagged(run, bank::run(command).map(|_| ExitCode::SUCCESS))
         }
         Command::Info { weights, size } => info::run(&weights, size)

@@ -8,9 +8,10 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use metauas::io::image::{decode_image_file, resize_rgb8, RgbImage8};
 use metauas::io::output::{
-    threshold_mask, write_atomic, write_heatmap_png, write_npy_f32, write_overlay_png,
-    write_png_gray,
+    blend_half, draw_boxes, heatmap_rgb, write_atomic, write_npy_f32, write_png_gray_wh,
+    write_png_rgb, HeatmapScale,
 };
+use metauas::model::decision::{resize_map, Decision, Policy, RoiMask, Threshold};
 use metauas::model::{
     check_size, AnomalyMap, Engine, PromptBank, PromptSelection, PromptSet, PromptsUsed,
 };
@@ -40,6 +41,25 @@ impl From<MultiPrompt> for PromptSelection {
     }
 }
 
+/// The size pictures (and optionally maps) are written at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputSize {
+    /// The model's resolution (`--size`), square.
+    Model,
+    /// The query's own width x height (the map resized like OpenCV's INTER_LINEAR).
+    Original,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScaleArg {
+    /// The raw map: 0 = blue, 1 = red (comparable between images).
+    Fixed,
+    /// The pixel threshold at the colormap's middle (needs a calibrated bank or a threshold).
+    Calibrated,
+    /// Each map stretched to its own min and max (the upstream demo's look).
+    Minmax,
+}
+
 #[derive(Args)]
 pub struct SegmentArgs {
     /// Weights: safetensors or an official torch.save checkpoint (.ckpt).
@@ -54,9 +74,10 @@ pub struct SegmentArgs {
     /// Query images: files or directories (recursed, image files by extension); repeatable.
     #[arg(long, required = true)]
     query: Vec<PathBuf>,
-    /// How several prompts are used: `best` (most similar prompt), `mean` or `min` of the maps.
-    #[arg(long, value_enum, default_value_t = MultiPrompt::Best)]
-    multi_prompt: MultiPrompt,
+    /// How several prompts are used: `best` (most similar prompt), `mean` or `min` of the
+    /// maps. Default: the mode the bank was calibrated with, else `best`.
+    #[arg(long, value_enum)]
+    multi_prompt: Option<MultiPrompt>,
     #[command(flatten)]
     pub(super) run: RunOptions,
     /// Output directory.
@@ -65,12 +86,41 @@ pub struct SegmentArgs {
     /// Also write the JSON lines to this file (complete when the run ends).
     #[arg(long)]
     jsonl: Option<PathBuf>,
-    /// Also write `<name>_mask.png`: 255 where the map is at least T, else 0.
+    /// Decide with this threshold: anomalous when the score is at least T, regions and
+    /// `<name>_mask.png` where the map is at least T (overrides a bank's calibration).
     #[arg(long, value_name = "T")]
     threshold: Option<f32>,
+    /// The pixel threshold of regions and masks alone (overrides --threshold and the bank's).
+    #[arg(long, value_name = "T")]
+    pixel_threshold: Option<f32>,
+    /// Regions with fewer map pixels (at the model's resolution) are dropped.
+    #[arg(long, default_value_t = 1, value_name = "PIXELS")]
+    min_region_area: usize,
+    /// An inspection mask (PNG, white = inspect) of the queries' size: outside it the map is
+    /// 0 (replaces a bank's mask).
+    #[arg(long, value_name = "PNG")]
+    roi: Option<PathBuf>,
+    /// Size of the heatmap, overlay and mask pictures.
+    #[arg(long, value_enum, default_value_t = OutputSize::Original)]
+    output_size: OutputSize,
+    /// Size of the `.npy` map.
+    #[arg(long, value_enum, default_value_t = OutputSize::Model)]
+    npy_size: OutputSize,
+    /// How map values become heatmap colours.
+    #[arg(long, value_enum, default_value_t = ScaleArg::Fixed)]
+    heatmap_scale: ScaleArg,
+    /// Draw each region's box on the overlay.
+    #[arg(long)]
+    draw_regions: bool,
     /// Write only the maps (.npy) and the JSON lines: no heatmap, overlay or mask pictures.
     #[arg(long)]
     no_images: bool,
+}
+
+/// How every query of a run is judged and drawn.
+struct Judge {
+    policy: Policy,
+    scale: HeatmapScale,
 }
 
 /// The first query's result when it was computed together with the only prompt
@@ -83,18 +133,31 @@ struct PairedQuery {
 
 pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     check_size(args.run.size)?;
-    if let Some(t) = args.threshold {
-        if !t.is_finite() {
-            return Err(Error::new(format!(
-                "--threshold {t}: must be a finite number"
-            )));
+    for (flag, t) in [
+        ("--threshold", args.threshold),
+        ("--pixel-threshold", args.pixel_threshold),
+    ] {
+        if let Some(t) = t.filter(|t| !t.is_finite()) {
+            return Err(Error::new(format!("{flag} {t}: must be a finite number")));
         }
     }
     let queries = name_inputs(expand(&args.query, "--query")?)?;
     let prompt_files = expand(&args.prompt, "--prompt")?;
     check_outputs_spare_inputs(&args, &queries, &prompt_files)?;
     let engine = args.run.load_engine(&args.weights)?;
-    let (prompts, mut paired) = load_prompts(&engine, &args, &prompt_files, queries.first())?;
+    let bank = match &args.bank {
+        Some(path) => Some(load_bank(path, &engine)?),
+        None => None,
+    };
+    let judge = judge(&args, bank.as_ref(), engine.size())?;
+    let selection = selection(&args, bank.as_ref());
+    let (prompts, mut paired) = load_prompts(
+        &engine,
+        bank.as_ref(),
+        selection,
+        &prompt_files,
+        queries.first(),
+    )?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::at(&args.out, format!("cannot create output directory: {e}")))?;
 
@@ -102,7 +165,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     let mut jsonl = Vec::new();
     let mut failures = 0;
     for query in &queries {
-        match segment_one(&engine, &prompts, &args, query, paired.take()) {
+        match segment_one(&engine, &prompts, &args, &judge, query, paired.take()) {
             Ok(line) => {
                 jsonl.extend_from_slice(line.as_bytes());
                 bar.suspend(|| super::emit(&line))?;
@@ -130,18 +193,19 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
 /// segmented together with it and returned too.
 fn load_prompts(
     engine: &Engine,
-    args: &SegmentArgs,
+    bank: Option<&PromptBank>,
+    selection: PromptSelection,
     files: &[PathBuf],
     first_query: Option<&ImageInput>,
 ) -> Result<(PromptSet, Option<PairedQuery>)> {
-    if let ([file], None, Some(query)) = (files, &args.bank, first_query) {
+    if let ([file], None, Some(query)) = (files, bank, first_query) {
         let image = decode_image_file(file)?;
         // An undecodable first query, or one the engine fails on, is then reported by the
         // query loop like any other.
         if let Ok(query_image) = decode_image_file(&query.path) {
             let start = Instant::now();
             let Ok((features, map)) = engine.segment_pair(&image, &query_image) else {
-                return load_all_prompts(engine, args, files);
+                return load_all_prompts(engine, bank, selection, files);
             };
             let paired = PairedQuery {
                 image: query_image,
@@ -149,25 +213,22 @@ fn load_prompts(
                 ms: start.elapsed().as_secs_f64() * 1e3,
             };
             let prompt = (file.display().to_string(), features);
-            let prompts = PromptSet::new(vec![prompt], args.multi_prompt.into())?;
+            let prompts = PromptSet::new(vec![prompt], selection)?;
             return Ok((prompts, Some(paired)));
         }
     }
-    load_all_prompts(engine, args, files)
+    load_all_prompts(engine, bank, selection, files)
 }
 
 /// Every `--prompt` image encoded, and the bank's prompts.
 fn load_all_prompts(
     engine: &Engine,
-    args: &SegmentArgs,
+    bank: Option<&PromptBank>,
+    selection: PromptSelection,
     files: &[PathBuf],
 ) -> Result<(PromptSet, Option<PairedQuery>)> {
     let mut prompts = Vec::new();
-    if let Some(path) = &args.bank {
-        let bank = PromptBank::load(path, engine)?;
-        if bank.is_empty() {
-            return Err(Error::at(path, "bank holds no prompts"));
-        }
+    if let Some(bank) = bank {
         for entry in bank.entries() {
             prompts.push((entry.name.clone(), entry.features.clone()));
         }
@@ -183,17 +244,97 @@ fn load_all_prompts(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok((PromptSet::new(prompts, args.multi_prompt.into())?, None))
+    Ok((PromptSet::new(prompts, selection)?, None))
+}
+
+fn load_bank(path: &Path, engine: &Engine) -> Result<PromptBank> {
+    let bank = PromptBank::load(path, engine)?;
+    if bank.is_empty() {
+        return Err(Error::at(path, "bank holds no prompts"));
+    }
+    Ok(bank)
+}
+
+/// The prompt selection: the flag, else the bank's calibration mode, else `best`. A flag
+/// other than the calibration's gets a warning: the thresholds were found with the other.
+fn selection(args: &SegmentArgs, bank: Option<&PromptBank>) -> PromptSelection {
+    let calibrated = bank.and_then(|b| b.calibration()).map(|c| c.selection);
+    match (args.multi_prompt.map(PromptSelection::from), calibrated) {
+        (Some(flag), Some(cal)) if flag != cal && args.threshold.is_none() => {
+            eprintln!(
+                "metauas: warning: the bank was calibrated with --multi-prompt {}; its thresholds may not hold for {}",
+                selection_name(cal),
+                selection_name(flag)
+            );
+            flag
+        }
+        (Some(flag), _) => flag,
+        (None, Some(cal)) => cal,
+        (None, None) => PromptSelection::Best,
+    }
+}
+
+fn selection_name(s: PromptSelection) -> &'static str {
+    match s {
+        PromptSelection::Best => "best",
+        PromptSelection::Mean => "mean",
+        PromptSelection::Min => "min",
+    }
+}
+
+/// The decision policy and heatmap scale from the flags and the bank: given thresholds win
+/// over the calibration, `--roi` over the bank's mask.
+fn judge(args: &SegmentArgs, bank: Option<&PromptBank>, size: usize) -> Result<Judge> {
+    let calibration = bank.and_then(|b| b.calibration());
+    let given = |t: Option<f32>| t.map(|t| Threshold::given(f64::from(t)));
+    let image =
+        given(args.threshold).or_else(|| calibration.map(|c| Threshold::calibrated(c.image.value)));
+    let pixel = given(args.pixel_threshold)
+        .or(given(args.threshold))
+        .or_else(|| calibration.map(|c| Threshold::calibrated(c.pixel.value)));
+    let roi = match &args.roi {
+        Some(path) => Some(
+            RoiMask::from_image(&decode_image_file(path)?, size).map_err(|e| Error::at(path, e))?,
+        ),
+        None => bank.and_then(|b| b.roi().cloned()),
+    };
+    let scale = match args.heatmap_scale {
+        ScaleArg::Fixed => HeatmapScale::Fixed,
+        ScaleArg::Minmax => HeatmapScale::MinMax,
+        ScaleArg::Calibrated => match pixel {
+            Some(t) => HeatmapScale::Calibrated(t.value),
+            None => {
+                return Err(Error::new(
+                    "--heatmap-scale calibrated: no pixel threshold (calibrate the bank with `metauas bank calibrate`, or give --threshold)",
+                ))
+            }
+        },
+    };
+    if args.draw_regions && pixel.is_none() {
+        return Err(Error::new(
+            "--draw-regions: no pixel threshold (calibrate the bank, or give --threshold)",
+        ));
+    }
+    Ok(Judge {
+        policy: Policy {
+            image,
+            pixel,
+            roi,
+            min_region_area: args.min_region_area,
+        },
+        scale,
+    })
 }
 
 fn segment_one(
     engine: &Engine,
     prompts: &PromptSet,
     args: &SegmentArgs,
+    judge: &Judge,
     query: &ImageInput,
     paired: Option<PairedQuery>,
 ) -> Result<String> {
-    let (image, map, used, ms) = match paired {
+    let (image, mut map, used, ms) = match paired {
         Some(p) => (p.image, p.map, prompts.name(0).into(), p.ms),
         None => {
             let image = decode_image_file(&query.path)?;
@@ -207,11 +348,18 @@ fn segment_one(
             )
         }
     };
-    let written = write_outputs(&map, &image, args, &query.name)?;
+    let decision = judge
+        .policy
+        .decide(&mut map, (image.width, image.height))
+        .map_err(|e| Error::at(&query.path, e))?;
+    let written = write_outputs(&map, &image, &decision, args, judge.scale, &query.name)?;
     let mut line = serde_json::json!({
         "query": query.path.display().to_string(),
         "prompt": used,
-        "score": map.score(),
+        "score": decision.score,
+        "verdict": decision.verdict_json(),
+        "regions": decision.regions_json(),
+        "frame": [image.width, image.height],
         "map": written.npy.display().to_string(),
         "ms": (ms * 1000.0).round() / 1000.0,
     });
@@ -252,23 +400,55 @@ fn output_files(out: &Path, name: &str, images: bool, mask: bool) -> Vec<PathBuf
 fn write_outputs(
     map: &AnomalyMap,
     image: &RgbImage8,
+    decision: &Decision,
     args: &SegmentArgs,
+    scale: HeatmapScale,
     name: &str,
 ) -> Result<Written> {
     let n = map.size;
     let images = !args.no_images;
-    let files = output_files(&args.out, name, images, args.threshold.is_some());
+    let pixel = decision.pixel_threshold.map(|t| t.value);
+    let files = output_files(&args.out, name, images, pixel.is_some());
     if let Some(dir) = files[0].parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::at(dir, format!("cannot create output directory: {e}")))?;
     }
-    write_npy_f32(&files[0], &map.data, &[n, n])?;
+    let (w, h) = (image.width, image.height);
+    let at_frame = (args.npy_size == OutputSize::Original
+        || (images && args.output_size == OutputSize::Original))
+        .then(|| resize_map(&map.data, n, w, h));
+    match (&at_frame, args.npy_size) {
+        (Some(big), OutputSize::Original) => write_npy_f32(&files[0], big, &[h, w])?,
+        _ => write_npy_f32(&files[0], &map.data, &[n, n])?,
+    }
     let mut mask = None;
     if images {
-        write_heatmap_png(&files[1], &map.data, n)?;
-        write_overlay_png(&files[2], &map.data, n, &resize_rgb8(image, n))?;
-        if let Some(t) = args.threshold {
-            write_png_gray(&files[3], &threshold_mask(&map.data, t), n)?;
+        // The pictures' map, base image and region boxes, at the chosen size.
+        let (pic, base, boxes, pw, ph) = match (&at_frame, args.output_size) {
+            (Some(big), OutputSize::Original) => {
+                let boxes: Vec<[usize; 4]> = decision.regions.iter().map(|r| r.bbox).collect();
+                (big.as_slice(), image.data.clone(), boxes, w, h)
+            }
+            _ => {
+                let boxes = decision.regions.iter().map(|r| r.map_bbox).collect();
+                (map.data.as_slice(), resize_rgb8(image, n).data, boxes, n, n)
+            }
+        };
+        let heat = heatmap_rgb(pic, scale);
+        write_png_rgb(&files[1], &heat, pw, ph)?;
+        let mut overlay = blend_half(&heat, &base);
+        if args.draw_regions {
+            let thickness = (pw.max(ph) / 256).max(1);
+            draw_boxes(&mut overlay, pw, ph, &boxes, [255, 255, 255], thickness);
+        }
+        write_png_rgb(&files[2], &overlay, pw, ph)?;
+        if let Some(t) = pixel {
+            // The frame-size mask thresholds the frame-size map, as a viewer would.
+            let mask_bytes: Vec<u8> = pic
+                .iter()
+                .map(|&v| if f64::from(v) >= t { 255 } else { 0 })
+                .collect();
+            write_png_gray_wh(&files[3], &mask_bytes, pw, ph)?;
             mask = Some(files[3].clone());
         }
     }
@@ -308,12 +488,8 @@ fn check_outputs_spare_inputs(
         }
     }
     for q in queries {
-        let files = output_files(
-            &args.out,
-            &q.name,
-            !args.no_images,
-            args.threshold.is_some(),
-        );
+        // The mask may come from a bank's calibration too: assume it is written.
+        let files = output_files(&args.out, &q.name, !args.no_images, true);
         for target in files {
             if let Some(input) = clash(&target) {
                 return Err(Error::at(

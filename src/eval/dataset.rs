@@ -255,15 +255,41 @@ pub fn read_prompt_json(path: &Path) -> Result<HashMap<String, String>> {
     Ok(out)
 }
 
-/// Reads the authors' test meta file and prompt meta file (paths inside them relative to
-/// `root`). Each test line: `filename`, `label` (0/1), optional `maskname` and `clsname`
-/// (else the first folder of `filename`). Classes keep the order of their first line.
-pub fn meta_files(root: &Path, test_json: &Path, prompt_json: &Path) -> Result<Vec<ClassSet>> {
+/// One line of the authors' test meta file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// Line number in the file (from 1).
+    pub line: usize,
+    pub class: String,
+    /// `filename` as listed.
+    pub name: String,
+    pub image: PathBuf,
+    /// 0 = good, 1 = defective.
+    pub label: u8,
+    pub mask: Option<PathBuf>,
+}
+
+impl Listed {
+    /// As a test sample (its prompt left empty), e.g. for `load_mask`.
+    pub fn sample(&self) -> Sample {
+        Sample {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            label: self.label,
+            mask: self.mask.clone(),
+            prompt: PathBuf::new(),
+        }
+    }
+}
+
+/// Reads the authors' test meta file (one JSON object per line; paths relative to `root`):
+/// `filename`, `label` (0/1), optional `maskname` and `clsname` (else the first folder of
+/// `filename`). Every problem names the file and the line.
+pub fn read_test_list(root: &Path, test_json: &Path) -> Result<Vec<Listed>> {
     check_root(root)?;
-    let prompts = read_prompt_json(prompt_json)?;
     let text = std::fs::read_to_string(test_json)
         .map_err(|e| Error::at(test_json, format!("cannot read: {e}")))?;
-    let mut classes: Vec<ClassSet> = Vec::new();
+    let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         let line = line.trim();
@@ -301,34 +327,52 @@ pub fn meta_files(root: &Path, test_json: &Path, prompt_json: &Path) -> Result<V
                 .to_string(),
             Some(other) => return Err(bad(format!("`clsname` is {other}, expected a string"))),
         };
-        let prompt = prompts
-            .get(&filename)
-            .or_else(|| prompts.get(&class))
-            .ok_or_else(|| {
-                Error::at(
-                    prompt_json,
-                    format!(
-                        "no prompt for `{filename}` (class `{class}`, line {n} of the test list)"
-                    ),
-                )
-            })?;
-        let sample = Sample {
+        out.push(Listed {
+            line: n,
+            class,
             image: root.join(&filename),
             name: filename,
             label,
             mask,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::at(test_json, "no test images listed"));
+    }
+    Ok(out)
+}
+
+/// Reads the authors' test meta file and prompt meta file (paths inside them relative to
+/// `root`): `read_test_list`, each image with its prompt. Classes keep the order of their
+/// first line.
+pub fn meta_files(root: &Path, test_json: &Path, prompt_json: &Path) -> Result<Vec<ClassSet>> {
+    check_root(root)?;
+    let prompts = read_prompt_json(prompt_json)?;
+    let mut classes: Vec<ClassSet> = Vec::new();
+    for listed in read_test_list(root, test_json)? {
+        let prompt = prompts
+            .get(&listed.name)
+            .or_else(|| prompts.get(&listed.class))
+            .ok_or_else(|| {
+                Error::at(
+                    prompt_json,
+                    format!(
+                        "no prompt for `{}` (class `{}`, line {} of the test list)",
+                        listed.name, listed.class, listed.line
+                    ),
+                )
+            })?;
+        let sample = Sample {
             prompt: root.join(prompt),
+            ..listed.sample()
         };
-        match classes.iter_mut().find(|c| c.name == class) {
+        match classes.iter_mut().find(|c| c.name == listed.class) {
             Some(c) => c.samples.push(sample),
             None => classes.push(ClassSet {
-                name: class,
+                name: listed.class,
                 samples: vec![sample],
             }),
         }
-    }
-    if classes.is_empty() {
-        return Err(Error::at(test_json, "no test images listed"));
     }
     Ok(classes)
 }

@@ -134,6 +134,47 @@ pub fn ranking(scores: &[f32], labels: &[u8]) -> Ranking {
     Ranking { auroc, ap, f1max }
 }
 
+/// The F1-optimal threshold: `(threshold, F1)` at the argmax of F1 over scikit-learn's
+/// `precision_recall_curve` (a sample is positive when its score is at least the threshold;
+/// the lowest threshold wins a tie, as `thresholds[np.argmax(f1)]` picks). `None` without a
+/// positive, or with a NaN score.
+pub fn f1_optimal(scores: &[f32], labels: &[u8]) -> Option<(f64, f64)> {
+    assert_eq!(
+        scores.len(),
+        labels.len(),
+        "scores and labels differ in length"
+    );
+    if scores.is_empty() || scores.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.par_sort_unstable_by_key(|&i| std::cmp::Reverse(order_key(scores[i])));
+    let positives = labels.iter().filter(|&&l| l != 0).count() as u64;
+    if positives == 0 {
+        return None;
+    }
+    let (mut tp, mut fp) = (0u64, 0u64);
+    let mut best: Option<(f64, f64)> = None;
+    for (k, &i) in order.iter().enumerate() {
+        if labels[i] != 0 {
+            tp += 1;
+        } else {
+            fp += 1;
+        }
+        let last_of_score = order
+            .get(k + 1)
+            .is_none_or(|&j| order_key(scores[j]) != order_key(scores[i]));
+        if last_of_score && tp > 0 {
+            let f1 = 2.0 * tp as f64 / (2 * tp + fp + (positives - tp)) as f64;
+            // Going down in threshold: `>=` keeps the lowest of equal F1s.
+            if best.is_none_or(|(_, b)| f1 >= b) {
+                best = Some((f64::from(scores[i]), f1));
+            }
+        }
+    }
+    best
+}
+
 /// scikit-learn's `roc_auc_score` for binary labels (NaN with one label class).
 pub fn roc_auc(scores: &[f32], labels: &[u8]) -> f64 {
     ranking(scores, labels).auroc
@@ -158,38 +199,7 @@ pub fn flip_auroc(auroc: f64) -> f64 {
     }
 }
 
-/// Labels the 8-connected regions (scikit-image `label(mask, connectivity=2)`) of a
-/// `height x width` mask (non-zero = foreground): per pixel 0 for background or the region
-/// number from 1, and the number of regions. Regions are numbered in raster order of their
-/// first pixel, as scikit-image does.
-pub fn label_regions(mask: &[u8], height: usize, width: usize) -> (Vec<u32>, usize) {
-    assert_eq!(mask.len(), height * width, "mask is not height x width");
-    let mut labels = vec![0u32; mask.len()];
-    let mut count = 0usize;
-    let mut stack = Vec::new();
-    for start in 0..mask.len() {
-        if mask[start] == 0 || labels[start] != 0 {
-            continue;
-        }
-        count += 1;
-        let id = count as u32;
-        labels[start] = id;
-        stack.push(start);
-        while let Some(p) = stack.pop() {
-            let (y, x) = (p / width, p % width);
-            for ny in y.saturating_sub(1)..(y + 2).min(height) {
-                for nx in x.saturating_sub(1)..(x + 2).min(width) {
-                    let q = ny * width + nx;
-                    if mask[q] != 0 && labels[q] == 0 {
-                        labels[q] = id;
-                        stack.push(q);
-                    }
-                }
-            }
-        }
-    }
-    (labels, count)
-}
+pub use crate::model::decision::label_regions;
 
 /// The thresholds of the authors' AUPRO on float32 maps with extremes `min < max`:
 /// `np.arange(min, max, (max - min) / 200)` as numpy 2 evaluates it on float32 scalars

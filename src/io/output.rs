@@ -1,4 +1,5 @@
-//! Map outputs: `.npy` float32 arrays, JET heatmaps and overlays as PNG, gray PNG masks.
+//! Map outputs: `.npy` float32 arrays, JET heatmaps (fixed, calibrated or min-max scale) and
+//! overlays with region boxes as PNG, gray PNG masks.
 //! Every file is written atomically: a temporary file in the same folder, then a rename, so a
 //! reader never sees a half-written output.
 
@@ -7,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use image::codecs::png::PngEncoder;
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{ExtendedColorType, ImageEncoder};
 
 use crate::error::{Error, Result};
@@ -276,26 +277,117 @@ fn jet_lut() -> [[u8; 3]; 256] {
     lut
 }
 
+/// How map values become colours.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HeatmapScale {
+    /// The raw map: 0 is blue, 1 is red (the authors' test visualizer), so that maps of
+    /// different images compare.
+    Fixed,
+    /// Piecewise linear with the pixel threshold `t` at the colormap's middle: `[0, t]` to
+    /// the blue half, `[t, 1]` to the red half.
+    Calibrated(f64),
+    /// Each map stretched to its own minimum and maximum (the upstream demo's look).
+    MinMax,
+}
+
+/// The colormap level (0..=255) of each map value under `scale`. Levels are truncated like
+/// the upstream code's `np.uint8(255 * x)` on float32; non-finite values are level 0.
+pub fn heatmap_levels(map: &[f32], scale: HeatmapScale) -> Vec<u8> {
+    // `as u8` truncates toward zero and saturates, which clamps to [0, 255].
+    let level = |x: f32| if x.is_finite() { (x * 255.0) as u8 } else { 0 };
+    match scale {
+        HeatmapScale::Fixed => map.iter().map(|&v| level(v)).collect(),
+        HeatmapScale::Calibrated(t) => {
+            let t = t.clamp(1e-12, 1.0 - 1e-12);
+            let stretch = |v: f32| {
+                let v = f64::from(v);
+                let x = if v < t {
+                    0.5 * v / t
+                } else {
+                    0.5 + 0.5 * (v - t) / (1.0 - t)
+                };
+                level(x as f32)
+            };
+            map.iter().map(|&v| stretch(v)).collect()
+        }
+        HeatmapScale::MinMax => {
+            let finite = map.iter().copied().filter(|v| v.is_finite());
+            let lo = finite.clone().fold(f32::INFINITY, f32::min);
+            let hi = finite.fold(f32::NEG_INFINITY, f32::max);
+            let range = hi - lo;
+            map.iter()
+                .map(|&v| {
+                    if range > 0.0 && v.is_finite() {
+                        level((v - lo) / range)
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// OpenCV's COLORMAP_JET of `map` under `scale`: RGB bytes, 3 per value.
+pub fn heatmap_rgb(map: &[f32], scale: HeatmapScale) -> Vec<u8> {
+    let lut = jet_lut();
+    heatmap_levels(map, scale)
+        .iter()
+        .flat_map(|&l| lut[l as usize])
+        .collect()
+}
+
 /// Min-max normalize `map` to [0, 1] (a constant map becomes all zeros), quantize like the
 /// upstream demo (`np.uint8(255 * x)` in float32: truncation), apply OpenCV's COLORMAP_JET.
 /// Returns RGB bytes, 3 per value. Non-finite values are ignored for the range and map to 0.
 pub fn jet_colormap(map: &[f32]) -> Vec<u8> {
-    let lut = jet_lut();
-    let finite = map.iter().copied().filter(|v| v.is_finite());
-    let lo = finite.clone().fold(f32::INFINITY, f32::min);
-    let hi = finite.fold(f32::NEG_INFINITY, f32::max);
-    let range = hi - lo;
-    let mut out = Vec::with_capacity(map.len() * 3);
-    for &v in map {
-        let level = if range > 0.0 && v.is_finite() {
-            // float32 like numpy on a float32 map; `as u8` truncates and saturates.
-            ((v - lo) / range * 255.0) as u8
-        } else {
-            0
-        };
-        out.extend_from_slice(&lut[level as usize]);
+    heatmap_rgb(map, HeatmapScale::MinMax)
+}
+
+/// `heat` (RGB) blended 50/50 over `base` (the same size): `round(0.5 * heat + 0.5 * base)`
+/// (the upstream demo truncates instead of rounding).
+pub fn blend_half(heat: &[u8], base: &[u8]) -> Vec<u8> {
+    assert_eq!(heat.len(), base.len(), "blend of images of different sizes");
+    // (h + b) / 2 rounded half up, exactly: integer arithmetic.
+    heat.iter()
+        .zip(base)
+        .map(|(&h, &b)| (u16::from(h) + u16::from(b)).div_ceil(2) as u8)
+        .collect()
+}
+
+/// Draws rectangle outlines `[x0, y0, x1, y1)` (clipped to the image) `thickness` pixels
+/// wide, inside each box, on an RGB image.
+pub fn draw_boxes(
+    rgb: &mut [u8],
+    width: usize,
+    height: usize,
+    boxes: &[[usize; 4]],
+    color: [u8; 3],
+    thickness: usize,
+) {
+    assert_eq!(
+        rgb.len(),
+        width * height * 3,
+        "image is not width x height RGB"
+    );
+    let mut put = |x: usize, y: usize| rgb[(y * width + x) * 3..][..3].copy_from_slice(&color);
+    for &[x0, y0, x1, y1] in boxes {
+        let (x1, y1) = (x1.min(width), y1.min(height));
+        if x0 >= x1 || y0 >= y1 {
+            continue;
+        }
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let edge = x < x0 + thickness
+                    || x + thickness >= x1
+                    || y < y0 + thickness
+                    || y + thickness >= y1;
+                if edge {
+                    put(x, y);
+                }
+            }
+        }
     }
-    out
 }
 
 // ---------------------------------------------------------------- PNG outputs
@@ -312,12 +404,66 @@ fn png_bytes(
     side: usize,
     color: ExtendedColorType,
 ) -> std::result::Result<Vec<u8>, String> {
-    let side32 = u32::try_from(side).map_err(|_| "image too large for PNG".to_string())?;
+    png_bytes_wh(pixels, side, side, color)
+}
+
+/// PNG bytes of a `width x height` image. Fast deflate: frame-sized pictures are written
+/// per query, and the best compression costs a multiple of the forward pass for a few
+/// percent of size.
+fn png_bytes_wh(
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    color: ExtendedColorType,
+) -> std::result::Result<Vec<u8>, String> {
+    let dim = |v: usize| u32::try_from(v).map_err(|_| "image too large for PNG".to_string());
     let mut encoded = Vec::new();
-    PngEncoder::new(&mut encoded)
-        .write_image(pixels, side32, side32, color)
+    PngEncoder::new_with_quality(&mut encoded, CompressionType::Fast, FilterType::Adaptive)
+        .write_image(pixels, dim(width)?, dim(height)?, color)
         .map_err(|e| format!("cannot encode PNG: {e}"))?;
     Ok(encoded)
+}
+
+/// A `width x height` RGB image as PNG bytes.
+pub fn rgb_png_bytes(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    if rgb.len() != width * height * 3 || width == 0 || height == 0 {
+        return Err(format!(
+            "{} bytes are not a {width} x {height} RGB image",
+            rgb.len()
+        ));
+    }
+    png_bytes_wh(rgb, width, height, ExtendedColorType::Rgb8)
+}
+
+/// A `width x height` 8-bit gray image (masks) as PNG bytes.
+pub fn gray_png_bytes_wh(
+    data: &[u8],
+    width: usize,
+    height: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    if data.len() != width * height || width == 0 || height == 0 {
+        return Err(format!(
+            "{} bytes are not a {width} x {height} mask",
+            data.len()
+        ));
+    }
+    png_bytes_wh(data, width, height, ExtendedColorType::L8)
+}
+
+/// Writes a `width x height` RGB PNG (atomically).
+pub fn write_png_rgb(path: &Path, rgb: &[u8], width: usize, height: usize) -> Result<()> {
+    let bytes = rgb_png_bytes(rgb, width, height).map_err(|p| Error::at(path, p))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes a `width x height` gray PNG (atomically).
+pub fn write_png_gray_wh(path: &Path, data: &[u8], width: usize, height: usize) -> Result<()> {
+    let bytes = gray_png_bytes_wh(data, width, height).map_err(|p| Error::at(path, p))?;
+    write_atomic(path, &bytes)
 }
 
 /// The anomaly map as the bytes of a JET heatmap PNG (`side x side`, RGB).
@@ -340,13 +486,7 @@ pub fn overlay_png_bytes(
             base.width, base.height
         ));
     }
-    let heat = jet_colormap(map);
-    // (h + b) / 2 rounded half up, exactly: integer arithmetic.
-    let blended: Vec<u8> = heat
-        .iter()
-        .zip(&base.data)
-        .map(|(&h, &b)| (u16::from(h) + u16::from(b)).div_ceil(2) as u8)
-        .collect();
+    let blended = blend_half(&jet_colormap(map), &base.data);
     png_bytes(&blended, side, ExtendedColorType::Rgb8)
 }
 

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::decision::{Calibration, RoiMask};
 use super::engine::{Engine, PromptFeatures};
 use super::graphs::prompt_shapes;
 use crate::error::{Error, Result};
@@ -11,7 +12,9 @@ use crate::io::weights::{write_safetensors, Format, TensorData, WeightFile};
 
 /// Marks a safetensors file as a bank (metadata key `format`).
 const BANK_FORMAT: &str = "metauas-prompt-bank";
-const BANK_VERSION: &str = "1";
+const BANK_VERSION: &str = "2";
+/// Versions this build reads: 1 had no calibration and no inspection mask.
+const READABLE_VERSIONS: [&str; 2] = ["1", "2"];
 /// Most prompts a bank may hold: each costs ~1.2 MB at 256 and ~5 MB at 512.
 pub const MAX_BANK_PROMPTS: usize = 4096;
 
@@ -52,6 +55,8 @@ pub struct PromptBank {
     size: usize,
     weights_hash: String,
     entries: Vec<BankEntry>,
+    roi: Option<RoiMask>,
+    calibration: Option<Calibration>,
 }
 
 impl PromptBank {
@@ -61,7 +66,41 @@ impl PromptBank {
             size: engine.size(),
             weights_hash: engine.weights_hash(),
             entries: Vec::new(),
+            roi: None,
+            calibration: None,
         }
+    }
+
+    /// The inspection mask the bank's product is judged through, if any.
+    pub fn roi(&self) -> Option<&RoiMask> {
+        self.roi.as_ref()
+    }
+
+    /// Sets the inspection mask (of this bank's size). A calibration made without it no
+    /// longer holds and is dropped.
+    pub fn set_roi(&mut self, roi: Option<RoiMask>) -> Result<()> {
+        if let Some(r) = &roi {
+            if r.side != self.size {
+                return Err(Error::new(format!(
+                    "the inspection mask is {0}x{0}, the bank holds size {1}",
+                    r.side, self.size
+                )));
+            }
+        }
+        if roi != self.roi {
+            self.calibration = None;
+        }
+        self.roi = roi;
+        Ok(())
+    }
+
+    /// The thresholds from `metauas bank calibrate`, if calibrated.
+    pub fn calibration(&self) -> Option<&Calibration> {
+        self.calibration.as_ref()
+    }
+
+    pub fn set_calibration(&mut self, calibration: Option<Calibration>) {
+        self.calibration = calibration;
     }
 
     pub fn size(&self) -> usize {
@@ -121,9 +160,19 @@ impl PromptBank {
                 ));
             }
         }
+        if let Some(roi) = &self.roi {
+            let inside = roi.inside.iter().map(|&v| f32::from(v)).collect();
+            tensors.push((
+                "roi".to_string(),
+                TensorData::F32 {
+                    shape: vec![self.size, self.size],
+                    data: inside,
+                },
+            ));
+        }
         let names: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
         let sources: Vec<&str> = self.entries.iter().map(|e| e.source.as_str()).collect();
-        let metadata = vec![
+        let mut metadata = vec![
             ("format".to_string(), BANK_FORMAT.to_string()),
             ("version".to_string(), BANK_VERSION.to_string()),
             ("weights_hash".to_string(), self.weights_hash.clone()),
@@ -135,6 +184,13 @@ impl PromptBank {
                 serde_json::to_string(&sources).unwrap(),
             ),
         ];
+        if let Some(roi) = &self.roi {
+            let frame = serde_json::json!({"width": roi.frame.0, "height": roi.frame.1});
+            metadata.push(("roi".to_string(), frame.to_string()));
+        }
+        if let Some(c) = &self.calibration {
+            metadata.push(("calibration".to_string(), c.to_json().to_string()));
+        }
         write_safetensors(path, &tensors, &metadata)
     }
 
@@ -178,10 +234,29 @@ impl PromptBank {
                 return Err(Error::setting("size", problem).context(path.display()));
             }
         }
+        let roi = match meta.roi_frame {
+            None => None,
+            Some(frame) => {
+                let inside = file.tensor_f32("roi", &[meta.size, meta.size])?;
+                if inside.iter().any(|&v| v != 0.0 && v != 1.0) {
+                    return Err(Error::at(
+                        path,
+                        "bank tensor `roi` holds values other than 0 and 1",
+                    ));
+                }
+                Some(RoiMask {
+                    side: meta.size,
+                    inside: inside.iter().map(|&v| v as u8).collect(),
+                    frame,
+                })
+            }
+        };
         let mut bank = PromptBank {
             size: meta.size,
             weights_hash: meta.weights_hash,
             entries: Vec::new(),
+            roi,
+            calibration: meta.calibration,
         };
         let shapes = prompt_shapes(meta.size);
         for (i, (name, source)) in meta.names.into_iter().zip(meta.sources).enumerate() {
@@ -211,6 +286,8 @@ struct BankMeta {
     size: usize,
     names: Vec<String>,
     sources: Vec<String>,
+    roi_frame: Option<(usize, usize)>,
+    calibration: Option<Calibration>,
 }
 
 impl BankMeta {
@@ -226,11 +303,41 @@ impl BankMeta {
             return Err("is not a prompt bank (metadata format is not metauas-prompt-bank)".into());
         }
         let version = get("version")?;
-        if version != BANK_VERSION {
+        if !READABLE_VERSIONS.contains(&version) {
             return Err(format!(
-                "prompt bank version {version} is not supported (this build reads {BANK_VERSION})"
+                "prompt bank version {version} is not supported (this build reads {})",
+                READABLE_VERSIONS.join(" and ")
             ));
         }
+        let optional = |key: &str| {
+            file.metadata()
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let roi_frame = match optional("roi") {
+            None => None,
+            Some(text) => {
+                let v: serde_json::Value = serde_json::from_str(text)
+                    .map_err(|_| "bank metadata `roi` is not JSON".to_string())?;
+                let dim = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+                match (dim("width"), dim("height")) {
+                    (Some(w), Some(h)) if w > 0 && h > 0 => Some((w as usize, h as usize)),
+                    _ => return Err("bank metadata `roi` has no width and height".into()),
+                }
+            }
+        };
+        let calibration = match optional("calibration") {
+            None => None,
+            Some(text) => {
+                let v: serde_json::Value = serde_json::from_str(text)
+                    .map_err(|_| "bank metadata `calibration` is not JSON".to_string())?;
+                Some(
+                    Calibration::from_json(&v)
+                        .map_err(|e| format!("bank metadata `calibration`: {e}"))?,
+                )
+            }
+        };
         let size: usize = get("size")?
             .parse()
             .map_err(|_| "bank metadata `size` is not a number".to_string())?;
@@ -261,6 +368,8 @@ impl BankMeta {
             size,
             names,
             sources,
+            roi_frame,
+            calibration,
         })
     }
 }

@@ -1,8 +1,10 @@
 //! The MetaUAS model: architecture tables, weights (BN folded), the two subgraphs, the
-//! engine on a backend, prompt banks and the selection among several prompts.
+//! engine on a backend, prompt banks, the selection among several prompts and the decisions
+//! taken from maps (thresholds, verdicts, regions, inspection masks).
 
 pub mod arch;
 pub mod bank;
+pub mod decision;
 pub mod engine;
 pub mod graphs;
 pub mod select;
