@@ -70,7 +70,8 @@ fn segment_writes_map_heatmap_overlay_and_json() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
-    for (line, (query, stem)) in lines.iter().zip([(&i.query, "frame"), (&second, "second")]) {
+    let queries = [(&i.query, "frame", (80, 64)), (&second, "second", (64, 64))];
+    for (line, (query, stem, frame)) in lines.iter().zip(queries) {
         assert_eq!(line["query"], s(query));
         assert_eq!(line["prompt"], s(&i.prompt));
         let npy = out_dir.join(format!("{stem}.npy"));
@@ -81,9 +82,10 @@ fn segment_writes_map_heatmap_overlay_and_json() {
         assert!(data.iter().all(|v| *v > 0.0 && *v < 1.0));
         let max = data.iter().copied().fold(f32::MIN, f32::max);
         assert!((line["score"].as_f64().unwrap() - max as f64).abs() < 1e-6);
+        // Pictures at the query's own size by default (`--output-size original`).
         for suffix in ["heatmap", "overlay"] {
             let png = image::open(out_dir.join(format!("{stem}_{suffix}.png"))).unwrap();
-            assert_eq!((png.width(), png.height()), (64, 64));
+            assert_eq!((png.width(), png.height()), frame);
         }
     }
 }

@@ -131,6 +131,9 @@ fn directory_queries_mirror_colliding_names_and_write_jsonl_masks() {
         s(&jsonl),
         "--threshold",
         "0.5",
+        // Masks at the model's size, to compare them with the maps pixel for pixel.
+        "--output-size",
+        "model",
     ]));
     let expected = [
         ("cam1/f", "lineA/cam1/f.png"),

@@ -17,8 +17,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use metauas::io::image::decode_image_bytes;
-use metauas::io::output::{gray_png_bytes, heatmap_png_bytes, threshold_mask};
-use metauas::model::{AnomalyMap, BankEntry, Engine, PromptBank, PromptFeatures};
+use metauas::io::image::RgbImage8;
+use metauas::io::output::{
+    gray_png_bytes, heatmap_png_bytes, heatmap_rgb, rgb_png_bytes, threshold_mask, HeatmapScale,
+};
+use metauas::model::decision::{resize_map, Calibrator, Policy, RoiMask, Rule};
+use metauas::model::{
+    AnomalyMap, BankEntry, Engine, PromptBank, PromptFeatures, PromptSelection, PromptSet,
+};
 use metauas::synth::synthetic_image;
 use serde_json::Value;
 
@@ -420,7 +426,8 @@ fn health_prompts_and_segmentation() {
     );
     check_npy_answer(&v, 1);
 
-    // png (the default): the JET heatmap; with a threshold, the binary mask too.
+    // png (the default): the JET heatmap of the raw map (fixed scale); with a threshold,
+    // the verdict and the binary mask too.
     let (status, v) = post(
         &a,
         &server.url("/v1/segment?prompt=p1&threshold=0.5"),
@@ -429,11 +436,22 @@ fn health_prompts_and_segmentation() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["format"], "png");
     let map = &f.expected[0].data;
+    let fixed = rgb_png_bytes(&heatmap_rgb(map, HeatmapScale::Fixed), SIZE, SIZE).unwrap();
+    assert_eq!(b64decode(v["map"].as_str().unwrap()), fixed);
+    assert_eq!(v["threshold"], 0.5);
+    let score = f.expected[0].score();
+    assert_eq!(v["verdict"]["anomalous"], f64::from(score) >= 0.5);
+    assert_eq!(v["verdict"]["image_threshold"]["source"], "given");
+    assert_eq!(v["frame"], serde_json::json!([80, 64]));
+    let (_, v2) = post(
+        &a,
+        &server.url("/v1/segment?prompt=p1&threshold=0.5&heatmap=minmax"),
+        &f.queries[0],
+    );
     assert_eq!(
-        b64decode(v["map"].as_str().unwrap()),
+        b64decode(v2["map"].as_str().unwrap()),
         heatmap_png_bytes(map, SIZE).unwrap()
     );
-    assert_eq!(v["threshold"], 0.5);
     assert_eq!(
         b64decode(v["mask"].as_str().unwrap()),
         gray_png_bytes(&threshold_mask(map, 0.5), SIZE).unwrap()
@@ -454,12 +472,12 @@ fn health_prompts_and_segmentation() {
     let text = server.metrics();
     for needle in [
         "# TYPE metauas_requests_total counter",
-        "metauas_requests_total{route=\"/v1/segment\",status=\"200\"} 4",
+        "metauas_requests_total{route=\"/v1/segment\",status=\"200\"} 5",
         "metauas_requests_total{route=\"/v1/prompts\",status=\"201\"} 2",
         "metauas_requests_total{route=\"/v1/prompts/{id}\",status=\"404\"} 1",
         "# TYPE metauas_request_duration_seconds histogram",
-        "metauas_request_duration_seconds_count{route=\"/v1/segment\"} 4",
-        "metauas_batch_size_count 4",
+        "metauas_request_duration_seconds_count{route=\"/v1/segment\"} 5",
+        "metauas_batch_size_count 5",
         "metauas_queue_depth 0",
         "metauas_prompts 1",
     ] {
@@ -553,7 +571,7 @@ fn bad_requests_get_json_errors() {
     assert_error(
         post(&a, &u("/v1/prompts?name=third"), &f.prompt_png),
         507,
-        "--max-prompts",
+        "maximum of 2 prompts",
     );
     // Routes and methods.
     assert_error(get(&a, &u("/v2/anything")), 404, "no such route");
@@ -570,7 +588,7 @@ fn bad_requests_get_json_errors() {
     assert_error(
         post(&a, &u("/v1/segment?prompt=p1"), &big),
         413,
-        "--max-body-mb",
+        "larger than the limit of 1048576 bytes",
     );
 
     // After all that, a valid request is still answered correctly on the same agent.
@@ -817,6 +835,180 @@ fn full_queue_is_503_and_the_queued_requests_still_finish() {
         .metrics()
         .lines()
         .any(|l| l == "metauas_requests_total{route=\"/v1/segment\",status=\"503\"} 1"));
+}
+
+/// A white-left-half mask of `width x height`.
+fn left_half_mask(width: usize, height: usize) -> RgbImage8 {
+    let mut data = vec![0u8; width * height * 3];
+    for y in 0..height {
+        for x in 0..width / 2 {
+            data[(y * width + x) * 3..][..3].copy_from_slice(&[255; 3]);
+        }
+    }
+    RgbImage8 {
+        width,
+        height,
+        data,
+    }
+}
+
+#[test]
+fn products_judge_with_calibration_mask_and_multi_prompt() {
+    let f = fixture();
+    let second = f
+        .engine
+        .encode_prompt(&synthetic_image(9, 90, 70, None))
+        .unwrap();
+    let mut bank = PromptBank::new(&f.engine);
+    for (name, features) in [("top", f.prompt.clone()), ("side", second)] {
+        let source = format!("{name}.png");
+        bank.push(BankEntry {
+            name: name.into(),
+            source,
+            features,
+        })
+        .unwrap();
+    }
+    // The mask has the size of query 0 (80 x 64); query 1 (64 x 96) is refused.
+    let roi = RoiMask::from_image(&left_half_mask(80, 64), SIZE).unwrap();
+    bank.set_roi(Some(roi.clone())).unwrap();
+    let set = PromptSet::from_bank(&bank, PromptSelection::Best).unwrap();
+    let mut calibrator = Calibrator::new(Some(roi.clone()));
+    for seed in 20..26 {
+        let (map, _) = set
+            .segment(&f.engine, &synthetic_image(seed, 80, 64, None))
+            .unwrap();
+        calibrator.add(&format!("n{seed}"), &map).unwrap();
+    }
+    let cal = calibrator
+        .finish(Rule::Max, 0.0, Rule::Quantile(0.99), PromptSelection::Best)
+        .unwrap();
+    bank.set_calibration(Some(cal.clone()));
+    let path = f.dir.join("product.safetensors");
+    bank.save(&path).unwrap();
+
+    let server = Server::start(&["--bank", &format!("cable={}", path.display())]);
+    assert!(server.log().contains("1 products"), "{}", server.log());
+    let a = agent();
+    let (_, v) = get(&a, &server.url("/v1/products"));
+    let p = &v["products"][0];
+    assert_eq!(p["name"], "cable");
+    assert_eq!(p["prompts"], serde_json::json!(["top", "side"]));
+    assert_eq!(
+        p["calibration"]["image_threshold"].as_f64().unwrap(),
+        cal.image.value
+    );
+    assert_eq!(p["roi"], serde_json::json!({"width": 80, "height": 64}));
+
+    // Each mode gives the library's map (mask applied) and the library's decision.
+    let query = decode_image_bytes(&f.queries[0], "q").unwrap();
+    for multi in ["best", "mean", "min"] {
+        let selection = metauas::model::decision::parse_selection(multi).unwrap();
+        let (mut want, _) = PromptSet::from_bank(&bank, selection)
+            .unwrap()
+            .segment(&f.engine, &query)
+            .unwrap();
+        let decision = Policy::calibrated(&cal, Some(roi.clone()))
+            .decide(&mut want, (80, 64))
+            .unwrap();
+        let url = format!("/v1/segment?product=cable&multi={multi}&map=npy&min_region_area=0");
+        let (status, v) = post(&a, &server.url(&url), &f.queries[0]);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            npy_values(&b64decode(v["map"].as_str().unwrap())),
+            want.data,
+            "{multi}"
+        );
+        assert_eq!(v["verdict"], decision.verdict_json(), "{multi}");
+        assert_eq!(v["regions"], decision.regions_json(), "{multi}");
+        assert_eq!(v["product"], "cable");
+        assert_eq!(v["multi"], multi);
+        if multi == "best" {
+            assert!(v["prompt"].is_string(), "{v}");
+            // The calibrated scale and the frame-size outputs.
+            let url = "/v1/segment?product=cable&heatmap=calibrated&output_size=original";
+            let (_, v) = post(&a, &server.url(url), &f.queries[0]);
+            let big = resize_map(&want.data, SIZE, 80, 64);
+            let scale = HeatmapScale::Calibrated(cal.pixel.value);
+            let png = rgb_png_bytes(&heatmap_rgb(&big, scale), 80, 64).unwrap();
+            assert_eq!(b64decode(v["map"].as_str().unwrap()), png);
+            assert_eq!(v["map_size"], serde_json::json!([80, 64]));
+            assert!(v["mask"].is_string());
+        } else {
+            assert_eq!(v["prompt"], serde_json::json!(["top", "side"]));
+        }
+    }
+    let u = |p: &str| server.url(p);
+    assert_error(
+        post(&a, &u("/v1/segment?product=cable"), &f.queries[1]),
+        400,
+        "the image is 64x96 but the inspection mask is 80x64",
+    );
+    assert_error(
+        post(&a, &u("/v1/segment?product=cable&multi=all"), &f.queries[0]),
+        400,
+        "multi=",
+    );
+    assert_error(
+        post(&a, &u("/v1/segment?product=nope"), &f.queries[0]),
+        400,
+        "unknown product",
+    );
+    assert_error(
+        post(
+            &a,
+            &u("/v1/segment?product=cable&prompt=top"),
+            &f.queries[0],
+        ),
+        400,
+        "not both",
+    );
+    assert_error(
+        post(&a, &u("/v1/segment?prompt=top&multi=mean"), &f.queries[0]),
+        400,
+        "product only",
+    );
+    assert_error(
+        post(
+            &a,
+            &u("/v1/segment?prompt=top&heatmap=calibrated"),
+            &f.queries[0],
+        ),
+        400,
+        "no pixel threshold",
+    );
+    assert_error(
+        post(
+            &a,
+            &u("/v1/segment?prompt=top&min_region_area=-1"),
+            &f.queries[0],
+        ),
+        400,
+        "min_region_area",
+    );
+
+    // A prompt's own mask: refused when it is not the prompt image's size (90 x 70).
+    let id = add_prompt(&a, &server, "fresh");
+    let put = |body: Vec<u8>| answer(a.put(&u(&format!("/v1/prompts/{id}/roi"))).send(&body[..]));
+    assert_error(
+        put(png_bytes(&left_half_mask(80, 64))),
+        400,
+        "must have the frames' size",
+    );
+    let (status, v) = put(png_bytes(&left_half_mask(90, 70)));
+    assert_eq!(status, 200, "{v}");
+    let (_, v) = get(&a, &u(&format!("/v1/prompts/{id}")));
+    assert_eq!(v["roi"]["width"], 90);
+    // Queries of 80 x 64 no longer fit this prompt.
+    assert_error(
+        post(&a, &u("/v1/segment?prompt=fresh"), &f.queries[0]),
+        400,
+        "inspection mask is 90x70",
+    );
+    let (status, _) = answer(a.delete(&u(&format!("/v1/prompts/{id}/roi"))).call());
+    assert_eq!(status, 200);
+    let (status, _) = post(&a, &u("/v1/segment?prompt=fresh&map=none"), &f.queries[0]);
+    assert_eq!(status, 200);
 }
 
 #[test]

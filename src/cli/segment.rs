@@ -8,8 +8,8 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use metauas::io::image::{decode_image_file, resize_rgb8, RgbImage8};
 use metauas::io::output::{
-    blend_half, draw_boxes, heatmap_rgb, write_atomic, write_npy_f32, write_png_gray_wh,
-    write_png_rgb, HeatmapScale,
+    blend_half, draw_boxes, heatmap_rgb, threshold_mask, write_atomic, write_npy_f32,
+    write_png_gray_wh, write_png_rgb, HeatmapScale,
 };
 use metauas::model::decision::{resize_map, Decision, Policy, RoiMask, Threshold};
 use metauas::model::{
@@ -88,11 +88,11 @@ pub struct SegmentArgs {
     jsonl: Option<PathBuf>,
     /// Decide with this threshold: anomalous when the score is at least T, regions and
     /// `<name>_mask.png` where the map is at least T (overrides a bank's calibration).
-    #[arg(long, value_name = "T")]
-    threshold: Option<f32>,
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    threshold: Option<f64>,
     /// The pixel threshold of regions and masks alone (overrides --threshold and the bank's).
-    #[arg(long, value_name = "T")]
-    pixel_threshold: Option<f32>,
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    pixel_threshold: Option<f64>,
     /// Regions with fewer map pixels (at the model's resolution) are dropped.
     #[arg(long, default_value_t = 1, value_name = "PIXELS")]
     min_region_area: usize,
@@ -286,7 +286,7 @@ fn selection_name(s: PromptSelection) -> &'static str {
 /// over the calibration, `--roi` over the bank's mask.
 fn judge(args: &SegmentArgs, bank: Option<&PromptBank>, size: usize) -> Result<Judge> {
     let calibration = bank.and_then(|b| b.calibration());
-    let given = |t: Option<f32>| t.map(|t| Threshold::given(f64::from(t)));
+    let given = |t: Option<f64>| t.map(Threshold::given);
     let image =
         given(args.threshold).or_else(|| calibration.map(|c| Threshold::calibrated(c.image.value)));
     let pixel = given(args.pixel_threshold)
@@ -444,10 +444,7 @@ fn write_outputs(
         write_png_rgb(&files[2], &overlay, pw, ph)?;
         if let Some(t) = pixel {
             // The frame-size mask thresholds the frame-size map, as a viewer would.
-            let mask_bytes: Vec<u8> = pic
-                .iter()
-                .map(|&v| if f64::from(v) >= t { 255 } else { 0 })
-                .collect();
+            let mask_bytes = threshold_mask(pic, t);
             write_png_gray_wh(&files[3], &mask_bytes, pw, ph)?;
             mask = Some(files[3].clone());
         }

@@ -11,7 +11,7 @@ use clap::Args;
 use metauas::model::{check_size, Engine, PromptBank};
 use metauas::serve::batcher::BatchConfig;
 use metauas::serve::http::Limits;
-use metauas::serve::{ServeConfig, Server};
+use metauas::serve::{Product, ServeConfig, Server};
 use metauas::{Error, Result};
 
 #[derive(Args)]
@@ -24,9 +24,11 @@ pub struct ServeArgs {
     bind: String,
     #[command(flatten)]
     pub(super) run: super::RunOptions,
-    /// A prompt bank (`metauas bank build`) to preload.
-    #[arg(long)]
-    bank: Option<PathBuf>,
+    /// A prompt bank (`metauas bank build`) to preload, as `PATH` or `NAME=PATH`: its prompts
+    /// by their names, and the bank as the product NAME (default: the file stem) for
+    /// `/v1/segment?product=NAME`, with its calibration and inspection mask. Repeatable.
+    #[arg(long, value_name = "[NAME=]PATH")]
+    bank: Vec<String>,
     /// Most segment queries run per batch.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     max_batch: u32,
@@ -75,14 +77,19 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         options,
     )?);
     let mut prompts = Vec::new();
-    if let Some(path) = &args.bank {
-        let bank = PromptBank::load(path, &engine)?;
-        if bank.len() > args.max_prompts as usize {
+    let mut products = Vec::new();
+    for spec in &args.bank {
+        let (name, path) = bank_spec(spec)?;
+        let bank = PromptBank::load(&path, &engine)?;
+        if bank.is_empty() {
+            return Err(Error::at(&path, "bank holds no prompts"));
+        }
+        if prompts.len() + bank.len() > args.max_prompts as usize {
             return Err(Error::at(
-                path,
+                &path,
                 format!(
-                    "holds {} prompts, more than --max-prompts {}",
-                    bank.len(),
+                    "{} prompts in the banks, more than --max-prompts {}",
+                    prompts.len() + bank.len(),
                     args.max_prompts
                 ),
             ));
@@ -90,6 +97,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         for e in bank.entries() {
             prompts.push((e.name.clone(), e.features.clone()));
         }
+        products.push(Product::from_bank(&name, &bank, None).map_err(|e| Error::at(&path, e))?);
     }
     let config = ServeConfig {
         bind,
@@ -111,7 +119,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         ..ServeConfig::default()
     };
-    let server = Server::start(engine.clone(), config, prompts)?;
+    let product_count = products.len();
+    let server = Server::start_with(engine.clone(), config, prompts, products)?;
     let stopper = server.stopper();
     let signals = AtomicUsize::new(0);
     ctrlc::set_handler(move || {
@@ -124,11 +133,12 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     })
     .map_err(|e| Error::new(format!("cannot install the signal handler: {e}")))?;
     eprintln!(
-        "metauas: listening on http://{} (backend {}, size {}, {} prompts)",
+        "metauas: listening on http://{} (backend {}, size {}, {} prompts, {} products)",
         server.local_addr(),
         engine.backend_description(),
         engine.size(),
-        server.prompt_count()
+        server.prompt_count(),
+        product_count
     );
     if server.wait() {
         eprintln!("metauas: stopped");
@@ -146,4 +156,24 @@ fn resolve(bind: &str) -> Result<SocketAddr> {
         .map_err(|e| bad(format!("not an address:port ({e})")))?
         .next()
         .ok_or_else(|| bad("resolves to no address".to_string()))
+}
+
+/// `NAME=PATH` or `PATH` (the name is then the file stem).
+fn bank_spec(spec: &str) -> Result<(String, PathBuf)> {
+    let (name, path) = match spec.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !name.contains('/') => {
+            (name.to_string(), PathBuf::from(path))
+        }
+        _ => {
+            let path = PathBuf::from(spec);
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            let stem = stem.filter(|s| !s.is_empty()).ok_or_else(|| {
+                Error::new(format!(
+                    "--bank {spec}: no file name to name the product by"
+                ))
+            })?;
+            (stem, path)
+        }
+    };
+    Ok((name, path))
 }

@@ -65,10 +65,13 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn check_root(root: &Path) -> Result<()> {
     if !root.exists() {
-        return Err(Error::at(root, "no such directory (--root)"));
+        return Err(Error::at(root, "no such directory (the dataset root)"));
     }
     if !root.is_dir() {
-        return Err(Error::at(root, "not a directory (--root)"));
+        return Err(Error::at(
+            root,
+            "not a directory (the dataset root is a folder)",
+        ));
     }
     Ok(())
 }
@@ -176,7 +179,7 @@ pub fn mvtec_layout(root: &Path, prompt_seed: u64) -> Result<Vec<ClassSet>> {
     if classes.is_empty() {
         return Err(Error::at(
             root,
-            "no CLASS/test folders: not an MVTec AD layout (or give --test-json)",
+            "no CLASS/test folders: not an MVTec AD layout (or use the authors' meta files)",
         ));
     }
     Ok(classes)
@@ -395,7 +398,7 @@ pub fn select_classes(
         match by_name.remove(name) {
             Some(c) => out.push(c),
             None if known.contains(name) => {
-                return Err(Error::new(format!("--class {name}: given twice")))
+                return Err(Error::new(format!("class `{name}` is chosen twice")))
             }
             None => {
                 return Err(Error::at(

@@ -492,9 +492,9 @@ pub fn overlay_png_bytes(
 
 /// The binary mask of a map: 255 where the anomaly value is at least `threshold`, else 0.
 /// NaN is never anomalous.
-pub fn threshold_mask(map: &[f32], threshold: f32) -> Vec<u8> {
+pub fn threshold_mask(map: &[f32], threshold: f64) -> Vec<u8> {
     map.iter()
-        .map(|&v| if v >= threshold { 255 } else { 0 })
+        .map(|&v| if f64::from(v) >= threshold { 255 } else { 0 })
         .collect()
 }
 

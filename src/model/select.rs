@@ -3,6 +3,8 @@
 //! them (mean or per-pixel minimum). Used by `metauas segment --multi-prompt`; open to the
 //! server and library users alike.
 
+use std::sync::Arc;
+
 use super::bank::{most_similar, pooled_f5, PromptBank};
 use super::engine::{AnomalyMap, Engine, PromptFeatures};
 use crate::error::{Error, Result};
@@ -46,7 +48,7 @@ pub enum PromptsUsed {
 #[derive(Clone, Debug)]
 pub struct PromptSet {
     names: Vec<String>,
-    features: Vec<PromptFeatures>,
+    features: Vec<Arc<PromptFeatures>>,
     /// Average-pooled f5 of each prompt, only when `Best` must choose among several.
     pooled: Vec<Vec<f32>>,
     selection: PromptSelection,
@@ -62,9 +64,10 @@ impl PromptSet {
             return Err(Error::new("a prompt set needs at least one prompt"));
         }
         let (names, features): (Vec<String>, Vec<PromptFeatures>) = prompts.into_iter().unzip();
+        let features: Vec<Arc<PromptFeatures>> = features.into_iter().map(Arc::new).collect();
         let choose = features.len() > 1 && selection == PromptSelection::Best;
         let pooled = if choose {
-            features.iter().map(pooled_f5).collect()
+            features.iter().map(|f| pooled_f5(f)).collect()
         } else {
             Vec::new()
         };
@@ -99,6 +102,11 @@ impl PromptSet {
         &self.features[index]
     }
 
+    /// The same features, shared (for queues that outlive a borrow).
+    pub fn shared_features(&self, index: usize) -> Arc<PromptFeatures> {
+        self.features[index].clone()
+    }
+
     pub fn selection(&self) -> PromptSelection {
         self.selection
     }
@@ -106,37 +114,27 @@ impl PromptSet {
     /// Segments `image` as the selection says; returns the map and the prompts it used.
     pub fn segment(&self, engine: &Engine, image: &RgbImage8) -> Result<(AnomalyMap, PromptsUsed)> {
         if self.len() == 1 || self.selection == PromptSelection::Best {
-            let chosen = self.most_similar(engine, image)?;
+            let chosen = self.choose(engine, image)?;
             let map = engine.segment(&self.features[chosen], image)?;
             return Ok((map, PromptsUsed::One(chosen)));
         }
-        let mut combined: Option<AnomalyMap> = None;
-        for features in &self.features {
-            let map = engine.segment(features, image)?;
-            combined = Some(match combined {
-                None => map,
-                Some(mut acc) => {
-                    for (a, &v) in acc.data.iter_mut().zip(&map.data) {
-                        *a = if self.selection == PromptSelection::Min {
-                            a.min(v)
-                        } else {
-                            *a + v
-                        };
-                    }
-                    acc
-                }
-            });
-        }
-        let mut map = combined.expect("at least one prompt");
-        if self.selection == PromptSelection::Mean {
-            let n = self.len() as f32;
-            map.data.iter_mut().for_each(|v| *v /= n);
-        }
-        Ok((map, PromptsUsed::All))
+        let maps = self
+            .features
+            .iter()
+            .map(|f| engine.segment(f, image))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((self.combine(maps)?, PromptsUsed::All))
     }
 
-    /// The prompt most similar to `image` (the only one, without encoding it).
-    fn most_similar(&self, engine: &Engine, image: &RgbImage8) -> Result<usize> {
+    /// Whether a query is segmented against one chosen prompt (`Best`, or a single prompt)
+    /// rather than against all of them.
+    pub fn uses_one(&self) -> bool {
+        self.len() == 1 || self.selection == PromptSelection::Best
+    }
+
+    /// The prompt most similar to `image` by average-pooled f5 (the only one, without
+    /// encoding the query).
+    pub fn choose(&self, engine: &Engine, image: &RgbImage8) -> Result<usize> {
         if self.len() == 1 {
             return Ok(0);
         }
@@ -144,5 +142,33 @@ impl PromptSet {
         let query_pooled = pooled_f5(&engine.encode_prompt(image)?);
         let pooled = self.pooled.iter().map(Vec::as_slice);
         Ok(most_similar(&query_pooled, pooled).unwrap_or(0))
+    }
+
+    /// The maps against every prompt (in order) combined as the selection says: the mean or
+    /// the per-pixel minimum (`Best` takes the mean too, for a caller that asks).
+    pub fn combine(&self, maps: Vec<AnomalyMap>) -> Result<AnomalyMap> {
+        if maps.len() != self.len() {
+            return Err(Error::new(format!(
+                "{} maps for a set of {} prompts",
+                maps.len(),
+                self.len()
+            )));
+        }
+        let mut maps = maps.into_iter();
+        let mut acc = maps.next().expect("a set holds at least one prompt");
+        for map in maps {
+            for (a, &v) in acc.data.iter_mut().zip(&map.data) {
+                *a = if self.selection == PromptSelection::Min {
+                    a.min(v)
+                } else {
+                    *a + v
+                };
+            }
+        }
+        if self.selection != PromptSelection::Min {
+            let n = self.len() as f32;
+            acc.data.iter_mut().for_each(|v| *v /= n);
+        }
+        Ok(acc)
     }
 }

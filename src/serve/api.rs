@@ -1,5 +1,6 @@
-//! Routes and handlers: prompts, segmentation, health and metrics. Every error is a JSON
-//! `{"error": "one line"}` with its status.
+//! Routes and handlers: prompts (with inspection masks), products (banks with their
+//! calibration), segmentation with verdicts and regions, health and metrics. Every error is
+//! a JSON `{"error": "one line"}` with its status.
 
 use std::io::Cursor;
 use std::sync::mpsc;
@@ -12,8 +13,13 @@ use super::batcher::{Batcher, Job, SubmitError};
 use super::http::{parse_query, percent_decode, printable, RequestHead, Response};
 use super::metrics::Metrics;
 use crate::io::image::{decode_image_bytes, RgbImage8};
-use crate::io::output::{gray_png_bytes, heatmap_png_bytes, npy_f32_bytes, threshold_mask};
-use crate::model::{Engine, PromptFeatures};
+use crate::io::output::{
+    gray_png_bytes_wh, heatmap_rgb, npy_f32_bytes, rgb_png_bytes, threshold_mask, HeatmapScale,
+};
+use crate::model::decision::{
+    parse_selection, resize_map, Calibration, Decision, Policy, RoiMask, Threshold,
+};
+use crate::model::{AnomalyMap, Engine, PromptBank, PromptFeatures, PromptSelection, PromptSet};
 use crate::util::sync::{lock, read, wait, write};
 
 /// Largest image (width x height) the server decodes: 8192 x 8192.
@@ -31,6 +37,48 @@ struct PromptEntry {
     id: String,
     name: String,
     features: Arc<PromptFeatures>,
+    /// The prompt image's width and height (unknown for bank prompts).
+    frame: Option<(usize, usize)>,
+    roi: Option<Arc<RoiMask>>,
+}
+
+/// A product: a bank's prompts, its calibration and its inspection mask.
+pub struct Product {
+    pub name: String,
+    pub prompts: PromptSet,
+    pub calibration: Option<Calibration>,
+    pub roi: Option<RoiMask>,
+}
+
+impl Product {
+    /// A bank as a product; queries use `selection`, by default the calibration's.
+    pub fn from_bank(
+        name: &str,
+        bank: &PromptBank,
+        selection: Option<PromptSelection>,
+    ) -> crate::Result<Product> {
+        let calibration = bank.calibration().cloned();
+        let selection = selection
+            .or(calibration.as_ref().map(|c| c.selection))
+            .unwrap_or_default();
+        Ok(Product {
+            name: name.to_string(),
+            prompts: PromptSet::from_bank(bank, selection)?,
+            calibration,
+            roi: bank.roi().cloned(),
+        })
+    }
+
+    /// The product's prompts used with another selection.
+    fn with_selection(&self, selection: PromptSelection) -> PromptSet {
+        let prompts = (0..self.prompts.len())
+            .map(|i| {
+                let name = self.prompts.name(i).to_string();
+                (name, self.prompts.features(i).clone())
+            })
+            .collect();
+        PromptSet::new(prompts, selection).expect("a product holds prompts")
+    }
 }
 
 #[derive(Default)]
@@ -50,7 +98,12 @@ impl Registry {
             .or_else(|| self.entries.iter().position(|e| e.name == key))
     }
 
-    fn add(&mut self, name: Option<String>, features: PromptFeatures) -> (String, String) {
+    fn add(
+        &mut self,
+        name: Option<String>,
+        features: PromptFeatures,
+        frame: Option<(usize, usize)>,
+    ) -> (String, String) {
         self.last += 1;
         let id = format!("p{}", self.last);
         let name = name.unwrap_or_else(|| id.clone());
@@ -58,6 +111,8 @@ impl Registry {
             id: id.clone(),
             name: name.clone(),
             features: Arc::new(features),
+            frame,
+            roi: None,
         });
         (id, name)
     }
@@ -97,6 +152,28 @@ pub struct Api {
     metrics: Arc<Metrics>,
     decoders: Permits,
     max_prompts: usize,
+    products: Vec<Arc<Product>>,
+}
+
+/// What a segment request runs against.
+enum Target {
+    Prompt {
+        id: String,
+        features: Arc<PromptFeatures>,
+        roi: Option<Arc<RoiMask>>,
+    },
+    Product {
+        product: Arc<Product>,
+        prompts: PromptSet,
+    },
+}
+
+/// The options of one segment request.
+struct SegmentOptions {
+    format: &'static str,
+    scale: HeatmapScale,
+    frame_size: bool,
+    given: Option<f64>,
 }
 
 impl Api {
@@ -117,7 +194,20 @@ impl Api {
                 cv: Condvar::new(),
             },
             max_prompts,
+            products: Vec::new(),
         }
+    }
+
+    /// Adds a product (before serving starts); names must be unique.
+    pub fn add_product(&mut self, product: Product) -> crate::Result<()> {
+        if self.products.iter().any(|p| p.name == product.name) {
+            return Err(crate::Error::new(format!(
+                "product name `{}` twice",
+                product.name
+            )));
+        }
+        self.products.push(Arc::new(product));
+        Ok(())
     }
 
     pub fn batcher(&self) -> &Batcher {
@@ -133,14 +223,14 @@ impl Api {
         let mut reg = write(&self.registry);
         if reg.entries.len() >= self.max_prompts {
             return Err(crate::Error::new(format!(
-                "more prompts than --max-prompts {}",
+                "more prompts than the server holds ({})",
                 self.max_prompts
             )));
         }
         if reg.entries.iter().any(|e| e.name == name) {
             return Err(crate::Error::new(format!("prompt name `{name}` twice")));
         }
-        Ok(reg.add(Some(name.to_string()), features).0)
+        Ok(reg.add(Some(name.to_string()), features, None).0)
     }
 
     pub fn prompt_count(&self) -> usize {
@@ -163,8 +253,20 @@ impl Api {
                 },
             ),
             "/v1/segment" => ("/v1/segment", only(method, &["POST"], || self.segment(req))),
+            "/v1/products" => (
+                "/v1/products",
+                only(method, &["GET"], || self.list_products(req)),
+            ),
             _ => match path.strip_prefix("/v1/prompts/") {
-                Some(key) if !key.is_empty() && !key.contains('/') => (
+                Some(rest) if rest.strip_suffix("/roi").is_some_and(valid_key) => (
+                    "/v1/prompts/{id}/roi",
+                    match method {
+                        "PUT" => self.put_roi(rest.strip_suffix("/roi").unwrap_or(rest), req),
+                        "DELETE" => self.delete_roi(rest.strip_suffix("/roi").unwrap_or(rest)),
+                        _ => Err(not_allowed(&["PUT", "DELETE"])),
+                    },
+                ),
+                Some(key) if valid_key(key) => (
                     "/v1/prompts/{id}",
                     match method {
                         "GET" => self.get_prompt(key),
@@ -193,6 +295,7 @@ impl Api {
                 "size": self.engine.size(),
                 "weights": self.engine.weights_hash(),
                 "prompts": self.prompt_count(),
+                "products": self.products.len(),
             }),
         ))
     }
@@ -221,7 +324,73 @@ impl Api {
         let reg = read(&self.registry);
         let i = reg.find(&key).ok_or_else(|| unknown_prompt(404, &key))?;
         let e = &reg.entries[i];
-        Ok(Response::json(200, &json!({ "id": e.id, "name": e.name })))
+        let roi = e
+            .roi
+            .as_ref()
+            .map(|r| json!({"width": r.frame.0, "height": r.frame.1, "pixels": r.pixels()}));
+        Ok(Response::json(
+            200,
+            &json!({ "id": e.id, "name": e.name, "roi": roi }),
+        ))
+    }
+
+    /// Sets a prompt's inspection mask from a PNG (white = inspect) of its frames' size.
+    fn put_roi(&self, key: &str, req: &Request) -> Result<Response, Response> {
+        params(&req.head, &[])?;
+        let key = percent_decode(key, false)?;
+        let mask = self.decode(&req.body, "inspection mask")?;
+        let roi = RoiMask::from_image(&mask, self.engine.size())
+            .map_err(|e| Response::error(400, format!("inspection mask: {e}")))?;
+        let mut reg = write(&self.registry);
+        let i = reg.find(&key).ok_or_else(|| unknown_prompt(404, &key))?;
+        let e = &mut reg.entries[i];
+        if let Some((w, h)) = e.frame.filter(|&f| f != roi.frame) {
+            return Err(Response::error(
+                400,
+                format!(
+                    "inspection mask is {}x{} but prompt `{}` is {w}x{h}: the mask must have the frames' size",
+                    roi.frame.0, roi.frame.1, e.name
+                ),
+            ));
+        }
+        let body = json!({"id": e.id, "name": e.name, "roi": {"width": roi.frame.0, "height": roi.frame.1, "pixels": roi.pixels()}});
+        e.roi = Some(Arc::new(roi));
+        Ok(Response::json(200, &body))
+    }
+
+    fn delete_roi(&self, key: &str) -> Result<Response, Response> {
+        let key = percent_decode(key, false)?;
+        let mut reg = write(&self.registry);
+        let i = reg.find(&key).ok_or_else(|| unknown_prompt(404, &key))?;
+        let e = &mut reg.entries[i];
+        let had = e.roi.take().is_some();
+        Ok(Response::json(
+            200,
+            &json!({"id": e.id, "name": e.name, "deleted": had}),
+        ))
+    }
+
+    fn list_products(&self, req: &Request) -> Result<Response, Response> {
+        params(&req.head, &[])?;
+        let list: Vec<_> = self
+            .products
+            .iter()
+            .map(|p| {
+                let names: Vec<&str> = (0..p.prompts.len()).map(|i| p.prompts.name(i)).collect();
+                json!({
+                    "name": p.name,
+                    "prompts": names,
+                    "multi": selection_name(p.prompts.selection()),
+                    "calibration": p.calibration.as_ref().map(|c| json!({
+                        "image_threshold": c.image.value,
+                        "pixel_threshold": c.pixel.value,
+                        "images": c.images.len(),
+                    })),
+                    "roi": p.roi.as_ref().map(|r| json!({"width": r.frame.0, "height": r.frame.1})),
+                })
+            })
+            .collect();
+        Ok(Response::json(200, &json!({ "products": list })))
     }
 
     fn delete_prompt(&self, key: &str) -> Result<Response, Response> {
@@ -253,7 +422,7 @@ impl Api {
         let mut reg = write(&self.registry);
         // Checked again: another request may have taken the name or the room meanwhile.
         self.check_room(&reg, name.as_deref())?;
-        let (id, name) = reg.add(name, features);
+        let (id, name) = reg.add(name, features, Some((image.width, image.height)));
         Ok(Response::json(201, &json!({ "id": id, "name": name })))
     }
 
@@ -262,7 +431,7 @@ impl Api {
             return Err(Response::error(
                 507,
                 format!(
-                    "the server holds its maximum of {} prompts (--max-prompts): delete some first",
+                    "the server holds its maximum of {} prompts: delete some first",
                     self.max_prompts
                 ),
             ));
@@ -279,82 +448,208 @@ impl Api {
     }
 
     fn segment(&self, req: &Request) -> Result<Response, Response> {
-        let p = params(&req.head, &["prompt", "map", "threshold"])?;
-        let key = p.get("prompt").ok_or_else(|| {
-            Response::error(400, "missing query parameter `prompt` (a prompt id)")
-        })?;
-        let format = match p.get("map").map(String::as_str).unwrap_or("png") {
-            f @ ("png" | "npy" | "none") => f.to_string(),
-            other => {
-                return Err(Response::error(
+        let p = params(&req.head, SEGMENT_PARAMS)?;
+        let target = self.target(&p)?;
+        let options = segment_options(&p)?;
+        let policy = self.policy(&p, &target, options.given)?;
+        let scale = match options.scale {
+            HeatmapScale::Calibrated(_) => match policy.pixel {
+                Some(t) => HeatmapScale::Calibrated(t.value),
+                None => return Err(Response::error(
                     400,
-                    format!("map=`{}`: must be png, npy or none", printable(other)),
-                ))
-            }
-        };
-        let threshold = match p.get("threshold") {
-            None => None,
-            Some(t) => match t.parse::<f32>() {
-                Ok(v) if v.is_finite() => Some(v),
-                _ => {
-                    return Err(Response::error(
-                        400,
-                        format!("threshold=`{}`: must be a finite number", printable(t)),
-                    ))
-                }
+                    "heatmap=calibrated: no pixel threshold (a calibrated product, or threshold=)",
+                )),
             },
-        };
-        let (id, features) = {
-            let reg = read(&self.registry);
-            let i = reg.find(key).ok_or_else(|| unknown_prompt(400, key))?;
-            (reg.entries[i].id.clone(), reg.entries[i].features.clone())
+            other => other,
         };
         let image = self.decode(&req.body, "query image")?;
+        let frame = (image.width, image.height);
+        if let Some(roi) = &policy.roi {
+            roi.check_frame(frame.0, frame.1)
+                .map_err(|e| Response::error(400, format!("query image: {e}")))?;
+        }
+        let (mut map, used, ms, batch) = self.run(&target, image)?;
+        let decision = policy
+            .decide(&mut map, frame)
+            .map_err(|e| Response::error(400, format!("query image: {e}")))?;
+        let mut body = json!({
+            "prompt": used,
+            "score": decision.score,
+            "verdict": decision.verdict_json(),
+            "regions": decision.regions_json(),
+            "frame": [frame.0, frame.1],
+            "ms": (ms * 1000.0).round() / 1000.0,
+            "size": map.size,
+            "batch": batch,
+            "format": options.format,
+        });
+        if let Target::Product { product, prompts } = &target {
+            body["product"] = json!(product.name);
+            body["multi"] = json!(selection_name(prompts.selection()));
+        }
+        encode_outputs(&mut body, &map, &decision, &options, scale)?;
+        if let Some(t) = options.given {
+            body["threshold"] = json!(t);
+        }
+        Ok(Response::json(200, &body))
+    }
+
+    /// `prompt=` (an id or name) or `product=` (a bank, with `multi=`).
+    fn target(&self, p: &Params) -> Result<Target, Response> {
+        match (p.get("prompt"), p.get("product")) {
+            (Some(_), Some(_)) => Err(Response::error(400, "give `prompt` or `product`, not both")),
+            (None, None) => Err(Response::error(
+                400,
+                "missing query parameter `prompt` (a prompt id) or `product` (a bank's name)",
+            )),
+            (Some(key), None) => {
+                if p.contains_key("multi") {
+                    return Err(Response::error(400, "`multi` applies to a product only"));
+                }
+                let reg = read(&self.registry);
+                let i = reg.find(key).ok_or_else(|| unknown_prompt(400, key))?;
+                let e = &reg.entries[i];
+                Ok(Target::Prompt {
+                    id: e.id.clone(),
+                    features: e.features.clone(),
+                    roi: e.roi.clone(),
+                })
+            }
+            (None, Some(name)) => {
+                let product = self
+                    .products
+                    .iter()
+                    .find(|x| x.name == *name)
+                    .ok_or_else(|| {
+                        Response::error(
+                            400,
+                            format!(
+                                "unknown product `{}` (GET /v1/products lists them)",
+                                printable(name)
+                            ),
+                        )
+                    })?
+                    .clone();
+                let prompts = match p.get("multi") {
+                    None => product.prompts.clone(),
+                    Some(m) => match parse_selection(m) {
+                        Some(s) if s == product.prompts.selection() => product.prompts.clone(),
+                        Some(s) => product.with_selection(s),
+                        None => {
+                            return Err(Response::error(
+                                400,
+                                format!("multi=`{}`: must be best, mean or min", printable(m)),
+                            ))
+                        }
+                    },
+                };
+                Ok(Target::Product { product, prompts })
+            }
+        }
+    }
+
+    /// Thresholds: given ones (`threshold=`, `pixel_threshold=`) over the product's
+    /// calibration; the ROI of the prompt or product.
+    fn policy(&self, p: &Params, target: &Target, given: Option<f64>) -> Result<Policy, Response> {
+        let pixel_given = finite_param(p, "pixel_threshold")?;
+        let min_region_area = match p.get("min_region_area") {
+            None => 1,
+            Some(v) => v.parse::<usize>().map_err(|_| {
+                Response::error(
+                    400,
+                    format!("min_region_area=`{}`: must be a whole number", printable(v)),
+                )
+            })?,
+        };
+        let (calibration, roi) = match target {
+            Target::Prompt { roi, .. } => (None, roi.as_deref().cloned()),
+            Target::Product { product, .. } => (product.calibration.as_ref(), product.roi.clone()),
+        };
+        let given_t = |t: Option<f64>| t.map(Threshold::given);
+        Ok(Policy {
+            image: given_t(given)
+                .or_else(|| calibration.map(|c| Threshold::calibrated(c.image.value))),
+            pixel: given_t(pixel_given)
+                .or(given_t(given))
+                .or_else(|| calibration.map(|c| Threshold::calibrated(c.pixel.value))),
+            roi,
+            min_region_area,
+        })
+    }
+
+    /// Runs the query: one job for a prompt or a product's chosen prompt, one job per prompt
+    /// for `mean`/`min` (queued together, so they may share a batch). Returns the map, the
+    /// prompt(s) used, the engine time and the largest batch.
+    fn run(
+        &self,
+        target: &Target,
+        image: RgbImage8,
+    ) -> Result<(AnomalyMap, serde_json::Value, f64, usize), Response> {
+        let failed = |e: String| Response::error(500, format!("segmentation failed: {e}"));
+        match target {
+            Target::Prompt { id, features, .. } => {
+                let rx = self.submit(features.clone(), image)?;
+                let (map, ms, batch) = self.receive(rx)?;
+                Ok((map, json!(id), ms, batch))
+            }
+            Target::Product { prompts, .. } if prompts.uses_one() => {
+                let chosen = prompts
+                    .choose(&self.engine, &image)
+                    .map_err(|e| failed(e.to_string()))?;
+                let rx = self.submit(prompts.shared_features(chosen), image)?;
+                let (map, ms, batch) = self.receive(rx)?;
+                Ok((map, json!(prompts.name(chosen)), ms, batch))
+            }
+            Target::Product { prompts, .. } => {
+                let mut pending = Vec::with_capacity(prompts.len());
+                for i in 0..prompts.len() {
+                    pending.push(self.submit(prompts.shared_features(i), image.clone())?);
+                }
+                let (mut maps, mut ms, mut batch) = (Vec::new(), 0.0, 0);
+                for rx in pending {
+                    let (map, t, b) = self.receive(rx)?;
+                    maps.push(map);
+                    ms += t;
+                    batch = batch.max(b);
+                }
+                let names: Vec<&str> = (0..prompts.len()).map(|i| prompts.name(i)).collect();
+                let map = prompts.combine(maps).map_err(|e| failed(e.to_string()))?;
+                Ok((map, json!(names), ms, batch))
+            }
+        }
+    }
+
+    fn submit(
+        &self,
+        prompt: Arc<PromptFeatures>,
+        image: RgbImage8,
+    ) -> Result<mpsc::Receiver<super::batcher::JobOutcome>, Response> {
         let (reply, outcome) = mpsc::channel();
         let job = Job {
-            prompt: features,
+            prompt,
             image,
             reply,
         };
         self.batcher.submit(job).map_err(|e| match e {
             SubmitError::Full => {
-                Response::error(503, "queue full: the server is busy, retry later (--queue)")
+                Response::error(503, "queue full: the server is busy, retry later")
             }
             SubmitError::Closed => Response::error(503, "the server is shutting down"),
         })?;
+        Ok(outcome)
+    }
+
+    fn receive(
+        &self,
+        outcome: mpsc::Receiver<super::batcher::JobOutcome>,
+    ) -> Result<(AnomalyMap, f64, usize), Response> {
         let outcome = outcome
             .recv()
             .map_err(|_| Response::error(503, "the server stopped before this query ran"))?;
         let map = outcome
             .result
             .map_err(|e| Response::error(500, format!("segmentation failed: {e}")))?;
-        let n = map.size;
-        let internal = |e: String| Response::error(500, format!("cannot encode the map: {e}"));
-        let encoded = match format.as_str() {
-            "png" => Some(base64::encode(
-                &heatmap_png_bytes(&map.data, n).map_err(internal)?,
-            )),
-            "npy" => Some(base64::encode(
-                &npy_f32_bytes(&map.data, &[n, n]).map_err(internal)?,
-            )),
-            _ => None,
-        };
-        let mut body = json!({
-            "prompt": id,
-            "score": map.score(),
-            "ms": (outcome.ms * 1000.0).round() / 1000.0,
-            "size": n,
-            "batch": outcome.batch,
-            "format": format,
-            "map": encoded,
-        });
-        if let Some(t) = threshold {
-            let mask = gray_png_bytes(&threshold_mask(&map.data, t), n).map_err(internal)?;
-            // The f32 as written (0.55, not 0.550000011920929).
-            body["threshold"] = json!(t.to_string().parse::<f64>().unwrap_or(f64::from(t)));
-            body["mask"] = json!(base64::encode(&mask));
-        }
-        Ok(Response::json(200, &body))
+        Ok((map, outcome.ms, outcome.batch))
     }
 
     /// Decodes a request body as an image: 400 when empty, undecodable or too large.
@@ -386,6 +681,122 @@ fn peek_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
         .ok()?
         .into_dimensions()
         .ok()
+}
+
+type Params = std::collections::HashMap<String, String>;
+
+const SEGMENT_PARAMS: &[&str] = &[
+    "prompt",
+    "product",
+    "multi",
+    "map",
+    "threshold",
+    "pixel_threshold",
+    "min_region_area",
+    "heatmap",
+    "output_size",
+];
+
+fn selection_name(s: PromptSelection) -> &'static str {
+    match s {
+        PromptSelection::Best => "best",
+        PromptSelection::Mean => "mean",
+        PromptSelection::Min => "min",
+    }
+}
+
+/// A prompt id or name in a path: not empty, no `/`.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty() && !key.contains('/')
+}
+
+fn finite_param(p: &Params, key: &str) -> Result<Option<f64>, Response> {
+    match p.get(key) {
+        None => Ok(None),
+        Some(t) => match t.parse::<f64>() {
+            Ok(v) if v.is_finite() => Ok(Some(v)),
+            _ => Err(Response::error(
+                400,
+                format!("{key}=`{}`: must be a finite number", printable(t)),
+            )),
+        },
+    }
+}
+
+/// `map=png|npy|none`, `heatmap=fixed|calibrated|minmax`, `output_size=model|original`,
+/// `threshold=`. A calibrated scale gets its threshold from the policy.
+fn segment_options(p: &Params) -> Result<SegmentOptions, Response> {
+    let choice = |key: &str, default: &'static str, allowed: &[&'static str]| {
+        let value = p.get(key).map(String::as_str).unwrap_or(default);
+        allowed
+            .iter()
+            .find(|&&a| a == value)
+            .copied()
+            .ok_or_else(|| {
+                Response::error(
+                    400,
+                    format!(
+                        "{key}=`{}`: must be {}",
+                        printable(value),
+                        allowed.join(", ")
+                    ),
+                )
+            })
+    };
+    let format = choice("map", "png", &["png", "npy", "none"])?;
+    let scale = match choice("heatmap", "fixed", &["fixed", "calibrated", "minmax"])? {
+        "fixed" => HeatmapScale::Fixed,
+        "minmax" => HeatmapScale::MinMax,
+        _ => HeatmapScale::Calibrated(0.5),
+    };
+    let frame_size = choice("output_size", "model", &["model", "original"])? == "original";
+    Ok(SegmentOptions {
+        format,
+        scale,
+        frame_size,
+        given: finite_param(p, "threshold")?,
+    })
+}
+
+/// The map (PNG heatmap or .npy) and the mask (when there is a pixel threshold), base64, at
+/// the model's size or the frame's.
+fn encode_outputs(
+    body: &mut serde_json::Value,
+    map: &AnomalyMap,
+    decision: &Decision,
+    options: &SegmentOptions,
+    scale: HeatmapScale,
+) -> Result<(), Response> {
+    let internal = |e: String| Response::error(500, format!("cannot encode the map: {e}"));
+    let n = map.size;
+    let (w, h) = if options.frame_size {
+        decision.frame
+    } else {
+        (n, n)
+    };
+    let resized;
+    let data: &[f32] = if (w, h) == (n, n) {
+        &map.data
+    } else {
+        resized = resize_map(&map.data, n, w, h);
+        &resized
+    };
+    let encoded = match options.format {
+        "png" => Some(base64::encode(
+            &rgb_png_bytes(&heatmap_rgb(data, scale), w, h).map_err(internal)?,
+        )),
+        "npy" => Some(base64::encode(
+            &npy_f32_bytes(data, &[h, w]).map_err(internal)?,
+        )),
+        _ => None,
+    };
+    body["map"] = json!(encoded);
+    body["map_size"] = json!([w, h]);
+    if let Some(t) = decision.pixel_threshold {
+        let mask = gray_png_bytes_wh(&threshold_mask(data, t.value), w, h).map_err(internal)?;
+        body["mask"] = json!(base64::encode(&mask));
+    }
+    Ok(())
 }
 
 fn only(

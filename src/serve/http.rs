@@ -220,7 +220,7 @@ fn parse_content_length(value: &str, limits: &Limits) -> Result<u64, HttpError> 
         HttpError::new(
             413,
             format!(
-                "request body of {} bytes is larger than the limit of {} bytes (--max-body-mb)",
+                "request body of {} bytes is larger than the limit of {} bytes",
                 printable(value),
                 limits.max_body_bytes
             ),

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::model::{Engine, PromptFeatures};
 use crate::util::sync::{lock, wait_timeout};
+pub use api::Product;
 use api::{Api, Request};
 use batcher::{panic_message, BatchConfig, Batcher};
 use http::{parse_request_head, response_bytes, HttpError, Limits, RequestHead, Response};
@@ -139,9 +140,20 @@ impl Server {
         config: ServeConfig,
         prompts: Vec<(String, PromptFeatures)>,
     ) -> Result<ServerHandle> {
+        Server::start_with(engine, config, prompts, Vec::new())
+    }
+
+    /// `start`, with products (banks with their calibration and inspection mask) that
+    /// `/v1/segment?product=NAME` judges queries with.
+    pub fn start_with(
+        engine: Arc<Engine>,
+        config: ServeConfig,
+        prompts: Vec<(String, PromptFeatures)>,
+        products: Vec<Product>,
+    ) -> Result<ServerHandle> {
         if config.batch.max_batch == 0 || config.batch.queue == 0 || config.max_connections == 0 {
             return Err(Error::new(
-                "--max-batch, --queue and --max-connections must be at least 1",
+                "the batch size, the queue length and the connection limit must be at least 1",
             ));
         }
         let listener = TcpListener::bind(config.bind)
@@ -152,7 +164,10 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let batcher = Batcher::start(engine.clone(), metrics.clone(), config.batch)
             .map_err(|e| Error::new(format!("cannot start the worker thread: {e}")))?;
-        let api = Api::new(engine, batcher, metrics, config.max_prompts);
+        let mut api = Api::new(engine, batcher, metrics, config.max_prompts);
+        for product in products {
+            api.add_product(product)?;
+        }
         for (name, features) in prompts {
             api.preload(&name, features)?;
         }
@@ -327,7 +342,7 @@ fn refuse_overload(mut stream: TcpStream, shared: &Shared) {
     let resp = Response::error(
         503,
         format!(
-            "too many open connections (at most {}, --max-connections): retry later",
+            "too many open connections (at most {}): retry later",
             shared.config.max_connections
         ),
     );

@@ -2,9 +2,9 @@
 //! scores, the pixel-level one from every inspected normal pixel, each by a rule (`max`,
 //! `quantile:Q`, `sigma:K`), with the statistics behind them kept for the record.
 //!
-//! Statistics follow numpy: the mean in float64, `std` with `ddof=0`, quantiles by numpy's
-//! default (`method="linear"`: `v[floor(h)] + (h - floor(h)) * (v[ceil(h)] - v[floor(h)])`
-//! at `h = q * (n - 1)` over the sorted values).
+//! Statistics follow numpy on the values as float64: the mean, `std` with `ddof=0`, and
+//! quantiles by numpy's default (`method="linear"`: interpolation between the sorted values
+//! around `q * (n - 1)`), checked against numpy in `tests/decision.rs`.
 
 use std::str::FromStr;
 
@@ -81,12 +81,22 @@ pub struct Stats {
     pub quantiles: Vec<(f64, f64)>,
 }
 
-/// numpy's `quantile(values, q)` (method `linear`) of ascending `sorted` values.
+/// numpy's `quantile(values, q)` (method `linear`) of ascending `sorted` values, in
+/// numpy's float64 steps: the virtual index `(n - 1) q`, and its `_lerp`, which
+/// interpolates from the upper sample when the fraction is at least one half.
 pub fn quantile_of_sorted(sorted: &[f32], q: f64) -> f64 {
-    let h = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
-    let (a, b) = (f64::from(sorted[lo]), f64::from(sorted[hi]));
-    a + (h - lo as f64) * (b - a)
+    let last = sorted.len() - 1;
+    let virtual_index = last as f64 * q;
+    let previous = virtual_index.floor();
+    let gamma = virtual_index - previous;
+    let at = |i: f64| f64::from(sorted[(i.max(0.0) as usize).min(last)]);
+    let (a, b) = (at(previous), at(previous + 1.0));
+    let diff = b - a;
+    if gamma >= 0.5 {
+        b - diff * (1.0 - gamma)
+    } else {
+        a + diff * gamma
+    }
 }
 
 impl Stats {

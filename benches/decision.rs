@@ -1,0 +1,88 @@
+//! What a decision costs per query at 256, beside the forward pass it follows, for a
+//! 2448 x 2048 camera frame: the verdict and regions (8-connected components at the model's
+//! size), the map resized to the frame (OpenCV INTER_LINEAR), the frame-size heatmap,
+//! overlay (with region boxes) and mask, each encoded as PNG.
+//!
+//! `cargo bench --bench decision`. Synthetic weights (the timing does not depend on the
+//! values) and a synthetic frame with a defect, segmented once; the peer in the same run is
+//! `Engine::segment` with a cached prompt.
+
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use metauas::io::output::{
+    blend_half, draw_boxes, gray_png_bytes_wh, heatmap_rgb, rgb_png_bytes, threshold_mask,
+    HeatmapScale,
+};
+use metauas::model::decision::{resize_map, Policy, Threshold};
+use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
+use metauas::Engine;
+
+const SIZE: usize = 256;
+const WIDTH: usize = 2448;
+const HEIGHT: usize = 2048;
+
+fn bench_decision(c: &mut Criterion) {
+    let engine = Engine::new(&synthetic_weights(&WeightRecipe::unit(1)), SIZE).unwrap();
+    let prompt = engine
+        .encode_prompt(&synthetic_image(1, WIDTH, HEIGHT, None))
+        .unwrap();
+    let frame = synthetic_image(2, WIDTH, HEIGHT, Some((800, 700, 150)));
+    let map = engine.segment(&prompt, &frame).unwrap();
+    // A pixel threshold that leaves some regions: the 99.5th percentile of this map.
+    let mut sorted = map.data.clone();
+    sorted.sort_by(f32::total_cmp);
+    let t = f64::from(sorted[sorted.len() * 995 / 1000]);
+    let policy = Policy {
+        image: Some(Threshold::given(t)),
+        pixel: Some(Threshold::given(t)),
+        ..Policy::default()
+    };
+    let decision = policy.decide(&mut map.clone(), (WIDTH, HEIGHT)).unwrap();
+    eprintln!("{} regions above {t:.4}", decision.regions.len());
+    let big = resize_map(&map.data, SIZE, WIDTH, HEIGHT);
+    let heat = heatmap_rgb(&big, HeatmapScale::Fixed);
+    let boxes: Vec<[usize; 4]> = decision.regions.iter().map(|r| r.bbox).collect();
+
+    let mut group = c.benchmark_group("decision_256_frame_2448x2048");
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(4));
+    group.sample_size(10);
+    group.bench_function("forward_cached_prompt", |b| {
+        b.iter(|| {
+            engine
+                .segment(black_box(&prompt), black_box(&frame))
+                .unwrap()
+        })
+    });
+    group.bench_function("verdict_and_regions", |b| {
+        b.iter(|| policy.decide(&mut map.clone(), (WIDTH, HEIGHT)).unwrap())
+    });
+    group.bench_function("resize_map_to_frame", |b| {
+        b.iter(|| resize_map(black_box(&map.data), SIZE, WIDTH, HEIGHT))
+    });
+    group.bench_function("heatmap_rgb_frame", |b| {
+        b.iter(|| heatmap_rgb(black_box(&big), HeatmapScale::Fixed))
+    });
+    group.bench_function("overlay_with_boxes_frame", |b| {
+        b.iter(|| {
+            let mut o = blend_half(black_box(&heat), &frame.data);
+            draw_boxes(&mut o, WIDTH, HEIGHT, &boxes, [255; 3], WIDTH / 256);
+            o
+        })
+    });
+    group.bench_function("png_heatmap_frame", |b| {
+        b.iter(|| rgb_png_bytes(black_box(&heat), WIDTH, HEIGHT).unwrap())
+    });
+    group.bench_function("png_mask_frame", |b| {
+        b.iter(|| gray_png_bytes_wh(&threshold_mask(black_box(&big), t), WIDTH, HEIGHT).unwrap())
+    });
+    group.bench_function("png_heatmap_model_size", |b| {
+        let small = heatmap_rgb(&map.data, HeatmapScale::Fixed);
+        b.iter(|| rgb_png_bytes(black_box(&small), SIZE, SIZE).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decision);
+criterion_main!(benches);
