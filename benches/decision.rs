@@ -4,15 +4,16 @@
 //! overlay (with region boxes) and mask, each encoded as PNG.
 //!
 //! `cargo bench --bench decision`. Synthetic weights (the timing does not depend on the
-//! values) and a synthetic frame with a defect, segmented once; the peer in the same run is
+//! values) and a smooth textured frame, segmented once; the peer in the same run is
 //! `Engine::segment` with a cached prompt.
 
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use metauas::io::image::RgbImage8;
 use metauas::io::output::{
-    blend_half, draw_boxes, gray_png_bytes_wh, heatmap_rgb, rgb_png_bytes, threshold_mask,
-    HeatmapScale,
+    blend_half, draw_boxes, gray_png_bytes_wh, heatmap_png, heatmap_rgb, rgb_png_bytes,
+    threshold_mask, HeatmapScale,
 };
 use metauas::model::decision::{resize_map, Policy, Threshold};
 use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
@@ -22,12 +23,35 @@ const SIZE: usize = 256;
 const WIDTH: usize = 2448;
 const HEIGHT: usize = 2048;
 
+/// A smooth picture with fine texture, as a 5-megapixel camera sees a part (the frame of
+/// `benches/decode.rs`): what PNG compresses in an overlay.
+fn camera_frame() -> RgbImage8 {
+    let mut data = Vec::with_capacity(WIDTH * HEIGHT * 3);
+    for y in 0..HEIGHT as u32 {
+        for x in 0..WIDTH as u32 {
+            let (fx, fy) = (x as f32, y as f32);
+            let texture =
+                (((x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) >> 13) % 9) as u8;
+            data.extend_from_slice(&[
+                (60.0 + 120.0 * fx / WIDTH as f32) as u8 + texture,
+                (80.0 + 100.0 * fy / HEIGHT as f32) as u8 + texture,
+                (128.0 + 60.0 * (fx / 150.0).sin() * (fy / 110.0).cos()) as u8,
+            ]);
+        }
+    }
+    RgbImage8 {
+        width: WIDTH,
+        height: HEIGHT,
+        data,
+    }
+}
+
 fn bench_decision(c: &mut Criterion) {
     let engine = Engine::new(&synthetic_weights(&WeightRecipe::unit(1)), SIZE).unwrap();
     let prompt = engine
         .encode_prompt(&synthetic_image(1, WIDTH, HEIGHT, None))
         .unwrap();
-    let frame = synthetic_image(2, WIDTH, HEIGHT, Some((800, 700, 150)));
+    let frame = camera_frame();
     let map = engine.segment(&prompt, &frame).unwrap();
     // A pixel threshold that leaves some regions: the 99.5th percentile of this map.
     let mut sorted = map.data.clone();
@@ -72,14 +96,34 @@ fn bench_decision(c: &mut Criterion) {
         })
     });
     group.bench_function("png_heatmap_frame", |b| {
-        b.iter(|| rgb_png_bytes(black_box(&heat), WIDTH, HEIGHT).unwrap())
+        b.iter(|| heatmap_png(black_box(&big), WIDTH, HEIGHT, HeatmapScale::Fixed).unwrap())
+    });
+    group.bench_function("png_overlay_frame", |b| {
+        b.iter(|| rgb_png_bytes(black_box(&frame.data), WIDTH, HEIGHT).unwrap())
     });
     group.bench_function("png_mask_frame", |b| {
         b.iter(|| gray_png_bytes_wh(&threshold_mask(black_box(&big), t), WIDTH, HEIGHT).unwrap())
     });
+    // All of `segment`'s frame-size outputs for one query, as it makes them (in memory):
+    // resize, overlay with boxes and heatmap + mask encoded on two threads.
+    group.bench_function("all_frame_outputs", |b| {
+        b.iter(|| {
+            let big = resize_map(black_box(&map.data), SIZE, WIDTH, HEIGHT);
+            let overlay = || {
+                let mut o = blend_half(&heatmap_rgb(&big, HeatmapScale::Fixed), &frame.data);
+                draw_boxes(&mut o, WIDTH, HEIGHT, &boxes, [255; 3], WIDTH / 256);
+                rgb_png_bytes(&o, WIDTH, HEIGHT).unwrap()
+            };
+            let rest = || {
+                let h = heatmap_png(&big, WIDTH, HEIGHT, HeatmapScale::Fixed).unwrap();
+                let m = gray_png_bytes_wh(&threshold_mask(&big, t), WIDTH, HEIGHT).unwrap();
+                (h, m)
+            };
+            rayon::join(overlay, rest)
+        })
+    });
     group.bench_function("png_heatmap_model_size", |b| {
-        let small = heatmap_rgb(&map.data, HeatmapScale::Fixed);
-        b.iter(|| rgb_png_bytes(black_box(&small), SIZE, SIZE).unwrap())
+        b.iter(|| heatmap_png(black_box(&map.data), SIZE, SIZE, HeatmapScale::Fixed).unwrap())
     });
     group.finish();
 }

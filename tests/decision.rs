@@ -559,3 +559,111 @@ fn few_calibration_images_get_a_warning() {
         "{stderr}"
     );
 }
+
+#[test]
+fn labeled_set_reports_f1_optimal_thresholds_without_using_them() {
+    let i = inputs();
+    let bank = build_bank(i, "labeled.safetensors", false);
+    let root = i.dir.join("labeled");
+    std::fs::create_dir_all(root.join("bottle")).unwrap();
+    let mut lines = String::new();
+    let mut truth = Vec::new();
+    for k in 0..6 {
+        let defect = (k % 2 == 1).then_some((20 + 5 * k, 25, 12));
+        let name = format!("bottle/{k}.png");
+        write_image(
+            &root.join(&name),
+            &synthetic_image(40 + k as u64, 96, 80, defect),
+        );
+        let mut line = serde_json::json!({"filename": name, "label": u8::from(defect.is_some())});
+        if let Some((x, y, r)) = defect {
+            let mut mask = RgbImage8 {
+                width: 96,
+                height: 80,
+                data: vec![0; 96 * 80 * 3],
+            };
+            for yy in y - r / 2..y + r / 2 {
+                for xx in x - r / 2..x + r / 2 {
+                    mask.data[(yy * 96 + xx) * 3..][..3].copy_from_slice(&[255; 3]);
+                }
+            }
+            let mask_name = format!("bottle/{k}_mask.png");
+            write_image(&root.join(&mask_name), &mask);
+            line["maskname"] = mask_name.into();
+        }
+        truth.push(defect.is_some());
+        lines.push_str(&format!("{line}\n"));
+    }
+    let labels = root.join("test.jsonl");
+    std::fs::write(&labels, lines).unwrap();
+    let out = metauas(&[
+        "bank",
+        "calibrate",
+        "--bank",
+        s(&bank),
+        "--weights",
+        s(&i.weights),
+        "--images",
+        s(&i.normals),
+        "--size",
+        SIZE,
+        "--backend",
+        "cpu",
+        "--labels",
+        s(&labels),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("F1-optimal image threshold"), "{stderr}");
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f1 = &line["f1_optimal"];
+    assert_eq!(
+        (
+            f1["normal_images"].as_u64(),
+            f1["defective_images"].as_u64()
+        ),
+        (Some(3), Some(3))
+    );
+    // The image threshold is the argmax over the library's scores of the labeled images.
+    let engine = Engine::from_file(&i.weights, 64).unwrap();
+    let loaded = PromptBank::load(&bank, &engine).unwrap();
+    let prompts = metauas::model::PromptSet::from_bank(&loaded, Default::default()).unwrap();
+    let scores: Vec<f32> = (0..6)
+        .map(|k| {
+            let img = decode_image_file(&root.join(format!("bottle/{k}.png"))).unwrap();
+            prompts.segment(&engine, &img).unwrap().0.score()
+        })
+        .collect();
+    let labels_u8: Vec<u8> = truth.iter().map(|&t| u8::from(t)).collect();
+    let (t, _) = f1_optimal(&scores, &labels_u8).unwrap();
+    assert_eq!(f1["image"]["threshold"].as_f64().unwrap(), t);
+    // Reported, not used: the calibrated threshold stays the normal images' rule.
+    let cal = loaded.calibration().unwrap();
+    assert_ne!(cal.image.value, t);
+    assert_eq!(cal.f1.as_ref().unwrap().image.unwrap().0, t);
+    // Several classes without --class: one line listing them.
+    std::fs::write(
+        &labels,
+        "{\"filename\":\"bottle/0.png\",\"label\":0}\n{\"filename\":\"cable/0.png\",\"label\":0,\"clsname\":\"cable\"}\n",
+    )
+    .unwrap();
+    let out = metauas(&[
+        "bank",
+        "calibrate",
+        "--bank",
+        s(&bank),
+        "--weights",
+        s(&i.weights),
+        "--images",
+        s(&i.normals),
+        "--size",
+        SIZE,
+        "--labels",
+        s(&labels),
+    ]);
+    assert_one_line_error(&out, "choose one with --class");
+}

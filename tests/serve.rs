@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use metauas::io::image::decode_image_bytes;
 use metauas::io::image::RgbImage8;
 use metauas::io::output::{
-    gray_png_bytes, heatmap_png_bytes, heatmap_rgb, rgb_png_bytes, threshold_mask, HeatmapScale,
+    gray_png_bytes, heatmap_png, heatmap_png_bytes, threshold_mask, HeatmapScale,
 };
 use metauas::model::decision::{resize_map, Calibrator, Policy, RoiMask, Rule};
 use metauas::model::{
@@ -436,7 +436,7 @@ fn health_prompts_and_segmentation() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["format"], "png");
     let map = &f.expected[0].data;
-    let fixed = rgb_png_bytes(&heatmap_rgb(map, HeatmapScale::Fixed), SIZE, SIZE).unwrap();
+    let fixed = heatmap_png(map, SIZE, SIZE, HeatmapScale::Fixed).unwrap();
     assert_eq!(b64decode(v["map"].as_str().unwrap()), fixed);
     assert_eq!(v["threshold"], 0.5);
     let score = f.expected[0].score();
@@ -930,7 +930,7 @@ fn products_judge_with_calibration_mask_and_multi_prompt() {
             let (_, v) = post(&a, &server.url(url), &f.queries[0]);
             let big = resize_map(&want.data, SIZE, 80, 64);
             let scale = HeatmapScale::Calibrated(cal.pixel.value);
-            let png = rgb_png_bytes(&heatmap_rgb(&big, scale), 80, 64).unwrap();
+            let png = heatmap_png(&big, 80, 64, scale).unwrap();
             assert_eq!(b64decode(v["map"].as_str().unwrap()), png);
             assert_eq!(v["map_size"], serde_json::json!([80, 64]));
             assert!(v["mask"].is_string());

@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use metauas::io::image::{decode_image_file, resize_rgb8, RgbImage8};
 use metauas::io::output::{
-    blend_half, draw_boxes, heatmap_rgb, threshold_mask, write_atomic, write_npy_f32,
+    blend_half, draw_boxes, heatmap_png, heatmap_rgb, threshold_mask, write_atomic, write_npy_f32,
     write_png_gray_wh, write_png_rgb, HeatmapScale,
 };
 use metauas::model::decision::{resize_map, Decision, Policy, RoiMask, Threshold};
@@ -162,21 +162,50 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         .map_err(|e| Error::at(&args.out, format!("cannot create output directory: {e}")))?;
 
     let bar = progress_bar(queries.len(), "segment");
-    let mut jsonl = Vec::new();
-    let mut failures = 0;
-    for query in &queries {
-        match segment_one(&engine, &prompts, &args, &judge, query, paired.take()) {
-            Ok(line) => {
-                jsonl.extend_from_slice(line.as_bytes());
-                bar.suspend(|| super::emit(&line))?;
+    // A writer thread encodes and writes each query's outputs while the engine runs the
+    // next query (frame-size PNGs cost about as much as a forward pass); it emits the JSON
+    // lines in query order.
+    let (jsonl, failures) = std::thread::scope(|scope| -> Result<(Vec<u8>, usize)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Judged>(2);
+        let writer = scope.spawn(|| -> Result<(Vec<u8>, usize)> {
+            let (mut jsonl, mut failures) = (Vec::new(), 0);
+            for judged in rx {
+                match write_one(&args, judge.scale, judged) {
+                    Ok(line) => {
+                        jsonl.extend_from_slice(line.as_bytes());
+                        bar.suspend(|| super::emit(&line))?;
+                    }
+                    Err(e) => {
+                        bar.suspend(|| eprintln!("metauas: {e}"));
+                        failures += 1;
+                    }
+                }
+                bar.inc(1);
             }
-            Err(e) => {
-                bar.suspend(|| eprintln!("metauas: {e}"));
-                failures += 1;
+            Ok((jsonl, failures))
+        });
+        let mut failures = 0;
+        for query in &queries {
+            match judge_one(&engine, &prompts, &judge, query, paired.take()) {
+                // A closed channel means the writer failed: its error is returned below.
+                Ok(judged) => {
+                    if tx.send(judged).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    bar.suspend(|| eprintln!("metauas: {e}"));
+                    failures += 1;
+                    bar.inc(1);
+                }
             }
         }
-        bar.inc(1);
-    }
+        drop(tx);
+        let (jsonl, written_failures) = writer
+            .join()
+            .map_err(|_| Error::new("the output writer stopped unexpectedly"))??;
+        Ok((jsonl, failures + written_failures))
+    })?;
     bar.finish_and_clear();
     if let Some(path) = &args.jsonl {
         write_atomic(path, &jsonl)?;
@@ -326,14 +355,23 @@ fn judge(args: &SegmentArgs, bank: Option<&PromptBank>, size: usize) -> Result<J
     })
 }
 
-fn segment_one(
+/// One query segmented and decided, waiting for its outputs.
+struct Judged<'a> {
+    query: &'a ImageInput,
+    image: RgbImage8,
+    map: AnomalyMap,
+    decision: Decision,
+    used: serde_json::Value,
+    ms: f64,
+}
+
+fn judge_one<'a>(
     engine: &Engine,
     prompts: &PromptSet,
-    args: &SegmentArgs,
     judge: &Judge,
-    query: &ImageInput,
+    query: &'a ImageInput,
     paired: Option<PairedQuery>,
-) -> Result<String> {
+) -> Result<Judged<'a>> {
     let (image, mut map, used, ms) = match paired {
         Some(p) => (p.image, p.map, prompts.name(0).into(), p.ms),
         None => {
@@ -352,7 +390,27 @@ fn segment_one(
         .policy
         .decide(&mut map, (image.width, image.height))
         .map_err(|e| Error::at(&query.path, e))?;
-    let written = write_outputs(&map, &image, &decision, args, judge.scale, &query.name)?;
+    Ok(Judged {
+        query,
+        image,
+        map,
+        decision,
+        used,
+        ms,
+    })
+}
+
+/// Writes one query's outputs; returns its JSON line.
+fn write_one(args: &SegmentArgs, scale: HeatmapScale, judged: Judged) -> Result<String> {
+    let Judged {
+        query,
+        image,
+        map,
+        decision,
+        used,
+        ms,
+    } = judged;
+    let written = write_outputs(&map, &image, &decision, args, scale, &query.name)?;
     let mut line = serde_json::json!({
         "query": query.path.display().to_string(),
         "prompt": used,
@@ -434,18 +492,28 @@ fn write_outputs(
                 (map.data.as_slice(), resize_rgb8(image, n).data, boxes, n, n)
             }
         };
-        let heat = heatmap_rgb(pic, scale);
-        write_png_rgb(&files[1], &heat, pw, ph)?;
-        let mut overlay = blend_half(&heat, &base);
-        if args.draw_regions {
-            let thickness = (pw.max(ph) / 256).max(1);
-            draw_boxes(&mut overlay, pw, ph, &boxes, [255, 255, 255], thickness);
-        }
-        write_png_rgb(&files[2], &overlay, pw, ph)?;
-        if let Some(t) = pixel {
-            // The frame-size mask thresholds the frame-size map, as a viewer would.
-            let mask_bytes = threshold_mask(pic, t);
-            write_png_gray_wh(&files[3], &mask_bytes, pw, ph)?;
+        // The three pictures are encoded in parallel: at a camera's frame size, PNG encoding
+        // is most of their cost.
+        let overlay = || -> Result<()> {
+            let mut overlay = blend_half(&heatmap_rgb(pic, scale), &base);
+            if args.draw_regions {
+                let thickness = (pw.max(ph) / 256).max(1);
+                draw_boxes(&mut overlay, pw, ph, &boxes, [255, 255, 255], thickness);
+            }
+            write_png_rgb(&files[2], &overlay, pw, ph)
+        };
+        let heatmap_and_mask = || -> Result<()> {
+            let heat = heatmap_png(pic, pw, ph, scale).map_err(|e| Error::at(&files[1], e))?;
+            write_atomic(&files[1], &heat)?;
+            if let Some(t) = pixel {
+                // The frame-size mask thresholds the frame-size map, as a viewer would.
+                write_png_gray_wh(&files[3], &threshold_mask(pic, t), pw, ph)?;
+            }
+            Ok(())
+        };
+        let (a, b) = rayon::join(overlay, heatmap_and_mask);
+        a.and(b)?;
+        if pixel.is_some() {
             mask = Some(files[3].clone());
         }
     }

@@ -8,8 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::{ExtendedColorType, ImageEncoder};
+use image::ExtendedColorType;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::io::image::RgbImage8;
@@ -296,7 +296,11 @@ pub fn heatmap_levels(map: &[f32], scale: HeatmapScale) -> Vec<u8> {
     // `as u8` truncates toward zero and saturates, which clamps to [0, 255].
     let level = |x: f32| if x.is_finite() { (x * 255.0) as u8 } else { 0 };
     match scale {
-        HeatmapScale::Fixed => map.iter().map(|&v| level(v)).collect(),
+        HeatmapScale::Fixed => map
+            .par_iter()
+            .with_min_len(4096)
+            .map(|&v| level(v))
+            .collect(),
         HeatmapScale::Calibrated(t) => {
             let t = t.clamp(1e-12, 1.0 - 1e-12);
             let stretch = |v: f32| {
@@ -308,7 +312,10 @@ pub fn heatmap_levels(map: &[f32], scale: HeatmapScale) -> Vec<u8> {
                 };
                 level(x as f32)
             };
-            map.iter().map(|&v| stretch(v)).collect()
+            map.par_iter()
+                .with_min_len(4096)
+                .map(|&v| stretch(v))
+                .collect()
         }
         HeatmapScale::MinMax => {
             let finite = map.iter().copied().filter(|v| v.is_finite());
@@ -330,11 +337,45 @@ pub fn heatmap_levels(map: &[f32], scale: HeatmapScale) -> Vec<u8> {
 
 /// OpenCV's COLORMAP_JET of `map` under `scale`: RGB bytes, 3 per value.
 pub fn heatmap_rgb(map: &[f32], scale: HeatmapScale) -> Vec<u8> {
+    levels_to_rgb(&heatmap_levels(map, scale))
+}
+
+/// The JET colours of colormap levels, 3 bytes each.
+fn levels_to_rgb(levels: &[u8]) -> Vec<u8> {
     let lut = jet_lut();
-    heatmap_levels(map, scale)
-        .iter()
-        .flat_map(|&l| lut[l as usize])
-        .collect()
+    let mut rgb = vec![0u8; levels.len() * 3];
+    rgb.par_chunks_mut(3 * 4096)
+        .zip(levels.par_chunks(4096))
+        .for_each(|(out, lv)| {
+            for (o, &l) in out.chunks_exact_mut(3).zip(lv) {
+                o.copy_from_slice(&lut[l as usize]);
+            }
+        });
+    rgb
+}
+
+/// The JET heatmap of `map` (`width x height`) under `scale` as PNG bytes. Written as an
+/// 8-bit palette PNG (the 256 JET colours): the same RGB pixels for any reader, a third of
+/// the data to compress, which is what a frame-size heatmap costs.
+pub fn heatmap_png(
+    map: &[f32],
+    width: usize,
+    height: usize,
+    scale: HeatmapScale,
+) -> std::result::Result<Vec<u8>, String> {
+    if map.len() != width * height || width == 0 || height == 0 {
+        return Err(format!(
+            "map has {} values, not {width} x {height}",
+            map.len()
+        ));
+    }
+    let palette: Vec<u8> = jet_lut().iter().flatten().copied().collect();
+    encode_png(
+        &heatmap_levels(map, scale),
+        width,
+        height,
+        PngPixels::Indexed(&palette),
+    )
 }
 
 /// Min-max normalize `map` to [0, 1] (a constant map becomes all zeros), quantize like the
@@ -407,20 +448,55 @@ fn png_bytes(
     png_bytes_wh(pixels, side, side, color)
 }
 
-/// PNG bytes of a `width x height` image. Fast deflate: frame-sized pictures are written
-/// per query, and the best compression costs a multiple of the forward pass for a few
-/// percent of size.
+/// PNG bytes of a `width x height` image.
 fn png_bytes_wh(
     pixels: &[u8],
     width: usize,
     height: usize,
     color: ExtendedColorType,
 ) -> std::result::Result<Vec<u8>, String> {
+    let kind = match color {
+        ExtendedColorType::L8 => PngPixels::Gray,
+        _ => PngPixels::Rgb,
+    };
+    encode_png(pixels, width, height, kind)
+}
+
+/// What the bytes of a PNG to encode are.
+enum PngPixels<'a> {
+    Gray,
+    Rgb,
+    /// One palette index per pixel, with the palette's RGB triples.
+    Indexed(&'a [u8]),
+}
+
+/// Encodes 8-bit pixels as PNG: fdeflate's fast mode and the `Up` filter, the quickest of
+/// the filters here at nearly the best size (a frame-size picture is written per query;
+/// on 2448 x 2048 heatmaps `Up` took 22 ms, adaptive 28 ms, at 1.9 vs 1.7 MB).
+fn encode_png(
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    kind: PngPixels,
+) -> std::result::Result<Vec<u8>, String> {
     let dim = |v: usize| u32::try_from(v).map_err(|_| "image too large for PNG".to_string());
     let mut encoded = Vec::new();
-    PngEncoder::new_with_quality(&mut encoded, CompressionType::Fast, FilterType::Adaptive)
-        .write_image(pixels, dim(width)?, dim(height)?, color)
-        .map_err(|e| format!("cannot encode PNG: {e}"))?;
+    let mut encoder = png::Encoder::new(&mut encoded, dim(width)?, dim(height)?);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Fast);
+    encoder.set_filter(png::Filter::Up);
+    match kind {
+        PngPixels::Gray => encoder.set_color(png::ColorType::Grayscale),
+        PngPixels::Rgb => encoder.set_color(png::ColorType::Rgb),
+        PngPixels::Indexed(palette) => {
+            encoder.set_color(png::ColorType::Indexed);
+            encoder.set_palette(palette.to_vec());
+        }
+    }
+    let fail = |e: png::EncodingError| format!("cannot encode PNG: {e}");
+    let mut writer = encoder.write_header().map_err(fail)?;
+    writer.write_image_data(pixels).map_err(fail)?;
+    writer.finish().map_err(fail)?;
     Ok(encoded)
 }
 
@@ -466,10 +542,10 @@ pub fn write_png_gray_wh(path: &Path, data: &[u8], width: usize, height: usize) 
     write_atomic(path, &bytes)
 }
 
-/// The anomaly map as the bytes of a JET heatmap PNG (`side x side`, RGB).
+/// The anomaly map, min-max normalized, as the bytes of a JET heatmap PNG (`side x side`).
 pub fn heatmap_png_bytes(map: &[f32], side: usize) -> std::result::Result<Vec<u8>, String> {
     check_square(map.len(), side, "map")?;
-    png_bytes(&jet_colormap(map), side, ExtendedColorType::Rgb8)
+    heatmap_png(map, side, side, HeatmapScale::MinMax)
 }
 
 /// The JET heatmap blended 50/50 over `base` (already `side x side`), as PNG bytes:

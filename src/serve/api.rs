@@ -14,7 +14,7 @@ use super::http::{parse_query, percent_decode, printable, RequestHead, Response}
 use super::metrics::Metrics;
 use crate::io::image::{decode_image_bytes, RgbImage8};
 use crate::io::output::{
-    gray_png_bytes_wh, heatmap_rgb, npy_f32_bytes, rgb_png_bytes, threshold_mask, HeatmapScale,
+    gray_png_bytes_wh, heatmap_png, npy_f32_bytes, threshold_mask, HeatmapScale,
 };
 use crate::model::decision::{
     parse_selection, resize_map, Calibration, Decision, Policy, RoiMask, Threshold,
@@ -783,7 +783,7 @@ fn encode_outputs(
     };
     let encoded = match options.format {
         "png" => Some(base64::encode(
-            &rgb_png_bytes(&heatmap_rgb(data, scale), w, h).map_err(internal)?,
+            &heatmap_png(data, w, h, scale).map_err(internal)?,
         )),
         "npy" => Some(base64::encode(
             &npy_f32_bytes(data, &[h, w]).map_err(internal)?,
