@@ -12,8 +12,8 @@ use metauas::cpu::CpuBackend;
 use metauas::gpu::GpuBackend;
 use metauas::graph::Precision;
 use metauas::graph::{
-    Activation, Backend, ConvWeights, Graph, GraphBuilder, ScseWeights, Shape,
-    SqueezeExciteWeights, WeightTables,
+    Activation, Backend, ConvId, ConvWeights, Graph, GraphBuilder, ScseId, ScseWeights, Shape,
+    SqueezeExciteId, SqueezeExciteWeights, WeightTables,
 };
 use metauas::util::rng::SplitMix64;
 use proptest::prelude::*;
@@ -128,7 +128,7 @@ proptest! {
         let mut g = GraphBuilder::new();
         let x = g.input("x", Shape::new(h, w, cin));
         let residual = (stride == 1 && cin == cout && act == 0).then_some(x);
-        let y = g.conv("y", x, 0, (cout, k, stride), padding(k, stride), false, activation(act), residual);
+        let y = g.conv("y", x, ConvId(0), (cout, k, stride), padding(k, stride), false, activation(act), residual);
         g.output(y);
         let inputs = vec![values(seed + 7, h * w * cin, 1.0)];
         compare("conv_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
@@ -146,7 +146,7 @@ proptest! {
         weights.convs.push(conv_weights(seed, c, c, k, true));
         let mut g = GraphBuilder::new();
         let x = g.input("x", Shape::new(h, w, c));
-        let y = g.conv("y", x, 0, (c, k, stride), padding(k, stride), true, activation(act), None);
+        let y = g.conv("y", x, ConvId(0), (c, k, stride), padding(k, stride), true, activation(act), None);
         g.output(y);
         let inputs = vec![values(seed + 7, h * w * c, 1.0)];
         compare("depthwise_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
@@ -163,8 +163,8 @@ proptest! {
         weights.convs.push(conv_weights(seed + 11, cout, c, 1, false));
         let mut g = GraphBuilder::new();
         let x = g.input("x", Shape::new(h, w, c));
-        let s = g.squeeze_excite("se", x, 0);
-        let y = g.conv("y", s, 0, (cout, 1, 1), (0, 0), false, Activation::Identity, None);
+        let s = g.squeeze_excite("se", x, SqueezeExciteId(0));
+        let y = g.conv("y", s, ConvId(0), (cout, 1, 1), (0, 0), false, Activation::Identity, None);
         g.output(y);
         let inputs = vec![values(seed + 7, h * w * c, 2.0)];
         compare("squeeze_excite_into_projection_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
@@ -187,9 +187,9 @@ proptest! {
         let a = g.input("a", Shape::new(h, w, ca));
         let skip = with_skip.then(|| g.input("skip", Shape::new(2 * h, 2 * w, cs)));
         let up = g.upsample_concat("up", a, skip);
-        let x = if with_skip { g.scse("att1", up, 0) } else { up };
-        let y = g.conv("conv", x, 0, (cout, 3, 1), (1, 1), false, Activation::Relu, None);
-        let z = g.scse("att2", y, 1);
+        let x = if with_skip { g.scse("att1", up, ScseId(0)) } else { up };
+        let y = g.conv("conv", x, ConvId(0), (cout, 3, 1), (1, 1), false, Activation::Relu, None);
+        let z = g.scse("att2", y, ScseId(1));
         g.output(z);
         let mut inputs = vec![values(seed + 7, h * w * ca, 1.0)];
         if with_skip {

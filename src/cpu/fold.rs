@@ -94,7 +94,7 @@ pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec
 #[cfg(test)]
 mod tests {
     use crate::cpu::memory_plan;
-    use crate::graph::{GraphBuilder, Shape};
+    use crate::graph::{GraphBuilder, ScseId, Shape, SqueezeExciteId};
 
     /// A folded upsample's reader reads the upsample's input: that input must stay alive
     /// (apart from the reader's output) until then.
@@ -102,10 +102,10 @@ mod tests {
     fn upsample_inputs_live_as_long_as_their_output() {
         let mut g = GraphBuilder::new();
         let x = g.input("x", Shape::new(4, 4, 16));
-        let s = g.squeeze_excite("se", x, 0);
+        let s = g.squeeze_excite("se", x, SqueezeExciteId(0));
         let u = g.upsample_concat("up", s, None);
-        let a = g.squeeze_excite("reader", u, 0);
-        let b = g.squeeze_excite("after", a, 0);
+        let a = g.squeeze_excite("reader", u, SqueezeExciteId(0));
+        let b = g.squeeze_excite("after", a, SqueezeExciteId(0));
         g.output(b);
         let graph = g.finish();
         let plan = memory_plan(&graph);
@@ -118,11 +118,11 @@ mod tests {
         let mut g = GraphBuilder::new();
         let x = g.input("x", Shape::new(4, 4, 16));
         let skip = g.input("skip", Shape::new(8, 8, 8));
-        let s = g.squeeze_excite("se", x, 0);
+        let s = g.squeeze_excite("se", x, SqueezeExciteId(0));
         let u = g.upsample_concat("up", s, Some(skip));
-        let v = g.scse("att", u, 0);
-        let a = g.squeeze_excite("reader", v, 0);
-        let b = g.squeeze_excite("after", a, 0);
+        let v = g.scse("att", u, ScseId(0));
+        let a = g.squeeze_excite("reader", v, SqueezeExciteId(0));
+        let b = g.squeeze_excite("after", a, SqueezeExciteId(0));
         g.output(b);
         let graph = g.finish();
         let plan = memory_plan(&graph);

@@ -3,7 +3,7 @@
 
 use super::fold::{plan_folds, Fold};
 use super::strategy::{ConvStrategy, PackedWeights};
-use crate::graph::{Graph, Op};
+use crate::graph::{ConvId, Graph, Op};
 
 /// A graph's plan on one `CpuBackend` (made by `CpuBackend::compile`, kept by the `CpuGraph`).
 #[derive(Clone, Debug)]
@@ -16,7 +16,7 @@ pub struct CpuPlan {
 
 impl CpuPlan {
     /// `weights(conv)`: the packed weights of conv `conv` of the model.
-    pub(super) fn new<'w>(graph: &Graph, weights: impl Fn(usize) -> &'w PackedWeights) -> Self {
+    pub(super) fn new<'w>(graph: &Graph, weights: impl Fn(ConvId) -> &'w PackedWeights) -> Self {
         let mut convs: Vec<Option<ConvStrategy>> = graph
             .nodes
             .iter()

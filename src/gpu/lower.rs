@@ -13,7 +13,7 @@ use super::params::{
     SpatialGateOverrides, SpatialGateParams, UNIFORM_BYTES,
 };
 use super::weights::WeightTable;
-use crate::graph::{Activation, ConvGeometry, Graph, Op, ValueId};
+use crate::graph::{Activation, ConvGeometry, ConvId, Graph, Op, ScseId, ValueId};
 
 /// What a binding points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,7 +272,7 @@ impl Lowering<'_> {
         name: &str,
         src: Source,
         y: usize,
-        conv: usize,
+        conv: ConvId,
         g: &ConvGeometry,
         act: Activation,
         residual: Option<usize>,
@@ -340,7 +340,7 @@ impl Lowering<'_> {
         name: &str,
         x: usize,
         y: usize,
-        conv: usize,
+        conv: ConvId,
         g: &ConvGeometry,
         act: Activation,
         flops: f64,
@@ -375,7 +375,7 @@ impl Lowering<'_> {
         self.steps.push(step);
     }
 
-    fn head(&mut self, name: &str, x: usize, y: usize, conv: usize, g: &ConvGeometry, flops: f64) {
+    fn head(&mut self, name: &str, x: usize, y: usize, conv: ConvId, g: &ConvGeometry, flops: f64) {
         let e = self.weights.convs[conv];
         let pixels = g.out_h * g.out_w;
         let params = HeadParams {
@@ -446,7 +446,7 @@ impl Lowering<'_> {
         gate
     }
 
-    fn scse(&mut self, name: &str, input: ValueId, scse: usize, out: ValueId) {
+    fn scse(&mut self, name: &str, input: ValueId, scse: ScseId, out: ValueId) {
         let e = self.weights.scse[scse];
         let s = self.graph.values[input].shape;
         let pixels = s.pixels();

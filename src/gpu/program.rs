@@ -445,7 +445,7 @@ fn value_bytes(elems: usize, always_f32: bool, precision: Precision) -> u64 {
 /// the end. The program's values are not the graph's (fused ones are never written, gates
 /// and partial sums are added), so the GPU plans its own, with the shared liveness.
 fn lifetimes(l: &Lowered) -> Vec<Lifetime> {
-    let mut live = Liveness::new(l.values.len(), &l.inputs);
+    let mut live = Liveness::new(l.values.len(), l.inputs.iter().copied());
     for (i, step) in l.steps.iter().enumerate() {
         for &(_, b) in &step.bindings {
             if let Buf::Value(v) = b {
@@ -453,7 +453,7 @@ fn lifetimes(l: &Lowered) -> Vec<Lifetime> {
             }
         }
     }
-    live.finish(&l.outputs, l.steps.len())
+    live.finish(l.outputs.iter().copied(), l.steps.len())
 }
 
 fn uniform_buffer(ctx: &GpuContext, l: &Lowered) -> wgpu::Buffer {

@@ -16,7 +16,10 @@ pub use params::{
 };
 pub use plan::{assign_slots, graph_lifetimes, overlaps, Lifetime, Liveness, MemoryPlan};
 
-pub type ValueId = usize;
+params::index_type!(
+    /// Index of a value in its graph's `values`.
+    ValueId
+);
 
 /// Shape of one NHWC activation (batch 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +146,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn value_named(&self, name: &str) -> Option<ValueId> {
-        self.values.iter().position(|v| v.name == name)
+        self.values.iter().position(|v| v.name == name).map(ValueId)
     }
 
     /// Number of leading nodes that read none of `values`. The first node reading one
@@ -199,7 +202,7 @@ impl GraphBuilder {
     }
 
     pub fn value_named(&self, name: &str) -> Option<ValueId> {
-        self.values.iter().position(|v| v.name == name)
+        self.values.iter().position(|v| v.name == name).map(ValueId)
     }
 
     fn value(&mut self, name: &str, shape: Shape) -> ValueId {
@@ -207,7 +210,7 @@ impl GraphBuilder {
             name: name.to_string(),
             shape,
         });
-        self.values.len() - 1
+        ValueId(self.values.len() - 1)
     }
 
     fn node(&mut self, name: &str, op: Op, shape: Shape) -> ValueId {
@@ -239,7 +242,7 @@ impl GraphBuilder {
         &mut self,
         name: &str,
         input: ValueId,
-        conv: usize,
+        conv: ConvId,
         (cout, kernel, stride): (usize, usize, usize),
         (pad_before, pad_after): (usize, usize),
         depthwise: bool,
@@ -282,7 +285,7 @@ impl GraphBuilder {
         self.node(name, op, out)
     }
 
-    pub fn squeeze_excite(&mut self, name: &str, input: ValueId, se: usize) -> ValueId {
+    pub fn squeeze_excite(&mut self, name: &str, input: ValueId, se: SqueezeExciteId) -> ValueId {
         let shape = self.shape(input);
         self.node(name, Op::SqueezeExcite { input, se }, shape)
     }
@@ -332,7 +335,7 @@ impl GraphBuilder {
         )
     }
 
-    pub fn scse(&mut self, name: &str, input: ValueId, scse: usize) -> ValueId {
+    pub fn scse(&mut self, name: &str, input: ValueId, scse: ScseId) -> ValueId {
         let shape = self.shape(input);
         self.node(name, Op::Scse { input, scse }, shape)
     }

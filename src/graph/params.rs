@@ -41,12 +41,68 @@ impl ConvGeometry {
     }
 }
 
-/// Index of a conv in `WeightTables::convs`.
-pub type ConvId = usize;
-/// Index of a squeeze-excite in `WeightTables::se`.
-pub type SqueezeExciteId = usize;
-/// Index of an scSE in `WeightTables::scse`.
-pub type ScseId = usize;
+/// Declares an index newtype: a value of one table cannot be used for another.
+macro_rules! index_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub usize);
+
+        impl $name {
+            /// The position in its table.
+            pub fn index(self) -> usize {
+                self.0
+            }
+        }
+
+        // Tables are plain vectors indexed by their id type.
+        impl<T> std::ops::Index<$name> for Vec<T> {
+            type Output = T;
+            fn index(&self, id: $name) -> &T {
+                &self[id.0]
+            }
+        }
+
+        impl<T> std::ops::IndexMut<$name> for Vec<T> {
+            fn index_mut(&mut self, id: $name) -> &mut T {
+                &mut self[id.0]
+            }
+        }
+
+        impl<T> std::ops::Index<$name> for [T] {
+            type Output = T;
+            fn index(&self, id: $name) -> &T {
+                &self[id.0]
+            }
+        }
+
+        impl<T> std::ops::IndexMut<$name> for [T] {
+            fn index_mut(&mut self, id: $name) -> &mut T {
+                &mut self[id.0]
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}", self.0)
+            }
+        }
+    };
+}
+pub(crate) use index_type;
+
+index_type!(
+    /// Index of a conv in `WeightTables::convs`.
+    ConvId
+);
+index_type!(
+    /// Index of a squeeze-excite in `WeightTables::se`.
+    SqueezeExciteId
+);
+index_type!(
+    /// Index of an scSE in `WeightTables::scse`.
+    ScseId
+);
 
 /// A convolution ready to run: weight `(cout, cin_per_group, k, k)` and a bias (zeros if none).
 #[derive(Clone, Debug)]

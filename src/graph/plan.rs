@@ -29,11 +29,11 @@ impl MemoryPlan {
             .iter()
             .map(|v| v.shape.len().div_ceil(ALIGN_FLOATS) * ALIGN_FLOATS)
             .collect();
-        let mut order: Vec<ValueId> = (0..values.len()).collect();
+        let mut order: Vec<usize> = (0..values.len()).collect();
         order.sort_by_key(|&v| (std::cmp::Reverse(sizes[v]), v));
 
         let mut offsets = vec![0usize; values.len()];
-        let mut placed: Vec<ValueId> = Vec::new();
+        let mut placed: Vec<usize> = Vec::new();
         let mut arena_len = 0;
         for v in order {
             let offset = first_fit(v, &sizes, &lifetimes, &offsets, &placed);
@@ -63,7 +63,7 @@ impl MemoryPlan {
                 let (sa, sb) = (self.offsets[a], self.offsets[b]);
                 let (ea, eb) = (sa + values[a].shape.len(), sb + values[b].shape.len());
                 if ea > sb && eb > sa {
-                    return Some((a, b));
+                    return Some((ValueId(a), ValueId(b)));
                 }
             }
         }
@@ -73,28 +73,29 @@ impl MemoryPlan {
 
 /// Lifetimes collected step by step: inputs are alive from step 0, every other value from
 /// the first step that touches it to the last, outputs until `end` (read after the run).
+/// Values are plain indices: a graph's values, or a backend's own lowered values (the GPU's).
 pub struct Liveness {
     life: Vec<Lifetime>,
 }
 
 impl Liveness {
-    pub fn new(n_values: usize, inputs: &[ValueId]) -> Self {
+    pub fn new(n_values: usize, inputs: impl IntoIterator<Item = usize>) -> Self {
         let mut life = vec![(usize::MAX, 0); n_values];
-        for &v in inputs {
+        for v in inputs {
             life[v] = (0, 0);
         }
         Liveness { life }
     }
 
-    /// `v` is read or written at `step`.
-    pub fn touch(&mut self, v: ValueId, step: usize) {
+    /// Value `v` is read or written at `step`.
+    pub fn touch(&mut self, v: usize, step: usize) {
         let (first, last) = self.life[v];
         self.life[v] = (first.min(step), last.max(step));
     }
 
     /// Outputs live until `end`; a value nothing touched gets `(0, 0)`.
-    pub fn finish(mut self, outputs: &[ValueId], end: usize) -> Vec<Lifetime> {
-        for &v in outputs {
+    pub fn finish(mut self, outputs: impl IntoIterator<Item = usize>, end: usize) -> Vec<Lifetime> {
+        for v in outputs {
             self.life[v].1 = end;
         }
         for lt in &mut self.life {
@@ -109,14 +110,15 @@ impl Liveness {
 /// The lifetimes of `graph` run node by node: step 0 binds the inputs, node i runs at step
 /// i + 1, outputs are read after the last step.
 pub fn graph_lifetimes(graph: &Graph) -> Vec<Lifetime> {
-    let mut live = Liveness::new(graph.values.len(), &graph.inputs);
+    let ids = |v: &[ValueId]| v.iter().map(|id| id.index()).collect::<Vec<_>>();
+    let mut live = Liveness::new(graph.values.len(), ids(&graph.inputs));
     for (i, node) in graph.nodes.iter().enumerate() {
-        live.touch(node.output, i + 1);
+        live.touch(node.output.index(), i + 1);
         for v in node.op.inputs() {
-            live.touch(v, i + 1);
+            live.touch(v.index(), i + 1);
         }
     }
-    live.finish(&graph.outputs, graph.nodes.len() + 1)
+    live.finish(ids(&graph.outputs), graph.nodes.len() + 1)
 }
 
 /// Whether two lifetimes share a step.
@@ -126,11 +128,11 @@ pub fn overlaps(a: Lifetime, b: Lifetime) -> bool {
 
 /// Lowest offset where `v` fits between the placed values that are alive at the same time.
 fn first_fit(
-    v: ValueId,
+    v: usize,
     sizes: &[usize],
     life: &[Lifetime],
     offsets: &[usize],
-    placed: &[ValueId],
+    placed: &[usize],
 ) -> usize {
     let mut busy: Vec<(usize, usize)> = placed
         .iter()
@@ -187,7 +189,7 @@ pub fn assign_slots(sizes: &[u64], lifetimes: &[Lifetime]) -> (Vec<usize>, Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{GraphBuilder, Shape};
+    use crate::graph::{GraphBuilder, Shape, SqueezeExciteId};
 
     fn plan(graph: &crate::graph::Graph) -> MemoryPlan {
         MemoryPlan::new(&graph.values, graph_lifetimes(graph))
@@ -200,7 +202,7 @@ mod tests {
         let mut v = x;
         let mut skips = Vec::new();
         for i in 0..6 {
-            v = g.squeeze_excite(&format!("se{i}"), v, 0);
+            v = g.squeeze_excite(&format!("se{i}"), v, SqueezeExciteId(0));
             skips.push(v);
         }
         let u = g.upsample_concat("up", v, None);
@@ -220,7 +222,7 @@ mod tests {
     fn overlapping_live_values_are_found() {
         let mut g = GraphBuilder::new();
         let x = g.input("x", Shape::new(4, 4, 16));
-        let s = g.squeeze_excite("se", x, 0);
+        let s = g.squeeze_excite("se", x, SqueezeExciteId(0));
         g.output(s);
         let graph = g.finish();
         let mut plan = plan(&graph);

@@ -155,7 +155,7 @@ pub fn build_query_graph(w: &ModelWeights, size: usize, keep_taps: bool) -> Grap
         .map(|(n, s)| g.input(n, s))
         .collect();
     let feats = encoder(&mut g, w, image, "");
-    let mut fused = [0; 3];
+    let mut fused = [ValueId(0); 3];
     for level in 0..3 {
         let fq = feats[4 - level];
         let q = projection(&mut g, w, &format!("q{}", 5 - level), level, fq);

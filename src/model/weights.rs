@@ -8,7 +8,7 @@ use super::arch::{
     ENCODER_BN_EPS,
 };
 use crate::error::Result;
-use crate::graph::WeightTables;
+use crate::graph::{ConvId, ScseId, SqueezeExciteId, WeightTables};
 
 /// Anything that yields float32 tensors by official entry name and checks their shape.
 pub trait TensorSource {
@@ -55,14 +55,14 @@ impl ModelWeights {
         Ok(m)
     }
 
-    pub fn conv_id(&self, name: &str) -> usize {
-        self.conv_index[name]
+    pub fn conv_id(&self, name: &str) -> ConvId {
+        ConvId(self.conv_index[name])
     }
-    pub fn se_id(&self, name: &str) -> usize {
-        self.se_index[name]
+    pub fn se_id(&self, name: &str) -> SqueezeExciteId {
+        SqueezeExciteId(self.se_index[name])
     }
-    pub fn scse_id(&self, name: &str) -> usize {
-        self.scse_index[name]
+    pub fn scse_id(&self, name: &str) -> ScseId {
+        ScseId(self.scse_index[name])
     }
 
     /// Parameters actually used (after folding BN: weights + biases).
