@@ -29,6 +29,15 @@ pub struct ServeArgs {
     /// `/v1/segment?product=NAME`, with its calibration and inspection mask. Repeatable.
     #[arg(long, value_name = "[NAME=]PATH")]
     bank: Vec<String>,
+    /// A model repository (Triton's layout: DIR/PRODUCT/VERSION/bank.safetensors, the
+    /// highest version served): its products are served over /v1 and /v2, and products
+    /// registered through the API are written to it.
+    #[arg(long, value_name = "DIR")]
+    model_repository: Option<PathBuf>,
+    /// Rescan the model repository every N seconds for added, changed and removed products
+    /// (0: only at start and on the repository API's load).
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    poll_s: u64,
     /// Most segment queries run per batch.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     max_batch: u32,
@@ -117,9 +126,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         idle_timeout: Duration::from_secs(args.idle_timeout_s),
         body_timeout: Duration::from_secs(args.body_timeout_s),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        model_repository: args.model_repository.clone(),
+        poll: Some(Duration::from_secs(args.poll_s)),
         ..ServeConfig::default()
     };
-    let product_count = products.len();
     let server = Server::start_with(engine.clone(), config, prompts, products)?;
     let stopper = server.stopper();
     let signals = AtomicUsize::new(0);
@@ -138,7 +148,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         engine.backend_description(),
         engine.size(),
         server.prompt_count(),
-        product_count
+        server.product_count()
     );
     if server.wait() {
         eprintln!("metauas: stopped");

@@ -12,6 +12,8 @@ use super::base64;
 use super::batcher::{Batcher, Job, SubmitError};
 use super::http::{parse_query, percent_decode, printable, RequestHead, Response};
 use super::metrics::Metrics;
+use super::models::{Lookup, Models, Origin};
+use super::repository::{check_product_name, Repository};
 use crate::io::image::{decode_image_bytes, RgbImage8};
 use crate::io::output::{
     gray_png_bytes_wh, heatmap_png, npy_f32_bytes, threshold_mask, HeatmapScale,
@@ -19,7 +21,12 @@ use crate::io::output::{
 use crate::model::decision::{
     parse_selection, resize_map, Calibration, Decision, Policy, RoiMask, Threshold,
 };
-use crate::model::{AnomalyMap, Engine, PromptBank, PromptFeatures, PromptSelection, PromptSet};
+use crate::model::{
+    AnomalyMap, BankEntry, Engine, PromptBank, PromptFeatures, PromptSelection, PromptSet,
+};
+
+/// Numbers the temporary files of bank uploads.
+static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 use crate::util::sync::{lock, read, wait, write};
 
 /// Largest image (width x height) the server decodes: 8192 x 8192.
@@ -152,11 +159,12 @@ pub struct Api {
     metrics: Arc<Metrics>,
     decoders: Permits,
     max_prompts: usize,
-    products: Vec<Arc<Product>>,
+    models: Models,
+    repository: Option<Repository>,
 }
 
 /// What a segment request runs against.
-enum Target {
+pub(super) enum Target {
     Prompt {
         id: String,
         features: Arc<PromptFeatures>,
@@ -194,20 +202,39 @@ impl Api {
                 cv: Condvar::new(),
             },
             max_prompts,
-            products: Vec::new(),
+            models: Models::default(),
+            repository: None,
         }
     }
 
-    /// Adds a product (before serving starts); names must be unique.
+    /// Adds a `--bank` product (before serving starts); names must be unique.
     pub fn add_product(&mut self, product: Product) -> crate::Result<()> {
-        if self.products.iter().any(|p| p.name == product.name) {
-            return Err(crate::Error::new(format!(
-                "product name `{}` twice",
-                product.name
-            )));
+        self.models.add_bank(product)
+    }
+
+    /// Serves the products of a model repository (loaded now; `sync_repository` again).
+    pub fn set_repository(&mut self, repository: Repository) {
+        self.models.sync(&repository, &self.engine, None, false);
+        self.repository = Some(repository);
+    }
+
+    /// Brings the repository's changes in (the `--poll-s` thread).
+    pub fn sync_repository(&self) {
+        if let Some(repo) = &self.repository {
+            self.models.sync(repo, &self.engine, None, false);
         }
-        self.products.push(Arc::new(product));
-        Ok(())
+    }
+
+    pub(super) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(super) fn models(&self) -> &Models {
+        &self.models
+    }
+
+    pub(super) fn repository(&self) -> Option<&Repository> {
+        self.repository.as_ref()
     }
 
     pub fn batcher(&self) -> &Batcher {
@@ -231,6 +258,10 @@ impl Api {
             return Err(crate::Error::new(format!("prompt name `{name}` twice")));
         }
         Ok(reg.add(Some(name.to_string()), features, None).0)
+    }
+
+    pub fn product_count(&self) -> usize {
+        self.models.ready_count()
     }
 
     pub fn prompt_count(&self) -> usize {
@@ -257,6 +288,8 @@ impl Api {
                 "/v1/products",
                 only(method, &["GET"], || self.list_products(req)),
             ),
+            _ if path.starts_with("/v2") => super::oip::route(self, req),
+            _ if path.starts_with("/v1/products/") => self.product_routes(req),
             _ => match path.strip_prefix("/v1/prompts/") {
                 Some(rest) if rest.strip_suffix("/roi").is_some_and(valid_key) => (
                     "/v1/prompts/{id}/roi",
@@ -295,7 +328,7 @@ impl Api {
                 "size": self.engine.size(),
                 "weights": self.engine.weights_hash(),
                 "prompts": self.prompt_count(),
-                "products": self.products.len(),
+                "products": self.models.ready_count(),
             }),
         ))
     }
@@ -373,24 +406,189 @@ impl Api {
     fn list_products(&self, req: &Request) -> Result<Response, Response> {
         params(&req.head, &[])?;
         let list: Vec<_> = self
-            .products
+            .models
+            .list()
             .iter()
-            .map(|p| {
-                let names: Vec<&str> = (0..p.prompts.len()).map(|i| p.prompts.name(i)).collect();
-                json!({
-                    "name": p.name,
-                    "prompts": names,
-                    "multi": selection_name(p.prompts.selection()),
-                    "calibration": p.calibration.as_ref().map(|c| json!({
-                        "image_threshold": c.image.value,
-                        "pixel_threshold": c.pixel.value,
-                        "images": c.images.len(),
-                    })),
-                    "roi": p.roi.as_ref().map(|r| json!({"width": r.frame.0, "height": r.frame.1})),
-                })
+            .map(|e| {
+                let mut v = json!({
+                    "name": e.name,
+                    "version": e.version,
+                    "state": if e.ready().is_some() { "READY" } else { "UNAVAILABLE" },
+                });
+                match &e.state {
+                    Ok(p) => {
+                        let names: Vec<&str> =
+                            (0..p.prompts.len()).map(|i| p.prompts.name(i)).collect();
+                        v["prompts"] = json!(names);
+                        v["multi"] = json!(selection_name(p.prompts.selection()));
+                        v["calibration"] = json!(p.calibration.as_ref().map(|c| json!({
+                            "image_threshold": c.image.value,
+                            "pixel_threshold": c.pixel.value,
+                            "images": c.images.len(),
+                        })));
+                        v["roi"] = json!(p
+                            .roi
+                            .as_ref()
+                            .map(|r| json!({"width": r.frame.0, "height": r.frame.1})));
+                    }
+                    Err(why) => v["reason"] = json!(why),
+                }
+                v
             })
             .collect();
         Ok(Response::json(200, &json!({ "products": list })))
+    }
+
+    /// `POST /v1/products/{name}/prompts[?name=P]` (an image: one more prompt) and
+    /// `PUT /v1/products/{name}` (a whole bank): new versions in the model repository.
+    fn product_routes(&self, req: &Request) -> (&'static str, Result<Response, Response>) {
+        let rest = req.head.path.trim_start_matches("/v1/products/");
+        let method = req.head.method.as_str();
+        match rest.split_once('/') {
+            Some((name, "prompts")) => (
+                "/v1/products/{name}/prompts",
+                only(method, &["POST"], || self.add_product_prompt(name, req)),
+            ),
+            None if !rest.is_empty() => (
+                "/v1/products/{name}",
+                only(method, &["PUT"], || self.put_product_bank(rest, req)),
+            ),
+            _ => (
+                "other",
+                Err(Response::error(
+                    404,
+                    format!("no such route `{}`", printable(&req.head.path)),
+                )),
+            ),
+        }
+    }
+
+    fn writable_repository(&self, name: &str) -> Result<&Repository, Response> {
+        let repo = self.repository.as_ref().ok_or_else(|| {
+            Response::error(
+                409,
+                "this server has no model repository to write products to (start it with a model repository)",
+            )
+        })?;
+        check_product_name(name).map_err(|e| Response::error(400, e))?;
+        if self
+            .models
+            .list()
+            .iter()
+            .any(|e| e.name == name && e.origin == Origin::Bank)
+        {
+            return Err(Response::error(
+                409,
+                format!(
+                    "product `{name}` comes from a bank given at start, not from the repository"
+                ),
+            ));
+        }
+        Ok(repo)
+    }
+
+    fn add_product_prompt(&self, name: &str, req: &Request) -> Result<Response, Response> {
+        let p = params(&req.head, &["name"])?;
+        let repo = self.writable_repository(name)?;
+        let image = self.decode(&req.body, "prompt image")?;
+        let features = self
+            .engine
+            .encode_prompt(&image)
+            .map_err(|e| Response::error(500, format!("cannot encode the prompt: {e}")))?;
+        // The latest version on disk (another replica may have written it).
+        let mut bank = match repo.find(name).map(|f| f.latest) {
+            Some(Ok((_, path))) => repo.load(&path, &self.engine).map_err(|e| {
+                Response::error(
+                    409,
+                    format!("product `{name}`: its latest version does not load: {e}"),
+                )
+            })?,
+            _ => PromptBank::new(&self.engine),
+        };
+        let prompt_name = match p.get("name") {
+            Some(n) => check_name(n)?,
+            None => format!("prompt{}", bank.len() + 1),
+        };
+        bank.push(BankEntry {
+            name: prompt_name.clone(),
+            source: format!("POST /v1/products/{name}/prompts"),
+            features,
+        })
+        .map_err(|e| Response::error(409, e))?;
+        // Thresholds calibrated on the old prompts do not hold for the new set.
+        let was_calibrated = bank.calibration().is_some();
+        bank.set_calibration(None);
+        if bank
+            .roi()
+            .is_some_and(|r| r.frame != (image.width, image.height))
+        {
+            return Err(Response::error(
+                400,
+                format!(
+                    "prompt image is {}x{} but the product's inspection mask is {}x{}",
+                    image.width,
+                    image.height,
+                    bank.roi().map_or(0, |r| r.frame.0),
+                    bank.roi().map_or(0, |r| r.frame.1)
+                ),
+            ));
+        }
+        let version = repo
+            .publish(name, &bank)
+            .map_err(|e| Response::error(500, format!("cannot write the product: {e}")))?;
+        self.models.sync(repo, &self.engine, Some(name), true);
+        Ok(Response::json(
+            201,
+            &json!({
+                "product": name, "version": version, "prompt": prompt_name,
+                "prompts": bank.len(), "calibrated": false,
+                "calibration_dropped": was_calibrated,
+            }),
+        ))
+    }
+
+    fn put_product_bank(&self, name: &str, req: &Request) -> Result<Response, Response> {
+        params(&req.head, &[])?;
+        let repo = self.writable_repository(name)?;
+        if req.body.is_empty() {
+            return Err(Response::error(
+                400,
+                "empty body: send a bank (.safetensors from `metauas bank build`)",
+            ));
+        }
+        // Validated from a private temporary file before anything is published.
+        let tmp = std::env::temp_dir().join(format!(
+            "metauas-upload-{}-{}.safetensors",
+            std::process::id(),
+            UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let loaded = std::fs::write(&tmp, &req.body)
+            .map_err(|e| Response::error(500, format!("cannot stage the upload: {e}")))
+            .and_then(|()| {
+                PromptBank::load(&tmp, &self.engine).map_err(|e| {
+                    Response::error(
+                        400,
+                        format!(
+                            "bank: {}",
+                            e.to_string().replace(&tmp.display().to_string(), "upload")
+                        ),
+                    )
+                })
+            });
+        let _ = std::fs::remove_file(&tmp);
+        let bank = loaded?;
+        if bank.is_empty() {
+            return Err(Response::error(400, "bank: holds no prompts"));
+        }
+        let version = repo
+            .publish(name, &bank)
+            .map_err(|e| Response::error(500, format!("cannot write the product: {e}")))?;
+        self.models.sync(repo, &self.engine, Some(name), true);
+        Ok(Response::json(
+            201,
+            &json!({"product": name, "version": version, "prompts": bank.len(),
+                    "calibrated": bank.calibration().is_some()}),
+        ))
     }
 
     fn delete_prompt(&self, key: &str) -> Result<Response, Response> {
@@ -516,20 +714,19 @@ impl Api {
                 })
             }
             (None, Some(name)) => {
-                let product = self
-                    .products
-                    .iter()
-                    .find(|x| x.name == *name)
-                    .ok_or_else(|| {
-                        Response::error(
-                            400,
-                            format!(
-                                "unknown product `{}` (GET /v1/products lists them)",
-                                printable(name)
-                            ),
-                        )
-                    })?
-                    .clone();
+                let (product, _) = self.models.get(name).map_err(|e| match e {
+                    Lookup::Unknown => Response::error(
+                        400,
+                        format!(
+                            "unknown product `{}` (GET /v1/products lists them)",
+                            printable(name)
+                        ),
+                    ),
+                    Lookup::Unavailable(why) => Response::error(
+                        503,
+                        format!("product `{}` is unavailable: {why}", printable(name)),
+                    ),
+                })?;
                 let prompts = match p.get("multi") {
                     None => product.prompts.clone(),
                     Some(m) => match parse_selection(m) {
@@ -580,7 +777,7 @@ impl Api {
     /// Runs the query: one job for a prompt or a product's chosen prompt, one job per prompt
     /// for `mean`/`min` (queued together, so they may share a batch). Returns the map, the
     /// prompt(s) used, the engine time and the largest batch.
-    fn run(
+    pub(super) fn run(
         &self,
         target: &Target,
         image: RgbImage8,
@@ -619,7 +816,7 @@ impl Api {
         }
     }
 
-    fn submit(
+    pub(super) fn submit(
         &self,
         prompt: Arc<PromptFeatures>,
         image: RgbImage8,
@@ -639,7 +836,7 @@ impl Api {
         Ok(outcome)
     }
 
-    fn receive(
+    pub(super) fn receive(
         &self,
         outcome: mpsc::Receiver<super::batcher::JobOutcome>,
     ) -> Result<(AnomalyMap, f64, usize), Response> {
@@ -653,7 +850,7 @@ impl Api {
     }
 
     /// Decodes a request body as an image: 400 when empty, undecodable or too large.
-    fn decode(&self, body: &[u8], what: &str) -> Result<RgbImage8, Response> {
+    pub(super) fn decode(&self, body: &[u8], what: &str) -> Result<RgbImage8, Response> {
         if body.is_empty() {
             return Err(Response::error(
                 400,

@@ -21,9 +21,41 @@ pub fn encode(bytes: &[u8]) -> String {
     out
 }
 
+/// Decodes padded (or unpadded) standard base64; whitespace is not allowed.
+pub fn decode(text: &str) -> Result<Vec<u8>, String> {
+    let value = |c: u8| -> Option<u32> { ALPHABET.iter().position(|&a| a == c).map(|p| p as u32) };
+    let trimmed = text.trim_end_matches('=');
+    if text.len() - trimmed.len() > 2 || trimmed.len() % 4 == 1 {
+        return Err("not base64 (bad length or padding)".into());
+    }
+    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
+    for chunk in trimmed.as_bytes().chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            let v = value(c).ok_or_else(|| format!("not base64 (character `{}`)", c as char))?;
+            n |= v << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..chunk.len() - 1]);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::encode;
+    use super::{decode, encode};
+
+    #[test]
+    fn decode_inverts_encode() {
+        for len in 0..40 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            assert_eq!(decode(&encode(&bytes)).unwrap(), bytes);
+        }
+        assert_eq!(decode("Zm9vYg").unwrap(), b"foob");
+        assert!(decode("Zm9v!").is_err());
+        assert!(decode("Z").is_err());
+        assert!(decode("Zg===").is_err());
+    }
 
     #[test]
     fn rfc4648_vectors() {

@@ -14,6 +14,9 @@ pub mod base64;
 pub mod batcher;
 pub mod http;
 pub mod metrics;
+pub mod models;
+pub mod oip;
+pub mod repository;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -62,6 +65,10 @@ pub struct ServeConfig {
     pub write_timeout: Duration,
     /// On shutdown, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// A model repository (Triton's layout) whose products are served and written to.
+    pub model_repository: Option<std::path::PathBuf>,
+    /// How often the repository is scanned for added, changed and removed products.
+    pub poll: Option<Duration>,
 }
 
 impl Default for ServeConfig {
@@ -82,6 +89,8 @@ impl Default for ServeConfig {
             body_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            model_repository: None,
+            poll: None,
         }
     }
 }
@@ -168,6 +177,9 @@ impl Server {
         for product in products {
             api.add_product(product)?;
         }
+        if let Some(dir) = &config.model_repository {
+            api.set_repository(repository::Repository::open(dir)?);
+        }
         for (name, features) in prompts {
             api.preload(&name, features)?;
         }
@@ -185,10 +197,23 @@ impl Server {
                 .spawn(move || accept_loop(listener, &shared))
                 .map_err(|e| Error::new(format!("cannot start the accept thread: {e}")))?
         };
+        let poller = match config_poll(&shared) {
+            Some(every) => {
+                let shared = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("metauas-poll".into())
+                        .spawn(move || poll_loop(&shared, every))
+                        .map_err(|e| Error::new(format!("cannot start the poll thread: {e}")))?,
+                )
+            }
+            None => None,
+        };
         Ok(ServerHandle {
             addr,
             shared,
             accept: Some(accept),
+            poller,
         })
     }
 }
@@ -198,6 +223,24 @@ pub struct ServerHandle {
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    poller: Option<JoinHandle<()>>,
+}
+
+fn config_poll(shared: &Shared) -> Option<Duration> {
+    shared.config.model_repository.as_ref()?;
+    shared.config.poll.filter(|d| !d.is_zero())
+}
+
+/// Rescans the repository every `every` until the server stops.
+fn poll_loop(shared: &Shared, every: Duration) {
+    let mut next = Instant::now() + every;
+    while !shared.stopping() {
+        std::thread::sleep(TICK.min(next.saturating_duration_since(Instant::now())));
+        if Instant::now() >= next {
+            shared.api.sync_repository();
+            next = Instant::now() + every;
+        }
+    }
 }
 
 /// Asks a server to stop; clonable, usable from a signal handler thread.
@@ -243,6 +286,11 @@ impl ServerHandle {
         self.shared.api.prompt_count()
     }
 
+    /// Products ready to serve (banks and repository).
+    pub fn product_count(&self) -> usize {
+        self.shared.api.product_count()
+    }
+
     /// Stops the server and waits for it (see `wait`).
     pub fn shutdown(self) -> bool {
         self.stopper().stop();
@@ -255,6 +303,9 @@ impl ServerHandle {
     pub fn wait(mut self) -> bool {
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();
+        }
+        if let Some(poller) = self.poller.take() {
+            let _ = poller.join();
         }
         let deadline = Instant::now() + self.shared.config.shutdown_grace;
         let mut open = self.shared.connections();
