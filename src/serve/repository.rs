@@ -217,6 +217,64 @@ mod tests {
         }
     }
 
+    fn engine_and_bank() -> (Engine, PromptBank) {
+        use crate::model::BankEntry;
+        use crate::synth::{synthetic_image, synthetic_weights, WeightRecipe};
+        let engine = Engine::new(&synthetic_weights(&WeightRecipe::unit(1)), 64).unwrap();
+        let mut bank = PromptBank::new(&engine);
+        let features = engine
+            .encode_prompt(&synthetic_image(1, 64, 64, None))
+            .unwrap();
+        let source = "good.png".to_string();
+        let entry = BankEntry {
+            name: "good".into(),
+            source,
+            features,
+        };
+        bank.push(entry).unwrap();
+        (engine, bank)
+    }
+
+    #[test]
+    fn concurrent_publishers_get_distinct_versions_and_crashes_leave_old_ones() {
+        let root = std::env::temp_dir().join(format!("metauas-publish-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let repo = Repository::open(&root).unwrap();
+        let (engine, bank) = engine_and_bank();
+        assert_eq!(repo.publish("bottle", &bank).unwrap(), 1);
+        // A writer that crashed before its rename leaves only a hidden staging folder.
+        fs::create_dir_all(root.join("bottle/.staging-crashed/")).unwrap();
+        fs::write(
+            root.join("bottle/.staging-crashed/bank.safetensors"),
+            b"half",
+        )
+        .unwrap();
+        let versions: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| repo.publish("bottle", &bank).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut sorted = versions.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![2, 3, 4, 5], "{versions:?}");
+        let found = repo.scan().unwrap();
+        assert_eq!(found.len(), 1);
+        let (sig, path) = found[0].latest.as_ref().unwrap();
+        assert_eq!(sig.version, 5);
+        assert!(repo.load(path, &engine).is_ok());
+        // Every version folder is complete; only the crashed staging folder is extra.
+        let mut names: Vec<String> = fs::read_dir(root.join("bottle"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".staging-crashed", "1", "2", "3", "4", "5"]);
+        assert!(repo.publish("../escape", &bank).is_err());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn versions_are_canonical_numbers() {
         let dir = std::env::temp_dir().join(format!("metauas-repo-{}", std::process::id()));
