@@ -4,7 +4,7 @@
 //! `FileNotFoundError`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use metauas::io::image::{decode_image_bytes, decode_image_file, RgbImage8};
 use metauas::model::decision::{
@@ -47,16 +47,39 @@ fn existing(path: &Path, what: &str) -> PyResult<()> {
     }
 }
 
+/// An image argument, taken from Python with the GIL held; decoded without it.
+enum ImageSource {
+    Pixels(RgbImage8),
+    Encoded(Vec<u8>),
+    File(PathBuf),
+}
+
+impl ImageSource {
+    fn decode(self) -> metauas::Result<RgbImage8> {
+        match self {
+            ImageSource::Pixels(img) => Ok(img),
+            ImageSource::Encoded(bytes) => decode_image_bytes(&bytes, "image bytes"),
+            ImageSource::File(path) => decode_image_file(&path),
+        }
+    }
+}
+
+/// An image argument, decoded with the GIL released.
+fn image_arg(obj: &Bound<'_, PyAny>) -> PyResult<RgbImage8> {
+    let source = image_source(obj)?;
+    obj.py().allow_threads(|| source.decode()).map_err(err)
+}
+
 /// An image argument: a numpy `uint8` array `(H, W, 3)` (RGB) or `(H, W)` (gray), a path
 /// (`str` or `os.PathLike`), or the bytes of an encoded image.
-fn image_arg(obj: &Bound<'_, PyAny>) -> PyResult<RgbImage8> {
+fn image_source(obj: &Bound<'_, PyAny>) -> PyResult<ImageSource> {
     if let Ok(b) = obj.downcast::<PyBytes>() {
-        return decode_image_bytes(b.as_bytes(), "image bytes").map_err(err);
+        return Ok(ImageSource::Encoded(b.as_bytes().to_vec()));
     }
     if obj.is_instance_of::<PyString>() || obj.hasattr("__fspath__")? {
         let path: PathBuf = obj.extract()?;
         existing(&path, "image")?;
-        return decode_image_file(&path).map_err(err);
+        return Ok(ImageSource::File(path));
     }
     if let Ok(untyped) = obj.downcast::<PyUntypedArray>() {
         let Ok(arr) = obj.downcast::<PyArrayDyn<u8>>() else {
@@ -65,7 +88,7 @@ fn image_arg(obj: &Bound<'_, PyAny>) -> PyResult<RgbImage8> {
                 untyped.dtype()
             )));
         };
-        return array_image(arr);
+        return array_image(arr).map(ImageSource::Pixels);
     }
     Err(bad(format!(
         "image: expected a numpy uint8 array (H, W, 3) or (H, W), a path or encoded bytes, not {}",
@@ -283,8 +306,7 @@ impl Engine {
             return SegmentResult::new(py, map.data, map.size, decision);
         }
         if let Ok(bank) = prompt.downcast::<PromptBank>() {
-            let bank = bank.borrow();
-            return bank.judge(py, &engine, query, selection);
+            return bank.get().judge(py, &engine, query, selection);
         }
         Err(bad(
             "prompt: expected a metauas.Prompt or a metauas.PromptBank",
@@ -518,6 +540,15 @@ impl SegmentResult {
         if w == 0 || h == 0 {
             return Err(bad(format!("map_at: size {w} x {h} is empty")));
         }
+        let pixels = w
+            .checked_mul(h)
+            .filter(|&p| p as u64 <= metauas::io::image::MAX_IMAGE_PIXELS);
+        if pixels.is_none() {
+            return Err(bad(format!(
+                "map_at: {w} x {h} is more than {} pixels",
+                metauas::io::image::MAX_IMAGE_PIXELS
+            )));
+        }
         let map = self.map.bind(py).readonly();
         let data = map
             .as_slice()
@@ -542,18 +573,31 @@ impl SegmentResult {
 
 /// Normal images encoded once, with an optional inspection mask and calibration; saved as
 /// safetensors (the CLI's `bank` files).
-#[pyclass(module = "metauas")]
+#[pyclass(module = "metauas", frozen)]
 struct PromptBank {
-    bank: metauas::model::PromptBank,
+    // A lock, not PyO3's borrow flag: the bank is read by `segment` and written by
+    // `calibrate` from several threads, with the GIL released.
+    inner: RwLock<metauas::model::PromptBank>,
 }
 
 impl PromptBank {
+    fn of(bank: metauas::model::PromptBank) -> PromptBank {
+        PromptBank {
+            inner: RwLock::new(bank),
+        }
+    }
+
+    fn bank(&self) -> std::sync::RwLockReadGuard<'_, metauas::model::PromptBank> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn check(&self, engine: &metauas::Engine) -> PyResult<()> {
-        if self.bank.weights_hash() != engine.weights_hash() || self.bank.size() != engine.size() {
+        let bank = self.bank();
+        if bank.weights_hash() != engine.weights_hash() || bank.size() != engine.size() {
             return Err(bad(format!(
                 "bank was built with other weights or size ({} at {}; this engine is {} at {})",
-                self.bank.weights_hash(),
-                self.bank.size(),
+                bank.weights_hash(),
+                bank.size(),
                 engine.weights_hash(),
                 engine.size()
             )));
@@ -562,10 +606,11 @@ impl PromptBank {
     }
 
     fn prompt_set(&self, selection: Option<PromptSelection>) -> PyResult<PromptSet> {
+        let bank = self.bank();
         let selection = selection
-            .or(self.bank.calibration().map(|c| c.selection))
+            .or(bank.calibration().map(|c| c.selection))
             .unwrap_or_default();
-        PromptSet::from_bank(&self.bank, selection).map_err(err)
+        PromptSet::from_bank(&bank, selection).map_err(err)
     }
 
     fn judge(
@@ -577,12 +622,15 @@ impl PromptBank {
     ) -> PyResult<SegmentResult> {
         self.check(engine)?;
         let set = self.prompt_set(selection)?;
-        let policy = match self.bank.calibration() {
-            Some(c) => Policy::calibrated(c, self.bank.roi().cloned()),
-            None => Policy {
-                roi: self.bank.roi().cloned(),
-                ..Policy::default()
-            },
+        let policy = {
+            let bank = self.bank();
+            match bank.calibration() {
+                Some(c) => Policy::calibrated(c, bank.roi().cloned()),
+                None => Policy {
+                    roi: bank.roi().cloned(),
+                    ..Policy::default()
+                },
+            }
         };
         let engine = engine.clone();
         let (map, decision) = py
@@ -653,7 +701,7 @@ impl PromptBank {
             .map_err(err)?;
         }
         bank.set_roi(roi).map_err(err)?;
-        Ok(PromptBank { bank })
+        Ok(PromptBank::of(bank))
     }
 
     /// Reads a bank file; with `engine`, also checks it belongs to it (same weights and
@@ -669,12 +717,13 @@ impl PromptBank {
                 metauas::model::PromptBank::from_weight_file(&file).map_err(err)?
             }
         };
-        Ok(PromptBank { bank })
+        Ok(PromptBank::of(bank))
     }
 
     /// Writes the bank (atomically: a temporary file, then a rename).
-    fn save(&self, path: PathBuf) -> PyResult<()> {
-        self.bank.save(&path).map_err(err)
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let bank = self.bank().clone();
+        py.allow_threads(|| bank.save(&path)).map_err(err)
     }
 
     /// Finds thresholds from held-out normal `images` (see the README's "From maps to
@@ -683,7 +732,7 @@ impl PromptBank {
     #[pyo3(signature = (engine, images, method = "max", margin = 0.05, pixel_method = "quantile:0.999", multi = "best"))]
     #[allow(clippy::too_many_arguments)]
     fn calibrate(
-        &mut self,
+        &self,
         py: Python<'_>,
         engine: &Engine,
         images: Vec<Bound<'_, PyAny>>,
@@ -696,8 +745,13 @@ impl PromptBank {
         let image_rule: Rule = method.parse().map_err(err)?;
         let pixel_rule: Rule = pixel_method.parse().map_err(err)?;
         let selection = selection_arg(Some(multi))?.unwrap_or_default();
-        let set = PromptSet::from_bank(&self.bank, selection).map_err(err)?;
-        let roi = self.bank.roi().cloned();
+        let (set, roi) = {
+            let bank = self.bank();
+            (
+                PromptSet::from_bank(&bank, selection).map_err(err)?,
+                bank.roi().cloned(),
+            )
+        };
         let mut calibrator = Calibrator::new(roi.clone());
         for (i, obj) in images.iter().enumerate() {
             let image = image_arg(obj)?;
@@ -718,45 +772,53 @@ impl PromptBank {
             .finish(image_rule, margin, pixel_rule, selection)
             .map_err(err)?;
         let json = calibration.to_json();
-        self.bank.set_calibration(Some(calibration));
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_calibration(Some(calibration));
         to_py(py, &json)
     }
 
     /// Prompt names, in order.
     #[getter]
     fn names(&self) -> Vec<String> {
-        self.bank.entries().iter().map(|e| e.name.clone()).collect()
+        self.bank()
+            .entries()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     #[getter]
     fn size(&self) -> usize {
-        self.bank.size()
+        self.bank().size()
     }
 
     #[getter]
     fn weights_hash(&self) -> String {
-        self.bank.weights_hash().to_string()
+        self.bank().weights_hash().to_string()
     }
 
     /// The calibration (thresholds, rules, statistics) as a dict, or None.
     #[getter]
     fn calibration(&self, py: Python<'_>) -> PyResult<PyObject> {
-        match self.bank.calibration() {
+        match self.bank().calibration() {
             Some(c) => to_py(py, &c.to_json()),
             None => Ok(py.None()),
         }
     }
 
     fn __len__(&self) -> usize {
-        self.bank.len()
+        self.bank().len()
     }
 
     fn __repr__(&self) -> String {
+        let bank = self.bank();
         format!(
             "PromptBank({} prompts, size {}, calibrated={})",
-            self.bank.len(),
-            self.bank.size(),
-            self.bank.calibration().is_some()
+            bank.len(),
+            bank.size(),
+            bank.calibration().is_some()
         )
     }
 }

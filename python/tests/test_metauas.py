@@ -210,6 +210,36 @@ def test_threads_get_their_own_maps(files, engine):
     assert not errors
 
 
+def test_one_bank_shared_by_threads(files, engine):
+    d, weights, paths = files
+    bank = metauas.PromptBank.build(engine, [paths["prompt"]])
+    errors = []
+
+    def segmenting():
+        try:
+            for _ in range(6):
+                engine.segment(bank, paths["q1"])
+        except Exception as e:  # noqa: BLE001 - the test reports any failure
+            errors.append(repr(e))
+
+    def calibrating():
+        try:
+            for _ in range(3):
+                bank.calibrate(engine, [paths[f"n{i}"] for i in range(3)])
+                len(bank), bank.names, bank.calibration
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=f) for f in (segmenting, segmenting, calibrating)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with pytest.raises(metauas.Error, match="pixels"):
+        engine.segment(bank, paths["q1"]).map_at(100_000, 100_000)
+
+
 def test_segment_releases_the_gil():
     engine = metauas.Engine.synthetic(512)
     img = np.zeros((512, 512, 3), np.uint8)

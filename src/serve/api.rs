@@ -16,10 +16,12 @@ use super::models::{Lookup, Models, Origin};
 use super::repository::{check_product_name, Repository};
 use crate::io::image::{decode_image_bytes, RgbImage8};
 use crate::io::output::{
-    gray_png_bytes_wh, heatmap_png, npy_f32_bytes, threshold_mask, HeatmapScale,
+    blend_half, gray_png_bytes_wh, heatmap_png, heatmap_rgb, npy_f32_bytes, rgb_png_bytes,
+    threshold_mask, HeatmapScale,
 };
 use crate::model::decision::{
-    parse_selection, resize_map, Calibration, Decision, Policy, RoiMask, Threshold,
+    parse_selection, resize_map, Calibration, Calibrator, Decision, Policy, RoiMask, Rule,
+    Threshold,
 };
 use crate::model::{
     AnomalyMap, BankEntry, Engine, PromptBank, PromptFeatures, PromptSelection, PromptSet,
@@ -181,6 +183,7 @@ struct SegmentOptions {
     format: &'static str,
     scale: HeatmapScale,
     frame_size: bool,
+    overlay: bool,
     given: Option<f64>,
 }
 
@@ -273,6 +276,7 @@ impl Api {
         let method = req.head.method.as_str();
         let path = req.head.path.as_str();
         let (route, result) = match path {
+            "/" => ("/", only(method, &["GET"], || Ok(super::page::index()))),
             "/healthz" => ("/healthz", only(method, &["GET"], || self.healthz())),
             "/metrics" => ("/metrics", only(method, &["GET"], || self.metrics_text())),
             "/v1/prompts" => (
@@ -288,7 +292,7 @@ impl Api {
                 "/v1/products",
                 only(method, &["GET"], || self.list_products(req)),
             ),
-            _ if path.starts_with("/v2") => super::oip::route(self, req),
+            _ if path == "/v2" || path.starts_with("/v2/") => super::oip::route(self, req),
             _ if path.starts_with("/v1/products/") => self.product_routes(req),
             _ => match path.strip_prefix("/v1/prompts/") {
                 Some(rest) if rest.strip_suffix("/roi").is_some_and(valid_key) => (
@@ -449,6 +453,10 @@ impl Api {
                 "/v1/products/{name}/prompts",
                 only(method, &["POST"], || self.add_product_prompt(name, req)),
             ),
+            Some((name, "calibrate")) => (
+                "/v1/products/{name}/calibrate",
+                only(method, &["POST"], || self.calibrate_product(name, req)),
+            ),
             None if !rest.is_empty() => (
                 "/v1/products/{name}",
                 only(method, &["PUT"], || self.put_product_bank(rest, req)),
@@ -495,48 +503,33 @@ impl Api {
             .engine
             .encode_prompt(&image)
             .map_err(|e| Response::error(500, format!("cannot encode the prompt: {e}")))?;
-        // The latest version on disk (another replica may have written it).
-        let mut bank = match repo.find(name).map(|f| f.latest) {
-            Some(Ok((_, path))) => repo.load(&path, &self.engine).map_err(|e| {
-                Response::error(
-                    409,
-                    format!("product `{name}`: its latest version does not load: {e}"),
-                )
-            })?,
-            _ => PromptBank::new(&self.engine),
-        };
-        let prompt_name = match p.get("name") {
-            Some(n) => check_name(n)?,
-            None => format!("prompt{}", bank.len() + 1),
-        };
-        bank.push(BankEntry {
-            name: prompt_name.clone(),
-            source: format!("POST /v1/products/{name}/prompts"),
-            features,
-        })
-        .map_err(|e| Response::error(409, e))?;
-        // Thresholds calibrated on the old prompts do not hold for the new set.
-        let was_calibrated = bank.calibration().is_some();
-        bank.set_calibration(None);
-        if bank
-            .roi()
-            .is_some_and(|r| r.frame != (image.width, image.height))
-        {
-            return Err(Response::error(
-                400,
-                format!(
-                    "prompt image is {}x{} but the product's inspection mask is {}x{}",
-                    image.width,
-                    image.height,
-                    bank.roi().map_or(0, |r| r.frame.0),
-                    bank.roi().map_or(0, |r| r.frame.1)
-                ),
-            ));
-        }
-        let version = repo
-            .publish(name, &bank)
-            .map_err(|e| Response::error(500, format!("cannot write the product: {e}")))?;
-        self.models.sync(repo, &self.engine, Some(name), true);
+        let prompt_name = p.get("name").map(|n| check_name(n)).transpose()?;
+        let frame = (image.width, image.height);
+        let (version, bank, (prompt_name, was_calibrated)) =
+            self.update_product(repo, name, true, |bank| {
+                let prompt_name = prompt_name
+                    .clone()
+                    .unwrap_or_else(|| format!("prompt{}", bank.len() + 1));
+                if let Some(r) = bank.roi().filter(|r| r.frame != frame) {
+                    return Err(Response::error(
+                        400,
+                        format!(
+                            "prompt image is {}x{} but the product's inspection mask is {}x{}",
+                            frame.0, frame.1, r.frame.0, r.frame.1
+                        ),
+                    ));
+                }
+                bank.push(BankEntry {
+                    name: prompt_name.clone(),
+                    source: format!("POST /v1/products/{name}/prompts"),
+                    features: features.clone(),
+                })
+                .map_err(|e| Response::error(409, e))?;
+                // Thresholds calibrated on the old prompts do not hold for the new set.
+                let was_calibrated = bank.calibration().is_some();
+                bank.set_calibration(None);
+                Ok((prompt_name, was_calibrated))
+            })?;
         Ok(Response::json(
             201,
             &json!({
@@ -545,6 +538,143 @@ impl Api {
                 "calibration_dropped": was_calibrated,
             }),
         ))
+    }
+
+    /// Applies `change` to the latest version of `name` (a new bank when there is none and
+    /// `create`) and publishes the result as exactly the next version. When another writer
+    /// publishes first, rereads and applies `change` again: no update is lost.
+    fn update_product<T>(
+        &self,
+        repo: &Repository,
+        name: &str,
+        create: bool,
+        mut change: impl FnMut(&mut PromptBank) -> Result<T, Response>,
+    ) -> Result<(u64, PromptBank, T), Response> {
+        for _ in 0..16 {
+            let (base, mut bank) = match repo.find(name).map(|f| f.latest) {
+                Some(Ok((sig, path))) => {
+                    let bank = repo.load(&path, &self.engine).map_err(|e| {
+                        Response::error(
+                            409,
+                            format!("product `{name}`: its latest version does not load: {e}"),
+                        )
+                    })?;
+                    (sig.version, bank)
+                }
+                _ if create => (repo.next_version(name) - 1, PromptBank::new(&self.engine)),
+                _ => {
+                    return Err(Response::error(
+                        404,
+                        format!("no product `{name}` in the repository"),
+                    ))
+                }
+            };
+            let out = change(&mut bank)?;
+            let published = repo
+                .publish_as(name, &bank, base + 1)
+                .map_err(|e| Response::error(500, format!("cannot write the product: {e}")))?;
+            if let Some(version) = published {
+                self.models.sync(repo, &self.engine, Some(name), true);
+                return Ok((version, bank, out));
+            }
+        }
+        Err(Response::error(
+            503,
+            format!("product `{name}` keeps changing under this update: retry"),
+        ))
+    }
+
+    /// `POST /v1/products/{name}/calibrate`, body `{"images": [base64 normal images...],
+    /// "method", "margin", "pixel_method", "multi"}` (defaults as `metauas bank
+    /// calibrate`): a new version of the product with the thresholds.
+    fn calibrate_product(&self, name: &str, req: &Request) -> Result<Response, Response> {
+        params(&req.head, &[])?;
+        let repo = self.writable_repository(name)?;
+        let body: serde_json::Value = serde_json::from_slice(&req.body)
+            .map_err(|e| Response::error(400, format!("request body is not JSON: {e}")))?;
+        let text = |key: &str, default: &str| -> Result<String, Response> {
+            match body.get(key) {
+                None => Ok(default.to_string()),
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(Response::error(400, format!("`{key}` must be a string"))),
+            }
+        };
+        let rule = |key: &str, default: &str| -> Result<Rule, Response> {
+            text(key, default)?
+                .parse()
+                .map_err(|e: crate::Error| Response::error(400, format!("`{key}`: {e}")))
+        };
+        let (image_rule, pixel_rule) = (
+            rule("method", "max")?,
+            rule("pixel_method", "quantile:0.999")?,
+        );
+        let margin = match body.get("margin") {
+            None => 0.05,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Response::error(400, "`margin` must be a number"))?,
+        };
+        let multi = text("multi", "best")?;
+        let selection = parse_selection(&multi).ok_or_else(|| {
+            Response::error(
+                400,
+                format!("`multi` `{}`: must be best, mean or min", printable(&multi)),
+            )
+        })?;
+        let images = body
+            .get("images")
+            .and_then(serde_json::Value::as_array)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| {
+                Response::error(400, "`images` must be a non-empty list of base64 images")
+            })?;
+        let mut decoded = Vec::with_capacity(images.len());
+        for (i, item) in images.iter().enumerate() {
+            let what = format!("images[{i}]");
+            let bytes = item
+                .as_str()
+                .ok_or_else(|| Response::error(400, format!("{what} is not a string")))
+                .and_then(|s| {
+                    base64::decode(s).map_err(|e| Response::error(400, format!("{what}: {e}")))
+                })?;
+            decoded.push((what.clone(), self.decode(&bytes, &what)?));
+        }
+        let engine = &self.engine;
+        let (version, _, json) = self.update_product(repo, name, false, |bank| {
+            let set = PromptSet::from_bank(bank, selection).map_err(|e| Response::error(409, e))?;
+            let roi = bank.roi().cloned();
+            let mut calibrator = Calibrator::new(roi.clone());
+            for (what, image) in &decoded {
+                if let Some(r) = &roi {
+                    r.check_frame(image.width, image.height)
+                        .map_err(|e| Response::error(400, format!("{what}: {e}")))?;
+                }
+                let (mut map, _) = set
+                    .segment(engine, image)
+                    .map_err(|e| Response::error(500, format!("segmentation failed: {e}")))?;
+                if let Some(r) = &roi {
+                    r.apply(&mut map).map_err(|e| Response::error(500, e))?;
+                }
+                calibrator
+                    .add(what, &map)
+                    .map_err(|e| Response::error(400, e))?;
+            }
+            let calibration = calibrator
+                .finish(image_rule, margin, pixel_rule, selection)
+                .map_err(|e| Response::error(400, e))?;
+            let json = calibration.to_json();
+            bank.set_calibration(Some(calibration));
+            Ok(json)
+        })?;
+        let mut answer = json!({"product": name, "version": version, "calibration": json});
+        if images.len() < crate::model::decision::FEW_IMAGES {
+            answer["warning"] = json!(format!(
+                "only {} calibration image(s); thresholds from fewer than {} normal images are unreliable",
+                images.len(),
+                crate::model::decision::FEW_IMAGES
+            ));
+        }
+        Ok(Response::json(201, &answer))
     }
 
     fn put_product_bank(&self, name: &str, req: &Request) -> Result<Response, Response> {
@@ -562,7 +692,7 @@ impl Api {
             std::process::id(),
             UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let loaded = std::fs::write(&tmp, &req.body)
+        let loaded = stage_upload(&tmp, &req.body)
             .map_err(|e| Response::error(500, format!("cannot stage the upload: {e}")))
             .and_then(|()| {
                 PromptBank::load(&tmp, &self.engine).map_err(|e| {
@@ -666,6 +796,8 @@ impl Api {
             roi.check_frame(frame.0, frame.1)
                 .map_err(|e| Response::error(400, format!("query image: {e}")))?;
         }
+        // The frame is kept for the overlay only when one is asked for.
+        let frame_pixels = options.overlay.then(|| image.data.clone());
         let (mut map, used, ms, batch) = self.run(&target, image)?;
         let decision = policy
             .decide(&mut map, frame)
@@ -686,6 +818,11 @@ impl Api {
             body["multi"] = json!(selection_name(prompts.selection()));
         }
         encode_outputs(&mut body, &map, &decision, &options, scale)?;
+        if let Some(pixels) = frame_pixels {
+            let (overlay, heatmap) = frame_pictures(&map, &decision, &pixels, scale)?;
+            body["overlay"] = json!(overlay);
+            body["heatmap"] = json!(heatmap);
+        }
         if let Some(t) = options.given {
             body["threshold"] = json!(t);
         }
@@ -798,16 +935,20 @@ impl Api {
                 Ok((map, json!(prompts.name(chosen)), ms, batch))
             }
             Target::Product { prompts, .. } => {
-                let mut pending = Vec::with_capacity(prompts.len());
-                for i in 0..prompts.len() {
-                    pending.push(self.submit(prompts.shared_features(i), image.clone())?);
-                }
+                // A window of prompts at a time: the queue is bounded.
                 let (mut maps, mut ms, mut batch) = (Vec::new(), 0.0, 0);
-                for rx in pending {
-                    let (map, t, b) = self.receive(rx)?;
-                    maps.push(map);
-                    ms += t;
-                    batch = batch.max(b);
+                let all: Vec<usize> = (0..prompts.len()).collect();
+                for window in all.chunks(8) {
+                    let mut pending = Vec::with_capacity(window.len());
+                    for &i in window {
+                        pending.push(self.submit(prompts.shared_features(i), image.clone())?);
+                    }
+                    for rx in pending {
+                        let (map, t, b) = self.receive(rx)?;
+                        maps.push(map);
+                        ms += t;
+                        batch = batch.max(b);
+                    }
                 }
                 let names: Vec<&str> = (0..prompts.len()).map(|i| prompts.name(i)).collect();
                 let map = prompts.combine(maps).map_err(|e| failed(e.to_string()))?;
@@ -872,7 +1013,7 @@ impl Api {
 
 /// The size from an image's header, without decoding it (None when unreadable: the decoder
 /// then says what is wrong).
-fn peek_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+pub(super) fn peek_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
     image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .ok()?
@@ -892,6 +1033,7 @@ const SEGMENT_PARAMS: &[&str] = &[
     "min_region_area",
     "heatmap",
     "output_size",
+    "overlay",
 ];
 
 fn selection_name(s: PromptSelection) -> &'static str {
@@ -947,16 +1089,49 @@ fn segment_options(p: &Params) -> Result<SegmentOptions, Response> {
         _ => HeatmapScale::Calibrated(0.5),
     };
     let frame_size = choice("output_size", "model", &["model", "original"])? == "original";
+    let overlay = choice("overlay", "0", &["0", "1"])? == "1";
     Ok(SegmentOptions {
         format,
         scale,
         frame_size,
+        overlay,
         given: finite_param(p, "threshold")?,
     })
 }
 
 /// The map (PNG heatmap or .npy) and the mask (when there is a pixel threshold), base64, at
 /// the model's size or the frame's.
+/// Writes an upload to a new private file (never through an existing name or a link).
+fn stage_upload(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(bytes)
+}
+
+/// The overlay (the heatmap blended 50/50 over the query frame) and the heatmap, at the
+/// frame's size, as base64 PNGs: what `metauas segment` writes as `_overlay.png` and
+/// `_heatmap.png`.
+fn frame_pictures(
+    map: &AnomalyMap,
+    decision: &Decision,
+    pixels: &[u8],
+    scale: HeatmapScale,
+) -> Result<(String, String), Response> {
+    let (w, h) = decision.frame;
+    let big = resize_map(&map.data, map.size, w, h);
+    let internal = |e: String| Response::error(500, format!("cannot encode the overlay: {e}"));
+    let blended = blend_half(&heatmap_rgb(&big, scale), pixels);
+    let overlay = rgb_png_bytes(&blended, w, h).map_err(internal)?;
+    let heatmap = heatmap_png(&big, w, h, scale).map_err(internal)?;
+    Ok((base64::encode(&overlay), base64::encode(&heatmap)))
+}
+
 fn encode_outputs(
     body: &mut serde_json::Value,
     map: &AnomalyMap,

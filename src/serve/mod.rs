@@ -16,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod models;
 pub mod oip;
+mod page;
 pub mod repository;
 
 use std::io::{ErrorKind, Read, Write};

@@ -4,12 +4,12 @@
 //! as unavailable, with the reason, and its previous version (if any) is no longer served.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::api::Product;
 use super::repository::{Repository, Signature};
 use crate::model::{Engine, PromptBank};
-use crate::util::sync::{read, write};
+use crate::util::sync::{lock, read, write};
 
 /// Where a product came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +41,9 @@ impl ModelEntry {
 #[derive(Default)]
 pub struct Models {
     entries: RwLock<BTreeMap<String, ModelEntry>>,
+    /// Serializes `sync` and `unload`: a scan, its loads and its inserts form one step, so
+    /// a slow poll cannot put back an older version or undo an unload made meanwhile.
+    serial: Mutex<()>,
 }
 
 /// Why a product is not served.
@@ -99,6 +102,7 @@ impl Models {
     /// dropped, failures kept as unavailable with one line on stderr. `force` reloads `only`
     /// even if unchanged or unloaded (the repository API's `load`).
     pub fn sync(&self, repo: &Repository, engine: &Engine, only: Option<&str>, force: bool) {
+        let _serial = lock(&self.serial);
         let found = match only {
             Some(name) => repo.find(name).into_iter().collect(),
             None => match repo.scan() {
@@ -164,16 +168,21 @@ impl Models {
         });
     }
 
-    /// Stops serving `name` until it is loaded again. False when unknown.
-    pub fn unload(&self, name: &str) -> bool {
+    /// Stops serving `name` until it is loaded again. Refused for unknown products and
+    /// for banks given at start (which `load` could not bring back).
+    pub fn unload(&self, name: &str) -> Result<(), String> {
+        let _serial = lock(&self.serial);
         let mut entries = write(&self.entries);
         match entries.get_mut(name) {
+            Some(e) if e.origin == Origin::Bank => Err(format!(
+                "model `{name}` comes from a bank given at start and cannot be unloaded"
+            )),
             Some(e) => {
                 e.unloaded = true;
                 e.state = Err("unloaded through the repository API".into());
-                true
+                Ok(())
             }
-            None => false,
+            None => Err(format!("unknown model `{name}`")),
         }
     }
 }

@@ -20,6 +20,11 @@ use crate::model::AnomalyMap;
 
 /// Most images one inference request may carry.
 pub const MAX_BATCH_ELEMENTS: usize = 256;
+/// Most pixels the images of one request may hold decoded (2^28: 768 MiB of RGB).
+pub const MAX_REQUEST_PIXELS: u64 = 1 << 28;
+/// Images of one request in flight at once: the queue is bounded, so a large request is
+/// fed to it a window at a time instead of being refused as "queue full".
+const WINDOW: usize = 8;
 
 const OUTPUTS: [&str; 4] = ["anomaly_map", "score", "anomalous", "regions"];
 
@@ -227,13 +232,9 @@ fn load(api: &Api, name: &str) -> Result<Response, Response> {
 
 fn unload(api: &Api, name: &str) -> Result<Response, Response> {
     let name = percent(name)?;
-    if api.models().unload(&name) {
-        Ok(Response::json(200, &json!({})))
-    } else {
-        Err(Response::error(
-            400,
-            format!("unknown model `{}`", printable(&name)),
-        ))
+    match api.models().unload(&name) {
+        Ok(()) => Ok(Response::json(200, &json!({}))),
+        Err(why) => Err(Response::error(400, printable(&why))),
     }
 }
 
@@ -373,9 +374,14 @@ fn encoded_images(
     raw: Option<&[u8]>,
     input: &Value,
 ) -> Result<Vec<RgbImage8>, Response> {
-    let count: usize = shape.iter().product();
     if shape.is_empty() || shape.len() > 2 || (shape.len() == 2 && shape[1] != 1) {
         return Err(bad("input `image`: shape must be [N] (or [N, 1])"));
+    }
+    let count = shape[0];
+    if count == 0 || count > MAX_BATCH_ELEMENTS {
+        return Err(bad(format!(
+            "a request carries 1 to {MAX_BATCH_ELEMENTS} images, not {count}"
+        )));
     }
     let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(count.min(MAX_BATCH_ELEMENTS));
     match raw {
@@ -418,6 +424,17 @@ fn encoded_images(
             blobs.len()
         )));
     }
+    // What the images will take decoded, from their headers, before any is decoded.
+    let pixels: u64 = blobs
+        .iter()
+        .filter_map(|b| super::api::peek_dimensions(b))
+        .map(|(w, h)| u64::from(w) * u64::from(h))
+        .sum();
+    if pixels > MAX_REQUEST_PIXELS {
+        return Err(bad(format!(
+            "input `image`: {pixels} pixels in all, more than a request may decode ({MAX_REQUEST_PIXELS})"
+        )));
+    }
     blobs
         .iter()
         .enumerate()
@@ -439,11 +456,17 @@ fn pixel_images(
             ))
         }
     };
+    if n == 0 || n > MAX_BATCH_ELEMENTS {
+        return Err(bad(format!(
+            "a request carries 1 to {MAX_BATCH_ELEMENTS} images, not {n}"
+        )));
+    }
     if h == 0 || w == 0 || h.saturating_mul(w) as u64 > super::api::MAX_IMAGE_PIXELS {
         return Err(bad(format!(
             "input `pixels`: {w} x {h} is not an image the server accepts"
         )));
     }
+    // Bounded above: n <= 256 and h * w <= 8192^2.
     let len = n * h * w * 3;
     let bytes: Vec<u8> = match raw {
         Some(b) => b.to_vec(),
@@ -552,32 +575,38 @@ fn infer(
                 .map_err(|e| bad(format!("image {i}: {e}")))?;
         }
     }
-    // One thread per image, so that the images of a request share the batcher's batches.
+    // One thread per image of a window, so that the images of a request share the
+    // batcher's batches without filling its queue.
     let target = Target::Product {
         product: p.clone(),
         prompts: p.prompts.clone(),
     };
-    let results: Vec<Result<(AnomalyMap, Decision), Response>> = std::thread::scope(|s| {
-        let handles: Vec<_> = images
-            .into_iter()
-            .map(|img| {
-                let (target, policy) = (&target, &policy);
-                s.spawn(move || {
-                    let frame = (img.width, img.height);
-                    let (mut map, _, _, _) = api.run(target, img)?;
-                    let decision = policy.decide(&mut map, frame).map_err(bad)?;
-                    Ok((map, decision))
+    let mut results: Vec<Result<(AnomalyMap, Decision), Response>> = Vec::new();
+    let mut images = images.into_iter().peekable();
+    while images.peek().is_some() {
+        let window: Vec<RgbImage8> = images.by_ref().take(WINDOW).collect();
+        results.extend(std::thread::scope(|s| {
+            let handles: Vec<_> = window
+                .into_iter()
+                .map(|img| {
+                    let (target, policy) = (&target, &policy);
+                    s.spawn(move || {
+                        let frame = (img.width, img.height);
+                        let (mut map, _, _, _) = api.run(target, img)?;
+                        let decision = policy.decide(&mut map, frame).map_err(bad)?;
+                        Ok((map, decision))
+                    })
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Response::error(500, "an inference thread failed")))
-            })
-            .collect()
-    });
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Response::error(500, "an inference thread failed")))
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
     let results = results.into_iter().collect::<Result<Vec<_>, Response>>()?;
     respond(
         &header,

@@ -97,9 +97,34 @@ impl Repository {
         PromptBank::load(bank, engine).map_err(|e| e.to_string())
     }
 
-    /// Publishes `bank` as the next version of `name` (creating the product); returns the
-    /// version number.
+    /// Publishes `bank` as the next version of `name` (creating the product), whatever the
+    /// latest is; returns the version number.
     pub fn publish(&self, name: &str, bank: &PromptBank) -> Result<u64> {
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let next = self.next_version(name);
+            if let Some(v) = self.publish_as(name, bank, next)? {
+                return Ok(v);
+            }
+        }
+        Err(Error::at(
+            &self.root.join(name),
+            "cannot publish: other writers kept taking the next version",
+        ))
+    }
+
+    /// The version a new publication of `name` would get.
+    pub fn next_version(&self, name: &str) -> u64 {
+        let dir = self.root.join(name);
+        match latest_version(&dir) {
+            Ok((sig, _)) => sig.version + 1,
+            Err(_) => max_version_number(&dir).map_or(1, |v| v + 1),
+        }
+    }
+
+    /// Publishes `bank` as exactly `version` of `name`: `None` when another writer took that
+    /// number first (the caller rereads the latest version and tries again, so that an
+    /// update made from version N never hides another one made from N).
+    pub fn publish_as(&self, name: &str, bank: &PromptBank, version: u64) -> Result<Option<u64>> {
         check_product_name(name).map_err(Error::new)?;
         let dir = self.root.join(name);
         fs::create_dir_all(&dir).map_err(|e| Error::at(&dir, format!("cannot create: {e}")))?;
@@ -113,30 +138,30 @@ impl Repository {
             let _ = fs::remove_dir_all(&staging);
             return Err(e);
         }
-        for _ in 0..PUBLISH_ATTEMPTS {
-            let next = match latest_version(&dir) {
-                Ok((sig, _)) => sig.version + 1,
-                Err(_) => max_version_number(&dir).map_or(1, |v| v + 1),
-            };
-            let target = dir.join(next.to_string());
-            match fs::rename(&staging, &target) {
-                Ok(()) => {
-                    sync_dir(&dir)?;
-                    return Ok(next);
+        let target = dir.join(version.to_string());
+        if target.exists() {
+            let _ = fs::remove_dir_all(&staging);
+            return Ok(None);
+        }
+        match fs::rename(&staging, &target) {
+            Ok(()) => {
+                // The version exists now: a failed directory sync is reported, not turned
+                // into an error a client would retry (and publish twice).
+                if let Err(e) = sync_dir(&dir) {
+                    eprintln!("metauas: model repository: {e}");
                 }
-                // Another writer took that number (the target exists and is not empty).
-                Err(_) if target.exists() => continue,
-                Err(e) => {
-                    let _ = fs::remove_dir_all(&staging);
-                    return Err(Error::at(&target, format!("cannot publish: {e}")));
-                }
+                Ok(Some(version))
+            }
+            // Another writer took that number (renaming onto a non-empty folder fails).
+            Err(_) if target.exists() => {
+                let _ = fs::remove_dir_all(&staging);
+                Ok(None)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&staging);
+                Err(Error::at(&target, format!("cannot publish: {e}")))
             }
         }
-        let _ = fs::remove_dir_all(&staging);
-        Err(Error::at(
-            &dir,
-            "cannot publish: other writers kept taking the next version",
-        ))
     }
 }
 

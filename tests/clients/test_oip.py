@@ -5,6 +5,7 @@ REST client. Every map they receive equals `metauas segment`'s, bit for bit."""
 import asyncio
 import base64
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -153,6 +154,19 @@ def test_every_error(server, setup):
     expect_error(400, "unknown output", lambda: c.infer(
         "bottle", q, outputs=[th.InferRequestedOutput("heatmap")]))
     expect_error(400, "exactly one input", lambda: c.infer("bottle", q + q))
+    # Too many images: refused from the shape, before anything is decoded.
+    many = th.InferInput("image", [300], "BYTES")
+    many.set_data_from_numpy(np.array([b"x"] * 300, dtype=np.object_))
+    expect_error(400, "1 to 256 images", lambda: c.infer("bottle", [many]))
+
+
+def test_v2_routes_are_exact(server):
+    for path in ("/v2anything", "/v2/models", "/v2/models/bottle/nope"):
+        try:
+            urllib.request.urlopen(server.url + path)
+            raise AssertionError(f"{path} answered 200")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404, (path, e.code)
 
 
 def test_repository_unload_and_load(server):

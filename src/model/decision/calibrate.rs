@@ -360,6 +360,11 @@ impl Calibrator {
                 )));
             }
         }
+        if map.data.iter().any(|v| !v.is_finite()) {
+            return Err(Error::new(format!(
+                "the map of `{name}` holds NaN or infinity"
+            )));
+        }
         let before = self.pixels.len();
         self.pixels.extend(
             (0..map.data.len())
