@@ -351,6 +351,70 @@ fn eval_mvtec_layout_end_to_end() {
         assert!(m.values[0].is_finite());
     }
     check_jpeg_class_maps(d, &out.join("maps").join("pcb"));
+    check_html_report(
+        &out.join("report.html"),
+        &report,
+        &["bottle", "pcb", "screw"],
+    );
+}
+
+/// The points of the polyline `kind` drawn for `class` in report.html.
+fn drawn_points(html: &str, class: &str, kind: &str) -> Vec<(f64, f64)> {
+    let key = format!("data-class=\"{class}\" data-kind=\"{kind}\" points=\"");
+    let start = html
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {kind} curve for {class}"))
+        + key.len();
+    let end = start + html[start..].find('"').unwrap();
+    html[start..end]
+        .split(' ')
+        .map(|p| {
+            let (x, y) = p.split_once(',').unwrap();
+            (x.parse().unwrap(), y.parse().unwrap())
+        })
+        .collect()
+}
+
+fn trapezoids(points: &[(f64, f64)]) -> f64 {
+    points
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+        .sum()
+}
+
+/// report.html: self-contained (no script, nothing fetched), and the drawn ROC curves are the
+/// ones the metrics integrate: the area under the image ROC polyline is the reported I-AUROC
+/// (before the authors' flip), the pixel one within the thinning's tolerance.
+fn check_html_report(path: &Path, report: &Value, classes: &[&str]) {
+    let html = std::fs::read_to_string(path).unwrap();
+    assert!(!html.contains("<script") && !html.contains("http://") && !html.contains("https://"));
+    for class in classes {
+        let raw = |metric: &str| {
+            let flipped = report["flipped_auroc"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["class"] == *class && f["metric"] == metric);
+            match flipped {
+                Some(f) => f["raw"].as_f64().unwrap(),
+                None => report["classes"][class][metric].as_f64().unwrap(),
+            }
+        };
+        let image = trapezoids(&drawn_points(&html, class, "image-roc"));
+        assert!(
+            (image - raw("I-AUROC")).abs() < 1e-12,
+            "{class}: {image} vs {}",
+            raw("I-AUROC")
+        );
+        let pixel = trapezoids(&drawn_points(&html, class, "pixel-roc"));
+        assert!(
+            (pixel - raw("P-AUROC")).abs() < 2e-3,
+            "{class}: {pixel} vs {}",
+            raw("P-AUROC")
+        );
+        assert!(html.contains(&format!("data-class=\"{class}\" data-kind=\"pro\"")));
+        assert!(html.matches("data:image/png;base64,").count() >= classes.len());
+    }
 }
 
 /// The JPEG class's maps, as `eval` saved them, are the library's maps of the decoded JPEG

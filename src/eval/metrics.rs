@@ -247,6 +247,31 @@ struct ImageTally {
 /// PRO(FPR) taken by trapezoids (`sklearn.metrics.auc`). NaN where the authors' code raises
 /// or gives NaN (see the module notes).
 pub fn aupro(maps: &[f32], masks: &[u8], height: usize, width: usize) -> f64 {
+    let Some((fprs, pros)) = pro_curve(maps, masks, height, width) else {
+        return f64::NAN;
+    };
+    if fprs.len() < 2 {
+        return f64::NAN;
+    }
+    let smallest = fprs.iter().copied().fold(f64::INFINITY, f64::min);
+    let largest = fprs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let span = largest - smallest;
+    if span == 0.0 {
+        return f64::NAN;
+    }
+    let x: Vec<f64> = fprs.iter().map(|f| (f - smallest) / span).collect();
+    trapezoid_auc(&x, &pros)
+}
+
+/// The points of the authors' PRO curve that AUPRO integrates: `(FPR, PRO)` at each of its
+/// thresholds with FPR < 0.3, in threshold order (before the FPR rescale). `None` where
+/// the curve is undefined (see `aupro`).
+pub fn pro_curve(
+    maps: &[f32],
+    masks: &[u8],
+    height: usize,
+    width: usize,
+) -> Option<(Vec<f64>, Vec<f64>)> {
     let plane = height * width;
     assert_eq!(maps.len(), masks.len(), "maps and masks differ in length");
     assert!(
@@ -254,13 +279,11 @@ pub fn aupro(maps: &[f32], masks: &[u8], height: usize, width: usize) -> f64 {
         "maps are not whole height x width images"
     );
     if maps.is_empty() || maps.iter().any(|v| v.is_nan()) {
-        return f64::NAN;
+        return None;
     }
     let min = maps.iter().copied().fold(f32::INFINITY, f32::min);
     let max = maps.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let Some(thresholds) = pro_thresholds(min, max) else {
-        return f64::NAN;
-    };
+    let thresholds = pro_thresholds(min, max)?;
     let levels = thresholds.len() + 1;
     // A pixel of value v is above thresholds[..k] with k = #{t : t < v} (`amap > th`).
     let above = |v: f32| thresholds.partition_point(|&t| t < f64::from(v));
@@ -312,7 +335,7 @@ pub fn aupro(maps: &[f32], masks: &[u8], height: usize, width: usize) -> f64 {
     }
     let normal_total: u64 = normal.iter().sum();
     if region_count == 0 || normal_total == 0 {
-        return f64::NAN;
+        return None;
     }
     let fp = above_counts(&normal);
     let (mut fprs, mut pros) = (Vec::new(), Vec::new());
@@ -323,17 +346,41 @@ pub fn aupro(maps: &[f32], masks: &[u8], height: usize, width: usize) -> f64 {
             pros.push(pro_sum[t] / region_count as f64);
         }
     }
-    if fprs.len() < 2 {
-        return f64::NAN;
+    Some((fprs, pros))
+}
+
+/// The ROC curve the AUROC integrates: `(FPR, TPR)` from (0, 0), one point per distinct
+/// score (scikit-learn's `roc_curve` without `drop_intermediate`). `None` with one label
+/// class or a NaN score.
+pub fn roc_points(scores: &[f32], labels: &[u8]) -> Option<Vec<(f64, f64)>> {
+    let (tps, fps) = binary_curve(scores, labels)?;
+    let (p, n) = (*tps.last()? as f64, *fps.last()? as f64);
+    if p == 0.0 || n == 0.0 {
+        return None;
     }
-    let smallest = fprs.iter().copied().fold(f64::INFINITY, f64::min);
-    let largest = fprs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let span = largest - smallest;
-    if span == 0.0 {
-        return f64::NAN;
+    let mut out = vec![(0.0, 0.0)];
+    out.extend(
+        tps.iter()
+            .zip(&fps)
+            .map(|(&tp, &fp)| (fp as f64 / n, tp as f64 / p)),
+    );
+    Some(out)
+}
+
+/// The precision-recall curve AP sums: `(recall, precision)` per distinct score, from the
+/// highest score down. `None` without a positive or with a NaN score.
+pub fn pr_points(scores: &[f32], labels: &[u8]) -> Option<Vec<(f64, f64)>> {
+    let (tps, fps) = binary_curve(scores, labels)?;
+    let p = *tps.last()? as f64;
+    if p == 0.0 {
+        return None;
     }
-    let x: Vec<f64> = fprs.iter().map(|f| (f - smallest) / span).collect();
-    trapezoid_auc(&x, &pros)
+    Some(
+        tps.iter()
+            .zip(&fps)
+            .map(|(&tp, &fp)| (tp as f64 / p, tp as f64 / (tp + fp) as f64))
+            .collect(),
+    )
 }
 
 /// `sklearn.metrics.auc`: trapezoids, sign flipped when `x` decreases.

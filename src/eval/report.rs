@@ -207,6 +207,10 @@ impl Report {
             .map_err(|e| Error::new(format!("cannot encode the report: {e}")))?;
         write_atomic(&dir.join("report.json"), format!("{json}\n").as_bytes())?;
         write_atomic(&dir.join("report.md"), self.to_markdown().as_bytes())?;
+        write_atomic(
+            &dir.join("report.html"),
+            super::html::to_html(self).as_bytes(),
+        )?;
         write_atomic(&dir.join("report.csv"), self.to_csv().as_bytes())
     }
 }
@@ -225,6 +229,8 @@ mod tests {
                 values,
                 flipped: vec![],
             },
+            curves: Default::default(),
+            gallery: vec![],
         }
     }
 

@@ -37,3 +37,40 @@ def test_inspection_page_in_chromium(server, setup, tmp_path):
     assert not failed and out.returncode == 0, json.dumps(report, indent=1) + out.stderr
     assert len(report["checks"]) >= 8
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not REQUIRED and not (os.path.exists(CHROMIUM) and MODULES.is_dir()
+                                          and shutil.which("node")),
+                    reason="needs chromium, node and `npm install` in tests/browser")
+def test_eval_report_in_chromium(setup, tmp_path):
+    """`metauas eval` on a small MVTec-layout set; its report.html opened and screenshotted
+    (target/report.png; docs/report.png is a committed copy)."""
+    from PIL import Image
+    from conftest import SIZE, run, synthetic_image
+    import numpy as np
+
+    root = tmp_path / "mvtec"
+    for cls in ("bottle", "cable"):
+        (root / cls / "train" / "good").mkdir(parents=True)
+        (root / cls / "test" / "good").mkdir(parents=True)
+        (root / cls / "test" / "broken").mkdir(parents=True)
+        (root / cls / "ground_truth" / "broken").mkdir(parents=True)
+        synthetic_image(1).save(root / cls / "train" / "good" / "000.png")
+        for k in range(3):
+            synthetic_image(40 + k).save(root / cls / "test" / "good" / f"00{k}.png")
+            cx, cy, r = 20 + 15 * k, 30, 9
+            synthetic_image(50 + k, (cx, cy, r)).save(root / cls / "test" / "broken" / f"00{k}.png")
+            y, x = np.mgrid[0:80, 0:96]
+            mask = (((x - cx) ** 2 + (y - cy) ** 2) < r * r).astype(np.uint8) * 255
+            Image.fromarray(mask).save(root / cls / "ground_truth" / "broken" / f"00{k}_mask.png")
+    out = tmp_path / "eval"
+    run("eval", "--weights", setup.weights, "--root", root, "--layout", "mvtec", "--size", SIZE,
+        "--backend", "cpu", "--out", out)
+    shot = ROOT / "target" / "report.png"
+    res = subprocess.run(["node", str(ROOT / "tests" / "browser" / "report.mjs"),
+                          str(out / "report.html"), str(shot)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    seen = json.loads(res.stdout.strip().splitlines()[-1])
+    assert seen["console_errors"] == []
+    assert seen["curves"] == 2 * 5 and seen["images"] >= 2 * 3
+    assert shot.is_file() and shot.stat().st_size > 10_000
