@@ -1,6 +1,7 @@
 //! `metauas segment`: normal prompt image(s) or a bank, many queries (files or directories);
 //! a map, a heatmap, an overlay and optionally a mask per query, and a JSON line each.
 
+use metauas::model::decision::selection_name;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -300,14 +301,6 @@ fn selection(args: &SegmentArgs, bank: Option<&PromptBank>) -> PromptSelection {
         (Some(flag), _) => flag,
         (None, Some(cal)) => cal,
         (None, None) => PromptSelection::Best,
-    }
-}
-
-fn selection_name(s: PromptSelection) -> &'static str {
-    match s {
-        PromptSelection::Best => "best",
-        PromptSelection::Mean => "mean",
-        PromptSelection::Min => "min",
     }
 }
 

@@ -2,6 +2,7 @@
 //! calibration), segmentation with verdicts and regions, health and metrics. Every error is
 //! a JSON `{"error": "one line"}` with its status.
 
+use crate::model::decision::selection_name;
 use std::io::Cursor;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -1035,14 +1036,6 @@ const SEGMENT_PARAMS: &[&str] = &[
     "output_size",
     "overlay",
 ];
-
-fn selection_name(s: PromptSelection) -> &'static str {
-    match s {
-        PromptSelection::Best => "best",
-        PromptSelection::Mean => "mean",
-        PromptSelection::Min => "min",
-    }
-}
 
 /// A prompt id or name in a path: not empty, no `/`.
 fn valid_key(key: &str) -> bool {

@@ -230,7 +230,8 @@ pub struct Calibration {
     pub f1: Option<F1Thresholds>,
 }
 
-fn selection_name(s: PromptSelection) -> &'static str {
+/// How a selection is spelled (`best`, `mean`, `min`): the inverse of `parse_selection`.
+pub fn selection_name(s: PromptSelection) -> &'static str {
     match s {
         PromptSelection::Best => "best",
         PromptSelection::Mean => "mean",

@@ -25,8 +25,8 @@ mod resize;
 use serde_json::{json, Value};
 
 pub use calibrate::{
-    parse_selection, quantile_of_sorted, CalibratedThreshold, Calibration, Calibrator,
-    F1Thresholds, Rule, Stats, FEW_IMAGES, MAX_CALIBRATION_IMAGES, RECORDED_QUANTILES,
+    parse_selection, quantile_of_sorted, selection_name, CalibratedThreshold, Calibration,
+    Calibrator, F1Thresholds, Rule, Stats, FEW_IMAGES, MAX_CALIBRATION_IMAGES, RECORDED_QUANTILES,
 };
 pub use regions::{find_regions, label_regions, Region};
 pub use resize::resize_map;
