@@ -21,6 +21,7 @@
 //! # Ok::<(), metauas::Error>(())
 //! ```
 
+pub mod bundle;
 pub mod cpu;
 pub mod error;
 pub mod eval;

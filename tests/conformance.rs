@@ -12,9 +12,8 @@ mod common;
 use std::path::PathBuf;
 
 use metauas::graph::Precision;
-use metauas::graph::Shape;
 use metauas::io::image::decode_image_file;
-use metauas::model::{Engine, EngineOptions, Tap};
+use metauas::model::{Engine, EngineOptions, TapTensor};
 use metauas::synth::{synthetic_image, WeightRecipe};
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -93,11 +92,22 @@ fn error_stats(errors: &mut [f64]) -> (f64, f64) {
     (errors[n - 1], p999)
 }
 
-/// Our value at a flattened NCHW index, given our NHWC data of shape (h, w, c).
-fn nhwc_at(data: &[f32], (h, w, c): (usize, usize, usize), nchw: i64) -> f64 {
-    let n = nchw as usize;
-    let (ch, rem) = (n / (h * w), n % (h * w));
-    data[rem * c + ch] as f64
+/// The bundle name (`model::taps`) of a fixture's tap.
+fn bundle_name(tap: &str) -> String {
+    let blocks = ["5", "9", "21", "31"];
+    match tap {
+        "f1" => "query.encoder._swish".into(),
+        "map" => "map".into(),
+        _ if tap.starts_with("fused") => {
+            let n: usize = tap[5..].parse().unwrap();
+            format!("alignment.{}", 5 - n)
+        }
+        _ if tap.starts_with("dec") => format!("decoder.blocks.{}", &tap[3..]),
+        _ => {
+            let n: usize = tap[1..].parse().unwrap();
+            format!("query.encoder._blocks.{}", blocks[n - 2])
+        }
+    }
 }
 
 /// A file of the image corpus (`{"file": ...}`, decoded as any query is), or a synthetic
@@ -186,22 +196,18 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
 
     let engine = Engine::from_file_with(&weights, size, options).expect("engine");
     let f16 = options.precision == Precision::F16;
-    let prompt = engine.encode_prompt(&decoded("prompt")).unwrap();
+    let prompt_image = decoded("prompt");
     let query = decoded("query");
-    let (map, taps) = engine.segment_with_taps(&prompt, &query).unwrap();
-    // The production path (its own graph and arena plan) must give the very same map.
+    let (map, taps) = engine.segment_with_taps(&prompt_image, &query).unwrap();
+    // The production path (its own graphs and arena plans) must give the very same map.
+    let prompt = engine.encode_prompt(&prompt_image).unwrap();
     let plain = engine.segment(&prompt, &query).unwrap();
     assert_eq!(
         plain.data, map.data,
         "segment() differs from segment_with_taps()"
     );
-
-    let mut outputs = taps;
-    outputs.push(Tap {
-        name: "map".into(),
-        shape: Shape::new(size, size, 1),
-        data: map.data,
-    });
+    let tap_map = taps.iter().find(|t| t.name == "map").expect("map tap");
+    assert_eq!(tap_map.data, map.data, "the map tap is not the map");
 
     println!(
         "{name} on {}: errors vs the float64 truth, max / p99.9: ours (sampled), PyTorch-f32 (full tensor), PyTorch-f32 (sampled)",
@@ -209,21 +215,23 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
     );
     let mut failures = Vec::new();
     let mut map_error = (0.0, 0.0);
-    for Tap {
-        name: tap,
-        shape,
-        data,
-    } in &outputs
+    for tap in ["f1", "f2", "f3", "f4", "f5", "fused5", "fused4", "fused3"]
+        .into_iter()
+        .chain(["dec0", "dec1", "dec2", "dec3", "dec4", "map"])
     {
-        if tap != "map" && !fx.has_tap(tap) {
+        if !fx.has_tap(tap) {
             continue;
         }
+        let TapTensor { data, .. } = taps
+            .iter()
+            .find(|t| t.name == bundle_name(tap))
+            .unwrap_or_else(|| panic!("no tap {}", bundle_name(tap)));
         let (idx, truth, t32) = fx.tap(tap);
         assert_eq!(idx.len(), truth.len());
         let mut ours: Vec<f64> = idx
             .iter()
             .zip(&truth)
-            .map(|(&i, t)| (nhwc_at(data, (shape.h, shape.w, shape.c), i) - t).abs())
+            .map(|(&i, t)| (data[i as usize] as f64 - t).abs())
             .collect();
         let mut theirs: Vec<f64> = t32
             .iter()
@@ -232,7 +240,7 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
             .collect();
         let (om, op) = error_stats(&mut ours);
         let (sm, sp) = error_stats(&mut theirs);
-        let recorded = &fx.json("torch32_error")[tap.as_str()];
+        let recorded = &fx.json("torch32_error")[tap];
         let tm = recorded["max_abs"].as_f64().expect("torch32_error.max_abs");
         let tp = recorded["p999_abs"]
             .as_f64()

@@ -19,10 +19,12 @@ const MAY_USE: &[(&str, &[&str])] = &[
     ("synth", &["model", "graph", "io", "error", "util"]),
     ("eval", &["model", "graph", "io", "error", "util"]),
     ("serve", &["model", "graph", "io", "error", "util"]),
+    ("bundle", &["model", "graph", "io", "error", "util"]),
     (
         "cli",
         &[
-            "eval", "serve", "synth", "model", "cpu", "gpu", "graph", "io", "error", "util",
+            "eval", "serve", "bundle", "synth", "model", "cpu", "gpu", "graph", "io", "error",
+            "util",
         ],
     ),
 ];

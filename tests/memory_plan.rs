@@ -46,7 +46,7 @@ fn the_cpu_plan_keeps_live_values_apart_on_the_real_graphs() {
     let weights = ModelWeights::load(&synthetic_weights(&WeightRecipe::unit(1))).unwrap();
     for size in [256, 512] {
         let graphs = [
-            ("prompt", build_prompt_graph(&weights, size)),
+            ("prompt", build_prompt_graph(&weights, size, false)),
             ("query", build_query_graph(&weights, size, false)),
             ("query with taps", build_query_graph(&weights, size, true)),
         ];

@@ -2,6 +2,7 @@
 
 mod bank;
 mod bench;
+mod compare;
 mod eval;
 mod info;
 mod inputs;
@@ -152,6 +153,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Serve segmentation over HTTP/1.1 with JSON (see README, "Serve").
     Serve(serve::ServeArgs),
+    /// Compare two reference bundles (`segment --taps`, `export_taps.py`, another engine's
+    /// .npy or .npz) tensor by tensor; exit 1 when one is past --tol.
+    Compare(compare::CompareArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -181,6 +185,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Eval(args) => flagged(args.run, eval::run(args)),
         Command::Serve(args) => flagged(args.run, serve::run(args)),
+        Command::Compare(args) => compare::run(args),
     }
 }
 

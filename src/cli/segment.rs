@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
+use metauas::bundle::write_bundle;
 use metauas::io::image::{decode_image_file, resize_rgb8, RgbImage8};
 use metauas::io::output::{
     blend_half, draw_boxes, heatmap_png, heatmap_rgb, threshold_mask, write_atomic, write_npy_f32,
@@ -14,7 +15,8 @@ use metauas::io::output::{
 };
 use metauas::model::decision::{resize_map, Decision, Policy, RoiMask, Threshold};
 use metauas::model::{
-    check_size, AnomalyMap, Engine, PromptBank, PromptSelection, PromptSet, PromptsUsed,
+    check_size, AnomalyMap, Engine, PromptBank, PromptFeatures, PromptSelection, PromptSet,
+    PromptsUsed, TapTensor,
 };
 use metauas::{Error, Result};
 
@@ -116,6 +118,19 @@ pub struct SegmentArgs {
     /// Write only the maps (.npy) and the JSON lines: no heatmap, overlay or mask pictures.
     #[arg(long)]
     no_images: bool,
+    /// Also write each query's reference bundle to DIR/<name>/: every intermediate tensor
+    /// (prompt and query) as float32 NCHW .npy named after its PyTorch module, with
+    /// manifest.json (see README, "Checking another engine"). Needs one --prompt image.
+    #[arg(long, value_name = "DIR")]
+    taps: Option<PathBuf>,
+}
+
+/// `--taps`: the prompt's taps (computed once) and the manifest fields every bundle shares.
+struct TapsRun {
+    dir: PathBuf,
+    features: PromptFeatures,
+    prompt_taps: Vec<TapTensor>,
+    head: serde_json::Map<String, serde_json::Value>,
 }
 
 /// How every query of a run is judged and drawn.
@@ -152,13 +167,23 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     };
     let judge = judge(&args, bank.as_ref(), engine.size())?;
     let selection = selection(&args, bank.as_ref());
-    let (prompts, mut paired) = load_prompts(
-        &engine,
-        bank.as_ref(),
-        selection,
-        &prompt_files,
-        queries.first(),
-    )?;
+    let taps = match &args.taps {
+        Some(dir) => Some(taps_run(&args, &engine, bank.as_ref(), &prompt_files, dir)?),
+        None => None,
+    };
+    let (prompts, mut paired) = match &taps {
+        Some(t) => {
+            let prompt = (prompt_files[0].display().to_string(), t.features.clone());
+            (PromptSet::new(vec![prompt], selection)?, None)
+        }
+        None => load_prompts(
+            &engine,
+            bank.as_ref(),
+            selection,
+            &prompt_files,
+            queries.first(),
+        )?,
+    };
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::at(&args.out, format!("cannot create output directory: {e}")))?;
 
@@ -171,7 +196,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         let writer = scope.spawn(|| -> Result<(Vec<u8>, usize)> {
             let (mut jsonl, mut failures) = (Vec::new(), 0);
             for judged in rx {
-                match write_one(&args, judge.scale, judged) {
+                match write_one(&args, judge.scale, taps.as_ref(), judged) {
                     Ok(line) => {
                         jsonl.extend_from_slice(line.as_bytes());
                         bar.suspend(|| super::emit(&line))?;
@@ -187,7 +212,15 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         });
         let mut failures = 0;
         for query in &queries {
-            match judge_one(&engine, &prompts, &judge, query, paired.take()) {
+            let taps_features = taps.as_ref().map(|t| &t.features);
+            match judge_one(
+                &engine,
+                &prompts,
+                &judge,
+                query,
+                paired.take(),
+                taps_features,
+            ) {
                 // A closed channel means the writer failed: its error is returned below.
                 Ok(judged) => {
                     if tx.send(judged).is_err() {
@@ -356,6 +389,8 @@ struct Judged<'a> {
     decision: Decision,
     used: serde_json::Value,
     ms: f64,
+    /// The query half's taps (`--taps`).
+    taps: Option<Vec<TapTensor>>,
 }
 
 fn judge_one<'a>(
@@ -364,10 +399,20 @@ fn judge_one<'a>(
     judge: &Judge,
     query: &'a ImageInput,
     paired: Option<PairedQuery>,
+    taps_of: Option<&PromptFeatures>,
 ) -> Result<Judged<'a>> {
-    let (image, mut map, used, ms) = match paired {
-        Some(p) => (p.image, p.map, prompts.name(0).into(), p.ms),
-        None => {
+    let mut taps = None;
+    let (image, mut map, used, ms) = match (paired, taps_of) {
+        (Some(p), _) => (p.image, p.map, prompts.name(0).into(), p.ms),
+        (None, Some(features)) => {
+            let image = decode_image_file(&query.path)?;
+            let start = Instant::now();
+            let (map, query_taps) = engine.query_taps(features, &image)?;
+            taps = Some(query_taps);
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            (image, map, prompts.name(0).into(), ms)
+        }
+        (None, None) => {
             let image = decode_image_file(&query.path)?;
             let start = Instant::now();
             let (map, used) = prompts.segment(engine, &image)?;
@@ -390,11 +435,17 @@ fn judge_one<'a>(
         decision,
         used,
         ms,
+        taps,
     })
 }
 
 /// Writes one query's outputs; returns its JSON line.
-fn write_one(args: &SegmentArgs, scale: HeatmapScale, judged: Judged) -> Result<String> {
+fn write_one(
+    args: &SegmentArgs,
+    scale: HeatmapScale,
+    taps_run: Option<&TapsRun>,
+    judged: Judged,
+) -> Result<String> {
     let Judged {
         query,
         image,
@@ -402,8 +453,13 @@ fn write_one(args: &SegmentArgs, scale: HeatmapScale, judged: Judged) -> Result<
         decision,
         used,
         ms,
+        taps,
     } = judged;
     let written = write_outputs(&map, &image, &decision, args, scale, &query.name)?;
+    let bundle = match (taps_run, taps) {
+        (Some(run), Some(query_taps)) => Some(write_taps(run, query, &image, query_taps)?),
+        _ => None,
+    };
     let mut line = serde_json::json!({
         "query": query.path.display().to_string(),
         "prompt": used,
@@ -417,7 +473,99 @@ fn write_one(args: &SegmentArgs, scale: HeatmapScale, judged: Judged) -> Result<
     if let Some(mask) = written.mask {
         line["mask"] = mask.display().to_string().into();
     }
+    if let Some(dir) = bundle {
+        line["taps"] = dir.display().to_string().into();
+    }
     Ok(format!("{line}\n"))
+}
+
+/// Checks `--taps` against the other flags, encodes the prompt with its taps and gathers the
+/// manifest fields every bundle of the run shares.
+fn taps_run(
+    args: &SegmentArgs,
+    engine: &Engine,
+    bank: Option<&PromptBank>,
+    prompt_files: &[PathBuf],
+    dir: &Path,
+) -> Result<TapsRun> {
+    let [prompt_file] = prompt_files else {
+        return Err(Error::new(format!(
+            "--taps needs exactly one --prompt image (got {})",
+            prompt_files.len()
+        )));
+    };
+    if bank.is_some() {
+        return Err(Error::new(
+            "--taps cannot use --bank: a bank keeps only the prompt's final features, not its intermediate tensors",
+        ));
+    }
+    let image = decode_image_file(prompt_file)?;
+    let (features, prompt_taps) = engine.prompt_taps(&image)?;
+    let head = serde_json::json!({
+        "producer": format!("metauas {}", env!("CARGO_PKG_VERSION")),
+        "backend": engine.backend_description(),
+        "precision": format!("{:?}", args.run.precision).to_lowercase(),
+        "size": engine.size(),
+        "weights": {
+            "file": args.weights.display().to_string(),
+            "sha256": sha256_file(&args.weights)?,
+            "fingerprint": engine.weights_hash(),
+        },
+        "inputs": { "prompt": input_json(prompt_file, &image)? },
+    });
+    let serde_json::Value::Object(head) = head else {
+        unreachable!("a JSON object")
+    };
+    Ok(TapsRun {
+        dir: dir.to_path_buf(),
+        features,
+        prompt_taps,
+        head,
+    })
+}
+
+/// Writes one query's bundle to `--taps`/<name>; returns its folder.
+fn write_taps(
+    run: &TapsRun,
+    query: &ImageInput,
+    image: &RgbImage8,
+    query_taps: Vec<TapTensor>,
+) -> Result<PathBuf> {
+    let dir = run.dir.join(&query.name);
+    let mut head = run.head.clone();
+    head["inputs"]["query"] = input_json(&query.path, image)?;
+    let mut tensors = run.prompt_taps.clone();
+    tensors.extend(query_taps);
+    write_bundle(&dir, head, &tensors)?;
+    Ok(dir)
+}
+
+fn input_json(path: &Path, image: &RgbImage8) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "file": path.display().to_string(),
+        "sha256": sha256_file(path)?,
+        "width": image.width,
+        "height": image.height,
+    }))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| Error::at(path, format!("cannot read: {e}")))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::at(path, format!("cannot read: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// The JSON value naming the prompt(s) a map used: a name, or a list of names for

@@ -106,12 +106,111 @@ pub fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
 }
 
 fn parse_npy_f32(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
+    let (dtype, shape, data) = split_npy(bytes)?;
+    if dtype != NpyDtype::F32 || dtype_is_big_endian(bytes) {
+        return Err(format!(
+            "dtype '{}' is not little-endian float32 ('<f4')",
+            npy_descr(bytes).unwrap_or_default()
+        ));
+    }
+    let values = data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((shape, values))
+}
+
+/// The float dtypes `parse_npy` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NpyDtype {
+    F16,
+    F32,
+    F64,
+}
+
+impl NpyDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            NpyDtype::F16 => "float16",
+            NpyDtype::F32 => "float32",
+            NpyDtype::F64 => "float64",
+        }
+    }
+
+    fn bytes(self) -> usize {
+        match self {
+            NpyDtype::F16 => 2,
+            NpyDtype::F32 => 4,
+            NpyDtype::F64 => 8,
+        }
+    }
+}
+
+/// A float array of any byte order read from a `.npy`, widened to float64 (exact).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NpyArray {
+    pub shape: Vec<usize>,
+    pub dtype: NpyDtype,
+    pub values: Vec<f64>,
+}
+
+/// Parse a `.npy` of float16/32/64, either byte order, C order (another engine's output).
+/// A truncated or padded file, another dtype or Fortran order is an error.
+pub fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
+    let (dtype, shape, data) = split_npy(bytes)?;
+    let big = dtype_is_big_endian(bytes);
+    let word = |b: &[u8], n: usize| -> [u8; 8] {
+        let mut w = [0u8; 8];
+        w[..n].copy_from_slice(b);
+        if big {
+            w[..n].reverse();
+        }
+        w
+    };
+    let n = dtype.bytes();
+    let values = data
+        .chunks_exact(n)
+        .map(|b| {
+            let w = word(b, n);
+            match dtype {
+                NpyDtype::F16 => half::f16::from_le_bytes([w[0], w[1]]).to_f64(),
+                NpyDtype::F32 => f32::from_le_bytes([w[0], w[1], w[2], w[3]]) as f64,
+                NpyDtype::F64 => f64::from_le_bytes(w),
+            }
+        })
+        .collect();
+    Ok(NpyArray {
+        shape,
+        dtype,
+        values,
+    })
+}
+
+/// Read a `.npy` of float16/32/64 (see `parse_npy`); errors name the file.
+pub fn read_npy(path: &Path) -> Result<NpyArray> {
+    let bytes = fs::read(path).map_err(|e| Error::at(path, format!("cannot read: {e}")))?;
+    parse_npy(&bytes).map_err(|problem| Error::at(path, problem))
+}
+
+/// The header's `descr`, if the header parses.
+fn npy_descr(bytes: &[u8]) -> Option<String> {
+    let (start, len) = npy_header_span(bytes).ok()?;
+    let header = std::str::from_utf8(&bytes[start..start + len]).ok()?;
+    parse_npy_header(header).ok().map(|(d, _)| d)
+}
+
+fn dtype_is_big_endian(bytes: &[u8]) -> bool {
+    npy_descr(bytes).is_some_and(|d| d.starts_with('>'))
+}
+
+/// Where the header dict lies: (start, length).
+fn npy_header_span(bytes: &[u8]) -> std::result::Result<(usize, usize), String> {
     if bytes.len() < 10 || &bytes[..6] != NPY_MAGIC {
         return Err("not a .npy file (no \\x93NUMPY magic)".into());
     }
     let (header_len, header_start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 if bytes.len() >= 12 => (
+        2 | 3 if bytes.len() >= 12 => (
             u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
             12,
         ),
@@ -122,30 +221,45 @@ fn parse_npy_f32(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), St
             ".npy header of {header_len} bytes does not fit the file"
         ));
     }
-    let header = std::str::from_utf8(&bytes[header_start..header_start + header_len])
+    Ok((header_start, header_len))
+}
+
+/// The dtype, shape and data bytes of a `.npy`, the data's length checked against the shape.
+fn split_npy(bytes: &[u8]) -> std::result::Result<(NpyDtype, Vec<usize>, &[u8]), String> {
+    let (start, len) = npy_header_span(bytes)?;
+    let header = std::str::from_utf8(&bytes[start..start + len])
         .map_err(|_| ".npy header is not text".to_string())?;
-    let shape = parse_npy_header(header)?;
+    let (descr, shape) = parse_npy_header(header)?;
+    let dtype = match descr.as_str() {
+        "<f2" | ">f2" => NpyDtype::F16,
+        "<f4" | ">f4" => NpyDtype::F32,
+        "<f8" | ">f8" => NpyDtype::F64,
+        d => return Err(format!("dtype '{d}' is not float16, float32 or float64")),
+    };
     let count = shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| format!("shape {shape:?} is too large"))?;
-    let data = &bytes[header_start + header_len..];
-    if Some(data.len()) != count.checked_mul(4) {
+    let data = &bytes[start + len..];
+    let want = count.checked_mul(dtype.bytes());
+    if Some(data.len()) != want {
+        let kind = if want.is_some_and(|w| data.len() < w) {
+            "truncated: "
+        } else {
+            ""
+        };
         return Err(format!(
-            "shape {shape:?} needs {count} float32 values but the file holds {} bytes of data",
+            "{kind}shape {shape:?} needs {count} {} values but the file holds {} bytes of data",
+            dtype.name(),
             data.len()
         ));
     }
-    let values = data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((shape, values))
+    Ok((dtype, shape, data))
 }
 
 /// Parse `{'descr': '<f4', 'fortran_order': False, 'shape': (..), }` (keys in any order,
 /// each exactly once) and return the shape.
-fn parse_npy_header(header: &str) -> std::result::Result<Vec<usize>, String> {
+fn parse_npy_header(header: &str) -> std::result::Result<(String, Vec<usize>), String> {
     let bad = |why: &str| format!(".npy header {:?}: {why}", header.trim_end());
     let body = header
         .trim_end()
@@ -193,11 +307,8 @@ fn parse_npy_header(header: &str) -> std::result::Result<Vec<usize>, String> {
             None => return Err(bad("expected ',' between entries")),
         };
     }
-    match (descr.as_deref(), fortran, shape) {
-        (Some("<f4"), Some(false), Some(shape)) => Ok(shape),
-        (Some(d), _, _) if d != "<f4" => {
-            Err(format!("dtype '{d}' is not little-endian float32 ('<f4')"))
-        }
+    match (descr, fortran, shape) {
+        (Some(d), Some(false), Some(shape)) => Ok((d, shape)),
         (_, Some(true), _) => Err("Fortran-order arrays are not supported".into()),
         _ => Err(bad("missing descr, fortran_order or shape")),
     }
@@ -720,6 +831,61 @@ mod tests {
         let mut b = b"\x93NUMPY\x01\x00\xff\xff".to_vec();
         b.extend_from_slice(b"{}");
         assert!(parse_npy_f32(&b).is_err());
+    }
+
+    #[test]
+    fn npy_reader_widens_every_float_dtype_and_byte_order() {
+        let file = |descr: &str, data: &[u8]| {
+            let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (1, 2), }}");
+            let mut b = b"\x93NUMPY\x01\x00".to_vec();
+            b.extend_from_slice(&((dict.len() + 1) as u16).to_le_bytes());
+            b.extend_from_slice(dict.as_bytes());
+            b.push(b'\n');
+            b.extend_from_slice(data);
+            b
+        };
+        let (a, b) = (1.5f64, -0.1f64);
+        let cat = |x: Vec<u8>, y: Vec<u8>| [x, y].concat();
+        let cases = [
+            (
+                "<f8",
+                cat(a.to_le_bytes().into(), b.to_le_bytes().into()),
+                b,
+            ),
+            (
+                ">f8",
+                cat(a.to_be_bytes().into(), b.to_be_bytes().into()),
+                b,
+            ),
+            (
+                ">f4",
+                cat(
+                    (a as f32).to_be_bytes().into(),
+                    (b as f32).to_be_bytes().into(),
+                ),
+                b as f32 as f64,
+            ),
+            (
+                "<f2",
+                cat(
+                    half::f16::from_f64(a).to_le_bytes().into(),
+                    half::f16::from_f64(b).to_le_bytes().into(),
+                ),
+                half::f16::from_f64(b).to_f64(),
+            ),
+        ];
+        for (descr, data, second) in cases {
+            let arr = parse_npy(&file(descr, &data)).unwrap();
+            assert_eq!(arr.shape, vec![1, 2], "{descr}");
+            assert_eq!(arr.values, vec![1.5, second], "{descr}");
+            let cut = parse_npy(&file(descr, &data[..data.len() - 1])).unwrap_err();
+            assert!(cut.starts_with("truncated: "), "{descr}: {cut}");
+        }
+        let err = parse_npy(&file("<i4", &[0; 8])).unwrap_err();
+        assert!(
+            err.contains("'<i4' is not float16, float32 or float64"),
+            "{err}"
+        );
     }
 
     #[test]

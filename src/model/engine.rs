@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use super::graphs::{build_prompt_graph, build_query_graph, prompt_shapes, TAPS};
+use super::graphs::{build_prompt_graph, build_query_graph, prompt_shapes};
+use super::taps::{prompt_tap_specs, query_tap_specs, TapSpec, TapTensor};
 use super::weights::{ModelWeights, TensorSource};
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
@@ -88,14 +89,6 @@ impl AnomalyMap {
     pub fn score(&self) -> f32 {
         self.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
-}
-
-/// An intermediate tensor captured for conformance checks (NHWC).
-#[derive(Clone, Debug)]
-pub struct Tap {
-    pub name: String,
-    pub shape: Shape,
-    pub data: Vec<f32>,
 }
 
 /// Which backend runs the graphs.
@@ -215,7 +208,7 @@ impl Engine {
         size: usize,
         backend: Box<dyn Backend>,
     ) -> Result<Engine> {
-        let prompt_graph = build_prompt_graph(&weights, size);
+        let prompt_graph = build_prompt_graph(&weights, size, false);
         let query_graph = build_query_graph(&weights, size, false);
         let prompt = backend.compile(&prompt_graph)?;
         let query = backend.compile(&query_graph)?;
@@ -392,34 +385,55 @@ impl Engine {
         Ok(maps)
     }
 
-    /// Like `segment`, also returning the intermediates named in `graphs::TAPS` (slower:
-    /// builds a graph that keeps them alive).
-    pub fn segment_with_taps(
+    /// Encodes a prompt like `encode_prompt`, also returning its taps (`prompt_tap_specs`:
+    /// the pre-processed image, the encoder's stages, the key projections), float32 NCHW.
+    /// Slower: it compiles a graph that keeps them alive.
+    pub fn prompt_taps(&self, image: &RgbImage8) -> Result<(PromptFeatures, Vec<TapTensor>)> {
+        let input = preprocess(image, self.size);
+        let g = build_prompt_graph(&self.weights, self.size, true);
+        let outputs = self.backend.compile(&g)?.run(&[&input], None)?;
+        let taps = collect_taps(&g, &prompt_tap_specs(), &input, self.size, &outputs);
+        let tensors = outputs
+            .into_iter()
+            .take(prompt_shapes(self.size).len())
+            .collect();
+        let features = PromptFeatures {
+            size: self.size,
+            tensors,
+        };
+        Ok((features, taps))
+    }
+
+    /// Segments like `segment`, also returning the query half's taps (`query_tap_specs`:
+    /// the pre-processed image, the encoder, each alignment level, each decoder block and its
+    /// parts, the logits, the map), float32 NCHW. The map is `segment`'s, bit for bit.
+    pub fn query_taps(
         &self,
         prompt: &PromptFeatures,
         image: &RgbImage8,
-    ) -> Result<(AnomalyMap, Vec<Tap>)> {
+    ) -> Result<(AnomalyMap, Vec<TapTensor>)> {
         self.check_prompt(prompt)?;
         let input = preprocess(image, self.size);
         let g = build_query_graph(&self.weights, self.size, true);
         let inputs = self.query_inputs(&input, prompt);
         let outputs = self.backend.compile(&g)?.run(&inputs, None)?;
+        let taps = collect_taps(&g, &query_tap_specs(), &input, self.size, &outputs);
         let map = AnomalyMap {
             size: self.size,
-            data: outputs[0].clone(),
+            data: outputs.into_iter().next().expect("the map is output 0"),
         };
-        let taps = TAPS
-            .iter()
-            .map(|name| {
-                let v = g.value_named(name).expect("tap value");
-                let at = g.outputs.iter().position(|&o| o == v).expect("tap output");
-                Tap {
-                    name: name.to_string(),
-                    shape: g.values[v].shape,
-                    data: outputs[at].clone(),
-                }
-            })
-            .collect();
+        Ok((map, taps))
+    }
+
+    /// Every tap of a prompt/query pair: `prompt_taps` then `query_taps`, in graph order.
+    pub fn segment_with_taps(
+        &self,
+        prompt: &RgbImage8,
+        query: &RgbImage8,
+    ) -> Result<(AnomalyMap, Vec<TapTensor>)> {
+        let (features, mut taps) = self.prompt_taps(prompt)?;
+        let (map, query_taps) = self.query_taps(&features, query)?;
+        taps.extend(query_taps);
         Ok((map, taps))
     }
 
@@ -447,6 +461,28 @@ impl Engine {
             )))
         }
     }
+}
+
+/// The taps of `specs` from a run of `g` (`input` is the pre-processed image, NHWC).
+fn collect_taps(
+    g: &Graph,
+    specs: &[TapSpec],
+    input: &[f32],
+    size: usize,
+    outputs: &[Vec<f32>],
+) -> Vec<TapTensor> {
+    specs
+        .iter()
+        .map(|spec| match spec.value.as_deref() {
+            None => TapTensor::from_nhwc(spec, Shape::new(size, size, 3), input),
+            Some(name) => {
+                let v = g.value_named(name).expect("tap value in the graph");
+                let at = g.outputs.iter().position(|&o| o == v);
+                let at = at.expect("tap value is an output");
+                TapTensor::from_nhwc(spec, g.values[v].shape, &outputs[at])
+            }
+        })
+        .collect()
 }
 
 /// The backend `options` choose, with the weights packed for it.

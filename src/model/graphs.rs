@@ -4,6 +4,7 @@
 use super::arch::{
     efficientnet_b4_blocks, static_same_padding, ALIGN_CHANNELS, DECODER_BLOCKS, FEATURE_BLOCKS,
 };
+use super::taps::{prompt_tap_specs, query_tap_specs, TapSpec};
 use super::weights::ModelWeights;
 use crate::graph::{Activation, Graph, GraphBuilder, Shape, ValueId};
 
@@ -16,12 +17,6 @@ pub const PROMPT_OUTPUTS: [&str; 6] = [
     "prompt.k4",
     "prompt.f3",
     "prompt.k3",
-];
-
-/// Intermediate values the conformance tests compare with PyTorch.
-pub const TAPS: [&str; 13] = [
-    "f1", "f2", "f3", "f4", "f5", "fused5", "fused4", "fused3", "dec0", "dec1", "dec2", "dec3",
-    "dec4",
 ];
 
 fn align_proj_name(level: usize) -> String {
@@ -118,8 +113,9 @@ fn projection(
     )
 }
 
-/// Prompt half: encoder on the prompt image and the key projections of f5, f4, f3.
-pub fn build_prompt_graph(w: &ModelWeights, size: usize) -> Graph {
+/// Prompt half: encoder on the prompt image and the key projections of f5, f4, f3. With
+/// `keep_taps`, the values of `prompt_tap_specs` are outputs too, after those six.
+pub fn build_prompt_graph(w: &ModelWeights, size: usize, keep_taps: bool) -> Graph {
     let mut g = GraphBuilder::new();
     let image = g.input("image", Shape::new(size, size, 3));
     let feats = encoder(&mut g, w, image, "prompt.");
@@ -129,7 +125,18 @@ pub fn build_prompt_graph(w: &ModelWeights, size: usize) -> Graph {
         g.output(f);
         g.output(k);
     }
+    if keep_taps {
+        keep(&mut g, &prompt_tap_specs());
+    }
     g.finish()
+}
+
+/// Makes every tap value an output (`output` keeps the first place of one already there).
+fn keep(g: &mut GraphBuilder, specs: &[TapSpec]) {
+    for name in specs.iter().filter_map(|s| s.value.as_deref()) {
+        let v = value_id(g, name);
+        g.output(v);
+    }
 }
 
 /// Shapes of the prompt features at a given input size (same order as `PROMPT_OUTPUTS`).
@@ -144,7 +151,8 @@ pub fn prompt_shapes(size: usize) -> [Shape; 6] {
     shapes
 }
 
-/// Query half. With `keep_taps`, every value in `TAPS` is also an output (for conformance tests).
+/// Query half. With `keep_taps`, the values of `query_tap_specs` are outputs too, after the
+/// map, and the head's logits are computed for them (a second 1x1 conv without the sigmoid).
 pub fn build_query_graph(w: &ModelWeights, size: usize, keep_taps: bool) -> Graph {
     let mut g = GraphBuilder::new();
     let image = g.input("image", Shape::new(size, size, 3));
@@ -186,8 +194,17 @@ pub fn build_query_graph(w: &ModelWeights, size: usize, keep_taps: bool) -> Grap
     );
     g.output(map);
     if keep_taps {
-        let values: Vec<ValueId> = TAPS.iter().map(|t| value_id(&g, t)).collect();
-        values.into_iter().for_each(|v| g.output(v));
+        g.conv(
+            "logits",
+            x,
+            head,
+            (1, 1, 1),
+            (0, 0),
+            false,
+            Activation::Identity,
+            None,
+        );
+        keep(&mut g, &query_tap_specs());
     }
     g.finish()
 }

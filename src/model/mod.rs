@@ -8,11 +8,13 @@ pub mod decision;
 pub mod engine;
 pub mod graphs;
 pub mod select;
+pub mod taps;
 pub mod weights;
 
 pub use bank::{BankEntry, PromptBank};
 pub use engine::{
-    check_size, AnomalyMap, BackendChoice, Engine, EngineOptions, PromptFeatures, Tap, MAX_SIZE,
+    check_size, AnomalyMap, BackendChoice, Engine, EngineOptions, PromptFeatures, MAX_SIZE,
 };
 pub use select::{PromptSelection, PromptSet, PromptsUsed};
+pub use taps::{TapSpec, TapTensor};
 pub use weights::{MemorySource, ModelWeights, TensorSource};
