@@ -9,80 +9,14 @@
 
 mod common;
 
-use std::path::PathBuf;
-
+use common::fixture::{bundle_name, image_from_meta, Fixture, FIXTURE_TAPS};
 use metauas::graph::Precision;
 use metauas::io::image::decode_image_file;
 use metauas::model::{Engine, EngineOptions, TapTensor};
-use metauas::synth::{synthetic_image, WeightRecipe};
-use safetensors::SafeTensors;
 use serde_json::Value;
 
 const FACTOR: f64 = 3.0;
 const SLACK: f64 = 1e-5;
-
-struct Fixture {
-    meta: std::collections::HashMap<String, String>,
-    bytes: Vec<u8>,
-}
-
-impl Fixture {
-    fn load(name: &str) -> Fixture {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/conformance")
-            .join(name);
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let (_, meta) = SafeTensors::read_metadata(&bytes).expect("fixture header");
-        let meta = meta.metadata().clone().expect("fixture metadata");
-        Fixture { meta, bytes }
-    }
-
-    fn json(&self, key: &str) -> Value {
-        serde_json::from_str(&self.meta[key]).unwrap_or_else(|e| panic!("metadata {key}: {e}"))
-    }
-
-    fn recipe(&self) -> WeightRecipe {
-        let r = self.json("recipe");
-        let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("recipe.{k}"));
-        WeightRecipe {
-            seed: r["seed"].as_u64().expect("recipe.seed"),
-            gain_encoder: f("gain_encoder"),
-            gain_alignment: f("gain_alignment"),
-            gain_decoder: f("gain_decoder"),
-            gain_head: f("gain_head"),
-        }
-    }
-
-    /// Whether the fixture holds `tap` (the JPEG cases keep only some taps).
-    fn has_tap(&self, tap: &str) -> bool {
-        let st = SafeTensors::deserialize(&self.bytes).expect("fixture");
-        st.tensor(&format!("{tap}.truth")).is_ok()
-    }
-
-    /// (indices into the NCHW tensor, float64 truth, PyTorch float32) of one tap.
-    fn tap(&self, tap: &str) -> (Vec<i64>, Vec<f64>, Vec<f32>) {
-        let st = SafeTensors::deserialize(&self.bytes).expect("fixture");
-        let get = |suffix: &str| {
-            st.tensor(&format!("{tap}.{suffix}"))
-                .expect(tap)
-                .data()
-                .to_vec()
-        };
-        let idx = get("idx")
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let truth = get("truth")
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let t32 = get("torch32")
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        (idx, truth, t32)
-    }
-}
 
 /// Max and 99.9th percentile of absolute errors.
 fn error_stats(errors: &mut [f64]) -> (f64, f64) {
@@ -90,41 +24,6 @@ fn error_stats(errors: &mut [f64]) -> (f64, f64) {
     let n = errors.len();
     let p999 = errors[((n - 1) as f64 * 0.999).round() as usize];
     (errors[n - 1], p999)
-}
-
-/// The bundle name (`model::taps`) of a fixture's tap.
-fn bundle_name(tap: &str) -> String {
-    let blocks = ["5", "9", "21", "31"];
-    match tap {
-        "f1" => "query.encoder._swish".into(),
-        "map" => "map".into(),
-        _ if tap.starts_with("fused") => {
-            let n: usize = tap[5..].parse().unwrap();
-            format!("alignment.{}", 5 - n)
-        }
-        _ if tap.starts_with("dec") => format!("decoder.blocks.{}", &tap[3..]),
-        _ => {
-            let n: usize = tap[1..].parse().unwrap();
-            format!("query.encoder._blocks.{}", blocks[n - 2])
-        }
-    }
-}
-
-/// A file of the image corpus (`{"file": ...}`, decoded as any query is), or a synthetic
-/// image from its recipe.
-fn image_from_meta(v: &Value) -> metauas::io::image::RgbImage8 {
-    if let Some(file) = v["file"].as_str() {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/images")
-            .join(file);
-        return decode_image_file(&path).unwrap_or_else(|e| panic!("{e}"));
-    }
-    let u = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("image.{k}")) as usize;
-    let defect = v["defect"].as_array().map(|d| {
-        let d: Vec<usize> = d.iter().map(|x| x.as_u64().unwrap() as usize).collect();
-        (d[0], d[1], d[2])
-    });
-    synthetic_image(u("seed") as u64, u("width"), u("height"), defect)
 }
 
 /// The fixture records fingerprints of the weights and images the reference used; a
@@ -215,10 +114,7 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
     );
     let mut failures = Vec::new();
     let mut map_error = (0.0, 0.0);
-    for tap in ["f1", "f2", "f3", "f4", "f5", "fused5", "fused4", "fused3"]
-        .into_iter()
-        .chain(["dec0", "dec1", "dec2", "dec3", "dec4", "map"])
-    {
+    for tap in FIXTURE_TAPS {
         if !fx.has_tap(tap) {
             continue;
         }

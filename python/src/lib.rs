@@ -397,6 +397,33 @@ impl Engine {
         ))
     }
 
+    /// Every intermediate tensor of a prompt/query pair, as `metauas segment --taps` writes
+    /// them: a dict from tap name (after the PyTorch module, in graph order) to a float32
+    /// NCHW array, the map (`"map"`) included. For checking another engine layer by layer.
+    fn segment_with_taps<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_image: &Bound<'py, PyAny>,
+        query_image: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let prompt = image_arg(prompt_image)?;
+        let query = image_arg(query_image)?;
+        let engine = self.inner.clone();
+        let (_, taps) = py
+            .allow_threads(|| engine.segment_with_taps(&prompt, &query))
+            .map_err(err)?;
+        let out = PyDict::new(py);
+        for tap in taps {
+            let array = tap
+                .data
+                .into_pyarray(py)
+                .reshape(tap.shape.to_vec())
+                .map_err(|e| bad(format!("{}: {e}", tap.name)))?;
+            out.set_item(tap.name, array)?;
+        }
+        Ok(out)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Engine(size={}, backend='{}', weights='{}')",

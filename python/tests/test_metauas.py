@@ -154,6 +154,43 @@ def test_pytorch_reference_within_the_conformance_bound(fixture):
     assert err[-1] <= bound_max and p999(err) <= bound_p999, (err[-1], p999(err))
 
 
+def test_taps_equal_the_cli_bundle_bit_for_bit(files, engine):
+    d, weights, paths = files
+    taps = engine.segment_with_taps(paths["prompt"], paths["q1"])
+    out = d / "taps-cli"
+    line = json.loads(cli("segment", "--weights", weights, "--prompt", paths["prompt"], "--query", paths["q1"],
+                          "--size", SIZE, "--backend", "cpu", "--no-images", "--out", d / "taps-out",
+                          "--taps", out))
+    manifest = json.loads((Path(line["taps"]) / "manifest.json").read_text())
+    assert list(taps) == [t["name"] for t in manifest["tensors"]]
+    for t in manifest["tensors"]:
+        a = taps[t["name"]]
+        assert a.dtype == np.float32 and list(a.shape) == t["shape"], t["name"]
+        assert np.array_equal(a, np.load(Path(line["taps"]) / t["file"])), t["name"]
+    prompt = engine.encode_prompt(paths["prompt"])
+    assert np.array_equal(taps["map"][0, 0], engine.segment(prompt, paths["q1"]).map)
+    with pytest.raises(FileNotFoundError, match="no-such.png"):
+        engine.segment_with_taps(d / "no-such.png", paths["q1"])
+
+
+def test_taps_match_the_pytorch_fixture_where_it_samples_them():
+    meta, t = read_safetensors(ROOT / "tests/fixtures/conformance" / "s256_smooth_jpeg.safetensors")
+    recipe = json.loads(meta["recipe"])
+    images = json.loads(meta["images"])
+    engine = metauas.Engine.synthetic(int(meta["size"]), seed=recipe["seed"],
+                                      **{k: recipe[k] for k in recipe if k.startswith("gain_")})
+    corpus = ROOT / "tests/fixtures/images"
+    taps = engine.segment_with_taps(corpus / images["prompt"]["file"], corpus / images["query"]["file"])
+    names = {"f1": "query.encoder._swish", "f5": "query.encoder._blocks.31", "fused3": "alignment.2",
+             "dec4": "decoder.blocks.4", "map": "map"}
+    shapes = json.loads(meta["taps"])
+    recorded = json.loads(meta["torch32_error"])
+    for tap, name in names.items():
+        assert list(taps[name].shape) == shapes[tap], tap
+        err = np.abs(taps[name].reshape(-1)[t[f"{tap}.idx"]].astype(np.float64) - t[f"{tap}.truth"])
+        assert err.max() <= 3.0 * recorded[tap]["max_abs"] + 1e-5, (tap, err.max())
+
+
 def test_accepted_and_refused_images(files, engine):
     d, weights, paths = files
     prompt = engine.encode_prompt(paths["prompt"])

@@ -27,7 +27,12 @@ pub struct CompareArgs {
     /// The reference bundle (relative errors are taken against its scale).
     b: PathBuf,
     /// A tensor fails when its error (see --metric) is above this.
-    #[arg(long, default_value_t = 1e-4, value_name = "T")]
+    #[arg(
+        long,
+        default_value_t = 1e-4,
+        value_name = "T",
+        allow_negative_numbers = true
+    )]
     tol: f64,
     /// Which error --tol bounds.
     #[arg(long, value_enum, default_value_t = MetricArg::Rel)]

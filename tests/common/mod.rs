@@ -2,6 +2,8 @@
 //! through the public safetensors writer, synthetic images written as PNG files.
 #![allow(dead_code)]
 
+pub mod fixture;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -77,6 +77,10 @@ class Engine:
     ) -> Result: ...
     def segment_batch(self, prompt: Prompt, queries: Sequence[ImageLike]) -> List[Result]: ...
     def segment_pair(self, prompt_image: ImageLike, query_image: ImageLike) -> Tuple[Prompt, Result]: ...
+    def segment_with_taps(
+        self, prompt_image: ImageLike, query_image: ImageLike
+    ) -> Dict[str, npt.NDArray[np.float32]]:
+        """Every intermediate tensor (float32, NCHW), named as `metauas segment --taps` names them."""
 
 class PromptBank:
     """Encoded normal images with an optional inspection mask and calibration."""
