@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use metauas::graph::Graph;
+use metauas::graph::{DispatchInfo, Graph, RunPhases};
+use metauas::io::image::preprocess;
 use metauas::model::{check_size, Engine};
 use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
 use metauas::Result;
@@ -55,6 +56,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut full = Vec::with_capacity(args.iters);
     let mut cached = Vec::with_capacity(args.iters);
+    let mut phases = Vec::with_capacity(args.iters);
+    let mut preprocess_ms = Vec::with_capacity(args.iters);
     let prompt = engine.encode_prompt(&prompt_img)?;
     for i in 0..args.iters + 2 {
         let t = Instant::now();
@@ -63,9 +66,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let t = Instant::now();
         engine.segment(&prompt, &query_img)?;
         let cached_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        std::hint::black_box(preprocess(&query_img, args.run.size));
+        let pre_ms = t.elapsed().as_secs_f64() * 1e3;
         if i >= 2 {
             full.push(full_ms);
             cached.push(cached_ms);
+            preprocess_ms.push(pre_ms);
+            phases.extend(engine.last_query_phases());
         }
     }
     let (full_med, full_p90) = (percentile(&full, 50.0), percentile(&full, 90.0));
@@ -88,8 +96,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "peak_rss_mb": rss, "backend": engine.backend_kind(), "size": args.run.size,
             "threads": rayon::current_num_threads(), "iters": args.iters,
             "device": engine.backend_description(), "dispatches": engine.gpu_dispatches(),
+            "preprocess_ms": percentile(&preprocess_ms, 50.0),
         });
         let mut obj = obj;
+        if let Some(shape) = shape_json(&engine) {
+            obj["shape"] = shape;
+        }
+        if !phases.is_empty() {
+            obj["phases_cached_ms"] = phases_json(&phases);
+        }
         if let (Some(n), Some((ms, per_s))) = (args.batch, batch) {
             obj["batch"] = n.into();
             obj["batch_ms"] = ms.into();
@@ -122,6 +137,51 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// Median time of `segment_batch` over batches of `n` copies of the query (after one
 /// warm-up batch), and the images per second it means.
+/// How the GPU forward is cut up: dispatches and submits per cached query and per full
+/// forward, and how many workgroups the conv dispatches launch (a 132-SM GPU needs about 264
+/// to fill two waves).
+fn shape_json(engine: &Engine) -> Option<serde_json::Value> {
+    let (prompt, query) = engine.gpu_shape()?;
+    let is_conv = |d: &&DispatchInfo| d.kernel == "conv2d_nhwc" || d.kernel == "conv2d_split_k";
+    let stats = |ds: &[DispatchInfo]| {
+        let mut conv: Vec<u64> = ds.iter().filter(is_conv).map(|d| d.workgroups).collect();
+        conv.sort_unstable();
+        let under = ds.iter().filter(|d| d.workgroups < 264).count();
+        serde_json::json!({
+            "dispatches": ds.len(),
+            "conv_dispatches": conv.len(),
+            "conv_workgroups_min": conv.first(),
+            "conv_workgroups_median": conv.get(conv.len() / 2),
+            "workgroups_min": ds.iter().map(|d| d.workgroups).min(),
+            "dispatches_under_264_workgroups": under,
+        })
+    };
+    let both: Vec<DispatchInfo> = prompt.iter().chain(&query).cloned().collect();
+    Some(serde_json::json!({
+        "cached": dict_with(stats(&query), "submits", 1),
+        "full": dict_with(stats(&both), "submits", 2),
+    }))
+}
+
+fn dict_with(mut v: serde_json::Value, key: &str, n: usize) -> serde_json::Value {
+    v[key] = n.into();
+    v
+}
+
+/// Median of each host-side phase of the cached queries, in ms.
+fn phases_json(phases: &[RunPhases]) -> serde_json::Value {
+    let median = |f: fn(&RunPhases) -> f64| {
+        let ms: Vec<f64> = phases.iter().map(|p| f(p) * 1e3).collect();
+        percentile(&ms, 50.0)
+    };
+    serde_json::json!({
+        "upload": median(|p| p.upload_s),
+        "record": median(|p| p.record_s),
+        "submit_to_done": median(|p| p.submit_to_done_s),
+        "readback": median(|p| p.readback_s),
+    })
+}
+
 fn time_batches(
     engine: &Engine,
     prompt: &metauas::model::PromptFeatures,
@@ -198,6 +258,7 @@ fn gpu_profile(
     query: &metauas::io::image::RgbImage8,
 ) -> Result<()> {
     let steps = engine.profile_gpu_query(prompt, query)?;
+    let shape = engine.gpu_shape().map(|(_, q)| q).unwrap_or_default();
     let sum: f64 = steps.iter().map(|s| s.2).sum();
     println!(
         "\nGPU profile of the query graph ({} dispatches, {:.3} ms in kernels)",
@@ -205,15 +266,18 @@ fn gpu_profile(
         sum * 1e3
     );
     println!(
-        "{:<24} {:<16} {:>9} {:>7} {:>9}",
-        "node", "kernel", "ms", "%", "GFLOP/s"
+        "{:<24} {:<16} {:>10} {:>8} {:>9} {:>7} {:>9}",
+        "node", "kernel", "workgroups", "GFLOP", "ms", "%", "GFLOP/s"
     );
-    for (node, kernel, t, flops) in &steps {
+    for (i, (node, kernel, t, flops)) in steps.iter().enumerate() {
         let gflops = if *t > 0.0 { flops / t / 1e9 } else { 0.0 };
+        let groups = shape.get(i).map_or(0, |d| d.workgroups);
         println!(
-            "{:<24} {:<16} {:>9.4} {:>6.1}% {:>9.1}",
+            "{:<24} {:<16} {:>10} {:>8.4} {:>9.4} {:>6.1}% {:>9.1}",
             node,
             kernel,
+            groups,
+            flops / 1e9,
             t * 1e3,
             100.0 * t / sum.max(f64::MIN_POSITIVE),
             gflops

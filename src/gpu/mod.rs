@@ -19,7 +19,10 @@ pub use program::GpuProgram;
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
-use crate::graph::{Backend, CompiledGraph, DispatchTime, Graph, NodeTimes, Outputs, WeightTables};
+use crate::graph::{
+    Backend, CompiledGraph, DispatchInfo, DispatchTime, Graph, NodeTimes, Outputs, RunPhases,
+    WeightTables,
+};
 use weights::WeightTable;
 
 /// One device with the model's weights on it.
@@ -106,7 +109,11 @@ impl CompiledGraph for GpuGraph {
         lock(&self.program).profile(&self.device.ctx, inputs)
     }
 
-    fn dispatches(&self) -> Option<usize> {
-        Some(lock(&self.program).dispatches())
+    fn dispatch_shape(&self) -> Option<Vec<DispatchInfo>> {
+        Some(lock(&self.program).shape())
+    }
+
+    fn last_phases(&self) -> Option<RunPhases> {
+        Some(lock(&self.program).last_phases())
     }
 }

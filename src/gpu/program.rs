@@ -7,7 +7,9 @@ use super::device::GpuContext;
 use super::lower::{lower, Buf, Lowered};
 use super::weights::{f16_bytes, WeightTable};
 use crate::error::{Error, Result};
-use crate::graph::{assign_slots, Graph, Lifetime, Liveness, Precision};
+use std::time::Instant;
+
+use crate::graph::{assign_slots, DispatchInfo, Graph, Lifetime, Liveness, Precision, RunPhases};
 
 /// Uniform blocks are placed at this stride (WebGPU's maximum offset alignment).
 const UNIFORM_STRIDE: u64 = 256;
@@ -22,6 +24,8 @@ pub struct GpuProgram {
     /// Byte offset of each output in `staging`.
     output_offsets: Vec<u64>,
     precision: Precision,
+    /// The host-side phases of the last `run`.
+    last_phases: RunPhases,
     /// Keeps the uniform and dummy buffers alive with the bind groups.
     _uniforms: wgpu::Buffer,
     _dummy: wgpu::Buffer,
@@ -129,26 +133,55 @@ impl GpuProgram {
             staging,
             output_offsets,
             precision: ctx.precision,
+            last_phases: RunPhases::default(),
             _uniforms: uniforms,
             _dummy: dummy,
         })
     }
 
-    /// Compute dispatches per run.
-    pub fn dispatches(&self) -> usize {
-        self.lowered.steps.len()
+    /// Every dispatch of a run, as lowered.
+    pub fn shape(&self) -> Vec<DispatchInfo> {
+        self.lowered
+            .steps
+            .iter()
+            .map(|s| DispatchInfo {
+                node: s.node.clone(),
+                kernel: s.key.entry,
+                workgroups: s.workgroups.iter().map(|&w| w as u64).product(),
+                flops: s.flops,
+            })
+            .collect()
+    }
+
+    pub fn last_phases(&self) -> RunPhases {
+        self.last_phases
     }
 
     /// Uploads `inputs` (graph order), runs every step in one submit, and reads back every
-    /// graph output as f32.
-    pub fn run(&self, ctx: &GpuContext, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+    /// graph output as f32; records the host-side phases.
+    pub fn run(&mut self, ctx: &GpuContext, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        let t0 = Instant::now();
         self.upload_inputs(ctx, inputs)?;
+        let t1 = Instant::now();
         let mut encoder = ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         self.record(&mut encoder, None);
-        ctx.queue.submit([encoder.finish()]);
-        self.read_outputs(ctx)
+        let commands = encoder.finish();
+        let t2 = Instant::now();
+        ctx.queue.submit([commands]);
+        ctx.wait()?;
+        let t3 = Instant::now();
+        let outputs = self.read_outputs(ctx)?;
+        let t4 = Instant::now();
+        self.last_phases = RunPhases {
+            upload_s: (t1 - t0).as_secs_f64(),
+            record_s: (t2 - t1).as_secs_f64(),
+            submit_to_done_s: (t3 - t2).as_secs_f64(),
+            readback_s: (t4 - t3).as_secs_f64(),
+            submits: 1,
+        };
+        Ok(outputs)
     }
 
     /// Records every step (one compute pass; with `timestamps`, one pass per step so that

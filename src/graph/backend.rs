@@ -11,6 +11,28 @@ pub type NodeTimes = Vec<f64>;
 /// One timed dispatch of a profiled run: `(graph node, kernel, seconds, FLOPs)`.
 pub type DispatchTime = (String, &'static str, f64, f64);
 
+/// One compute dispatch of a compiled graph, as planned (`metauas bench --json/--profile`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DispatchInfo {
+    pub node: String,
+    pub kernel: &'static str,
+    /// Workgroups launched (x * y * z).
+    pub workgroups: u64,
+    pub flops: f64,
+}
+
+/// Host-side phases of a backend's last run, in seconds (the GPU: upload, recording,
+/// submit until the device is done, readback and decode).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RunPhases {
+    pub upload_s: f64,
+    pub record_s: f64,
+    pub submit_to_done_s: f64,
+    pub readback_s: f64,
+    /// Command submissions (each one a wait for the device).
+    pub submits: usize,
+}
+
 /// Outputs of one run, in `Graph::outputs` order.
 pub type Outputs = Vec<Vec<f32>>;
 
@@ -74,6 +96,16 @@ pub trait CompiledGraph: Send + Sync {
 
     /// Compute dispatches per run, on backends that dispatch (the GPU).
     fn dispatches(&self) -> Option<usize> {
+        self.dispatch_shape().map(|d| d.len())
+    }
+
+    /// Every dispatch of one run, on backends that dispatch (the GPU).
+    fn dispatch_shape(&self) -> Option<Vec<DispatchInfo>> {
+        None
+    }
+
+    /// The host-side phases of the last run, on backends that measure them (the GPU).
+    fn last_phases(&self) -> Option<RunPhases> {
         None
     }
 

@@ -9,7 +9,9 @@ mod backend;
 mod params;
 mod plan;
 
-pub use backend::{Backend, CompiledGraph, DispatchTime, NodeTimes, Outputs};
+pub use backend::{
+    Backend, CompiledGraph, DispatchInfo, DispatchTime, NodeTimes, Outputs, RunPhases,
+};
 pub use params::{
     Activation, ConvGeometry, ConvId, ConvWeights, Precision, ScseId, ScseWeights, SqueezeExciteId,
     SqueezeExciteWeights, WeightTables,

@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 #[cfg(feature = "gpu")]
 use crate::gpu::{probe_adapter, GpuBackend};
 use crate::graph::{
-    Backend, CompiledGraph, DispatchTime, Graph, NodeTimes, Precision, Shape, WeightTables,
+    Backend, CompiledGraph, DispatchInfo, DispatchTime, Graph, NodeTimes, Precision, RunPhases,
+    Shape, WeightTables,
 };
 use crate::io::image::{preprocess, RgbImage8};
 use crate::io::weights::WeightFile;
@@ -260,6 +261,16 @@ impl Engine {
     /// Compute dispatches per query forward on the GPU (None on the CPU).
     pub fn gpu_dispatches(&self) -> Option<usize> {
         self.query.dispatches()
+    }
+
+    /// Every dispatch of the prompt and of the query forward on the GPU (None on the CPU).
+    pub fn gpu_shape(&self) -> Option<(Vec<DispatchInfo>, Vec<DispatchInfo>)> {
+        Some((self.prompt.dispatch_shape()?, self.query.dispatch_shape()?))
+    }
+
+    /// The host-side phases of the last query forward (`segment`) on the GPU.
+    pub fn last_query_phases(&self) -> Option<RunPhases> {
+        self.query.last_phases()
     }
 
     /// How the backend runs node `node` of the query graph, in words (on the CPU: each conv
