@@ -153,6 +153,13 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Serve segmentation over HTTP/1.1 with JSON (see README, "Serve").
     Serve(serve::ServeArgs),
+    /// Describe the GPU adapter the `gpu` backend would use: driver, features, limits,
+    /// subgroup sizes, cooperative-matrix configurations.
+    GpuInfo {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare two reference bundles (`segment --taps`, `export_taps.py`, another engine's
     /// .npy or .npz) tensor by tensor; exit 1 when one is past --tol.
     Compare(compare::CompareArgs),
@@ -186,6 +193,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => flagged(args.run, eval::run(args)),
         Command::Serve(args) => flagged(args.run, serve::run(args)),
         Command::Compare(args) => compare::run(args),
+        Command::GpuInfo { json } => gpu_info(json),
     }
 }
 
@@ -210,4 +218,33 @@ fn write_synthetic_weights(out: &std::path::Path, seed: u64) -> Result<()> {
         format!("metauas synth-weights --seed {seed}"),
     )];
     write_synthetic_safetensors(out, &WeightRecipe::unit(seed), &meta)
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_info(json: bool) -> Result<ExitCode> {
+    let details = metauas::gpu::adapter_details()?;
+    let text = if json {
+        details.to_string() + "\n"
+    } else {
+        let mut out = String::new();
+        if let serde_json::Value::Object(map) = &details {
+            for (key, value) in map {
+                let shown = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                out += &format!("{key:<14} {shown}\n");
+            }
+        }
+        out
+    };
+    emit(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_info(_json: bool) -> Result<ExitCode> {
+    Err(Error::new(
+        "this build has no GPU backend (built without the `gpu` feature)",
+    ))
 }

@@ -274,3 +274,51 @@ fn open_pipeline_cache(
     };
     Some((cache, path))
 }
+
+/// Everything `metauas gpu-info` reports about the adapter the GPU backend would open:
+/// identity, driver, the features and limits the kernels care about, subgroup sizes and the
+/// cooperative-matrix configurations it offers.
+pub fn adapter_details() -> Result<serde_json::Value> {
+    let adapter = request_adapter(&instance())?;
+    let info = adapter.get_info();
+    let features = adapter.features();
+    let limits = adapter.limits();
+    let has = |f: wgpu::Features| features.contains(f);
+    let coop: Vec<serde_json::Value> = adapter
+        .cooperative_matrix_properties()
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "m": p.m_size, "n": p.n_size, "k": p.k_size,
+                "ab": format!("{:?}", p.ab_type), "cr": format!("{:?}", p.cr_type),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "name": info.name,
+        "backend": format!("{:?}", info.backend),
+        "device_type": format!("{:?}", info.device_type),
+        "vendor": format!("0x{:04x}", info.vendor),
+        "device": format!("0x{:04x}", info.device),
+        "driver": info.driver,
+        "driver_info": info.driver_info,
+        "features": {
+            "SHADER_F16": has(wgpu::Features::SHADER_F16),
+            "SUBGROUP": has(wgpu::Features::SUBGROUP),
+            "TIMESTAMP_QUERY": has(wgpu::Features::TIMESTAMP_QUERY),
+            "PIPELINE_CACHE": has(wgpu::Features::PIPELINE_CACHE),
+            "EXPERIMENTAL_COOPERATIVE_MATRIX": has(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        },
+        "all_features": format!("{features:?}"),
+        "subgroup_size": [info.subgroup_min_size, info.subgroup_max_size],
+        "limits": {
+            "max_storage_buffer_binding_size": limits.max_storage_buffer_binding_size,
+            "max_buffer_size": limits.max_buffer_size,
+            "max_storage_buffers_per_shader_stage": limits.max_storage_buffers_per_shader_stage,
+            "max_compute_workgroup_storage_size": limits.max_compute_workgroup_storage_size,
+            "max_compute_invocations_per_workgroup": limits.max_compute_invocations_per_workgroup,
+            "max_compute_workgroups_per_dimension": limits.max_compute_workgroups_per_dimension,
+        },
+        "cooperative_matrix": coop,
+    }))
+}

@@ -13,7 +13,7 @@ mod weights;
 
 use crate::graph::Precision;
 pub use crate::util::sync::lock;
-pub use device::{probe_adapter, AdapterSummary, GpuContext};
+pub use device::{adapter_details, probe_adapter, AdapterSummary, GpuContext};
 pub use program::GpuProgram;
 
 use std::sync::{Arc, Mutex};
