@@ -8,6 +8,11 @@
 // advances 16 at a time through workgroup memory; weights are read as vec4 (rows padded to
 // a multiple of 4 output channels). Partial sums are added to the total every 256 steps
 // of k, which keeps long reductions (up to 11k terms) as accurate as a blocked CPU GEMM.
+//
+// Split-K (SPLIT_K): a map too small to fill the GPU (dec0.conv1 at 256: 16 tiles of 64 x 64
+// over a 10k-term reduction) is cut along k as well. Workgroup z = split * cout_tiles + tile;
+// each split sums its k_chunk terms into `partial[split]` (f32, no bias), and
+// `split_k_reduce` adds the splits in order, then bias, activation and residual.
 
 override KSIZE: u32 = 1u;
 override STRIDE: u32 = 1u;
@@ -18,6 +23,7 @@ override RESIDUAL: bool = false;
 //    (cin - ca channels), never written out. INPUT_UP_CONCAT_GATED: as INPUT_UP_CONCAT, then
 //    scaled by the scSE gates: v * cgate[c] + v * sgate[p].
 override INPUT_MODE: u32 = INPUT_PLAIN;
+override SPLIT_K: bool = false;
 
 struct Params {
     in_h: u32,
@@ -31,8 +37,8 @@ struct Params {
     ca: u32,
     pixel_tiles: u32,
     cout_vec4: u32,
-    _pad0: u32,
-    _pad1: u32,
+    k_chunk: u32,
+    cout_tiles: u32,
     _pad2: u32,
     _pad3: u32,
     _pad4: u32,
@@ -47,6 +53,16 @@ struct Params {
 @group(0) @binding(6) var<storage, read> cgate: array<f32>;
 @group(0) @binding(7) var<storage, read> sgate: array<f32>;
 @group(0) @binding(8) var<storage, read> residual: array<store>;
+@group(0) @binding(9) var<storage, read_write> partial: array<f32>;
+
+struct ReduceParams {
+    elems: u32,
+    cout: u32,
+    splits: u32,
+    _pad0: u32,
+}
+
+@group(0) @binding(10) var<uniform> reduce_params: ReduceParams;
 
 const TILE: u32 = 64u;
 const KT: u32 = 16u;
@@ -92,8 +108,15 @@ fn conv2d_nhwc(
         return;
     }
     let p0 = tile * TILE;
-    let co0 = wid.z * TILE;
-    let kk = KSIZE * KSIZE * params.cin;
+    var co_tile = wid.z;
+    var k_begin = 0u;
+    var kk = KSIZE * KSIZE * params.cin;
+    if SPLIT_K {
+        co_tile = wid.z % params.cout_tiles;
+        k_begin = (wid.z / params.cout_tiles) * params.k_chunk;
+        kk = min(kk, k_begin + params.k_chunk);
+    }
+    let co0 = co_tile * TILE;
     // This invocation's share of the tile loads.
     let a_k = li % KT;
     let a_px = (li / KT) * 4u;
@@ -110,13 +133,13 @@ fn conv2d_nhwc(
         row[i] = i32((p / params.out_w) * STRIDE) - i32(params.pad_top);
         col[i] = i32((p % params.out_w) * STRIDE) - i32(params.pad_left);
     }
-    var tap = a_k / params.cin;
-    var ci = a_k % params.cin;
+    var tap = (k_begin + a_k) / params.cin;
+    var ci = (k_begin + a_k) % params.cin;
 
     var total: array<vec4<f32>, 4>;
     var part: array<vec4<f32>, 4>;
     var steps = 0u;
-    for (var k0 = 0u; k0 < kk; k0 += KT) {
+    for (var k0 = k_begin; k0 < kk; k0 += KT) {
         var av = vec4<f32>(0.0);
         if k0 + a_k < kk {
             let ky = i32(tap / KSIZE);
@@ -162,6 +185,13 @@ fn conv2d_nhwc(
         let sum = total[i] + part[i];
         for (var j = 0u; j < 4u; j++) {
             let co = co0 + lid.x * 4u + j;
+            if SPLIT_K {
+                if p < pixels && co < params.cout {
+                    let split = wid.z / params.cout_tiles;
+                    partial[(split * pixels + p) * params.cout + co] = sum[j];
+                }
+                continue;
+            }
             if p < pixels && co < params.cout {
                 var v = activate(sum[j] + bias[co], ACT);
                 if RESIDUAL {
@@ -171,4 +201,26 @@ fn conv2d_nhwc(
             }
         }
     }
+}
+
+// The splits of a split-K conv summed in split order (deterministic), then its epilogue.
+@compute @workgroup_size(64, 1, 1)
+fn split_k_reduce(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let i = folded_index(wid, groups) * 64u + li;
+    if i >= reduce_params.elems {
+        return;
+    }
+    var sum = 0.0;
+    for (var s = 0u; s < reduce_params.splits; s++) {
+        sum += partial[s * reduce_params.elems + i];
+    }
+    var v = activate(sum + bias[i % reduce_params.cout], ACT);
+    if RESIDUAL {
+        v += f32(residual[i]);
+    }
+    y[i] = store(v);
 }

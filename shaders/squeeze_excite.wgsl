@@ -6,8 +6,12 @@
 // `channel_sums` reduces a chunk of pixels per workgroup row (adjacent invocations read
 // adjacent channels), writing sum * inv_count into partial[chunk][c_off + c]; a concatenated
 // input is pooled part by part (the upsampled part pools over its low-resolution source:
-// nearest upsampling repeats every pixel exactly four times). `excite` adds the chunks
-// (a second summation level) and runs the two small FCs in one workgroup.
+// nearest upsampling repeats every pixel exactly four times). Then the two small FCs, each
+// spread over the GPU with coalesced weight reads: `excite_hidden` is one workgroup per
+// hidden unit (adjacent invocations read adjacent channels of its w1 row, adding the chunks
+// on the way: a second summation level, then a tree over the workgroup); `excite_gate` is one
+// invocation per channel over w2 transposed at upload (hidden-major), so adjacent
+// invocations read adjacent weights.
 
 override MID_ACT: u32 = ACT_SWISH;
 
@@ -37,15 +41,13 @@ struct ExciteParams {
 @group(0) @binding(4) var<storage, read> partial_in: array<f32>;
 @group(0) @binding(5) var<storage, read> w1: array<f32>;
 @group(0) @binding(6) var<storage, read> b1: array<f32>;
-@group(0) @binding(7) var<storage, read> w2: array<f32>;
+@group(0) @binding(7) var<storage, read> w2t: array<f32>;
 @group(0) @binding(8) var<storage, read> b2: array<f32>;
 @group(0) @binding(9) var<storage, read_write> gate: array<f32>;
+@group(0) @binding(10) var<storage, read_write> hidden_out: array<f32>;
+@group(0) @binding(11) var<storage, read> hidden_in: array<f32>;
 
-const MAX_CHANNELS: u32 = 3072u;
-const MAX_HIDDEN: u32 = 256u;
-
-var<workgroup> means: array<f32, 3072>;
-var<workgroup> hid: array<f32, 256>;
+var<workgroup> tree: array<f32, 64>;
 
 @compute @workgroup_size(64, 1, 1)
 fn channel_sums(
@@ -65,30 +67,47 @@ fn channel_sums(
     partial_out[wid.y * sum_params.c_total + sum_params.c_off + c] = s * sum_params.inv_count;
 }
 
-@compute @workgroup_size(256, 1, 1)
-fn excite(@builtin(local_invocation_index) li: u32) {
+@compute @workgroup_size(64, 1, 1)
+fn excite_hidden(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let h = wid.x;
     let c_total = ex.channels;
-    for (var c = li; c < c_total; c += 256u) {
+    var s = 0.0;
+    for (var c = li; c < c_total; c += 64u) {
         var m = 0.0;
         for (var k = 0u; k < ex.chunks; k++) {
             m += partial_in[k * c_total + c];
         }
-        means[c] = m;
+        s = fma(w1[h * c_total + c], m, s);
     }
+    tree[li] = s;
     workgroupBarrier();
-    for (var h = li; h < ex.hidden; h += 256u) {
-        var s = 0.0;
-        for (var c = 0u; c < c_total; c++) {
-            s = fma(w1[h * c_total + c], means[c], s);
+    for (var half = 32u; half > 0u; half >>= 1u) {
+        if li < half {
+            tree[li] += tree[li + half];
         }
-        hid[h] = activate(s + b1[h], MID_ACT);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    for (var c = li; c < c_total; c += 256u) {
-        var s = 0.0;
-        for (var h = 0u; h < ex.hidden; h++) {
-            s = fma(w2[c * ex.hidden + h], hid[h], s);
-        }
-        gate[c] = sigmoid(s + b2[c]);
+    if li == 0u {
+        hidden_out[h] = activate(tree[0] + b1[h], MID_ACT);
     }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn excite_gate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let c = folded_index(wid, groups) * 64u + li;
+    if c >= ex.channels {
+        return;
+    }
+    var s = 0.0;
+    for (var h = 0u; h < ex.hidden; h++) {
+        s = fma(w2t[h * ex.channels + c], hidden_in[h], s);
+    }
+    gate[c] = sigmoid(s + b2[c]);
 }

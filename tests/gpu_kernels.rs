@@ -134,6 +134,25 @@ proptest! {
         compare("conv_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
     }
 
+    /// Small maps with long reductions (the decoder's first convs): the reduction is split
+    /// across workgroups (split-K) and summed by a second pass with the epilogue.
+    #[test]
+    fn split_k_conv_matches_cpu(
+        h in 1usize..8, w in 1usize..8, cin in 100usize..400, cout in 1usize..140,
+        k in prop::sample::select(vec![1usize, 3]), act in 0usize..4, seed in 0u64..1000,
+    ) {
+        let mut weights = WeightTables::default();
+        weights.convs.push(conv_weights(seed, cout, cin, k, false));
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(h, w, cin));
+        let r = g.input("r", Shape::new(h, w, cout));
+        let residual = (act == 0).then_some(r);
+        let y = g.conv("y", x, ConvId(0), (cout, k, 1), padding(k, 1), false, activation(act), residual);
+        g.output(y);
+        let inputs = vec![values(seed + 7, h * w * cin, 1.0), values(seed + 8, h * w * cout, 1.0)];
+        compare("split_k_conv_matches_cpu", &weights, &g.finish(), &inputs, 2e-5);
+    }
+
     /// Depthwise 3x3 / 5x5 at stride 1 and 2 with the model's asymmetric padding.
     #[test]
     fn depthwise_matches_cpu(

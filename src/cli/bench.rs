@@ -142,11 +142,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// to fill two waves).
 fn shape_json(engine: &Engine) -> Option<serde_json::Value> {
     let (prompt, query) = engine.gpu_shape()?;
-    let is_conv = |d: &&DispatchInfo| d.kernel == "conv2d_nhwc" || d.kernel == "conv2d_split_k";
+    let is_conv = |d: &&DispatchInfo| d.kernel == "conv2d_nhwc";
     let stats = |ds: &[DispatchInfo]| {
         let mut conv: Vec<u64> = ds.iter().filter(is_conv).map(|d| d.workgroups).collect();
         conv.sort_unstable();
         let under = ds.iter().filter(|d| d.workgroups < 264).count();
+        // Under two waves with a long serial loop: the dispatches that leave a big GPU idle
+        // for long (the rest finish within a launch's latency).
+        let long = |d: &&DispatchInfo| d.workgroups < 264 && d.serial_steps > 16;
+        let idle: Vec<String> = ds.iter().filter(long).map(|d| d.node.clone()).collect();
         serde_json::json!({
             "dispatches": ds.len(),
             "conv_dispatches": conv.len(),
@@ -154,6 +158,8 @@ fn shape_json(engine: &Engine) -> Option<serde_json::Value> {
             "conv_workgroups_median": conv.get(conv.len() / 2),
             "workgroups_min": ds.iter().map(|d| d.workgroups).min(),
             "dispatches_under_264_workgroups": under,
+            "conv_serial_steps_max": ds.iter().filter(is_conv).map(|d| d.serial_steps).max(),
+            "under_264_with_long_serial_loops": idle,
         })
     };
     let both: Vec<DispatchInfo> = prompt.iter().chain(&query).cloned().collect();

@@ -217,11 +217,20 @@ impl GpuContext {
             .entry(family)
             .or_insert_with(|| {
                 let source = shader_source(family, self.precision);
-                self.device
-                    .create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(&format!("{family:?}")),
-                        source: wgpu::ShaderSource::Wgsl(source.into()),
-                    })
+                let desc = wgpu::ShaderModuleDescriptor {
+                    label: Some(&format!("{family:?}")),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                };
+                let mut checks = wgpu::ShaderRuntimeChecks::checked();
+                // Our kernels only: every loop runs to a bound from the uniforms (no loop
+                // waits on another invocation), and every divisor is a shape, never 0 (the
+                // lowering makes no step for an empty tensor). Buffer bounds checks stay:
+                // a kernel indexing out of bounds is a bug that must stay contained.
+                checks.force_loop_bounding = false;
+                checks.int_div_checks = false;
+                // SAFETY: the two conditions above, which the per-kernel property tests
+                // (tests/gpu_kernels.rs) and the conformance tests exercise on every family.
+                unsafe { self.device.create_shader_module_trusted(desc, checks) }
             })
             .clone()
     }

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use super::device::PipelineKey;
 use super::params::{
     AlignParams, ChannelSumParams, ConvOverrides, ConvParams, DepthwiseOverrides, DepthwiseParams,
-    ExciteOverrides, ExciteParams, HeadParams, InputMode, Kernel, Overrides as _, ScseApplyParams,
-    SpatialGateOverrides, SpatialGateParams, UNIFORM_BYTES,
+    ExciteGateParams, ExciteHiddenParams, ExciteOverrides, HeadParams, InputMode, Kernel,
+    Overrides as _, ReduceOverrides, ReduceParams, ScseApplyParams, SpatialGateOverrides,
+    SpatialGateParams, UNIFORM_BYTES,
 };
 use super::weights::WeightTable;
 use crate::graph::{Activation, ConvGeometry, ConvId, Graph, Op, ScseId, ValueId};
@@ -24,6 +25,9 @@ pub enum Buf {
     Weight(usize),
     /// A binding the kernel's mode never reads (bound to a small dummy buffer).
     Unused,
+    /// A writable binding the kernel's mode never writes (its own dummy: a buffer may not be
+    /// bound read-only and writable in one dispatch).
+    UnusedWritable,
 }
 
 /// A tensor the GPU program writes: activations in the storage type, gates and partial sums
@@ -47,6 +51,8 @@ pub struct Step {
     pub bindings: Vec<(u32, Buf)>,
     pub workgroups: [u32; 3],
     pub flops: f64,
+    /// Reduction steps one workgroup runs in series (convs; 0 for the rest).
+    pub serial_steps: u64,
 }
 
 pub struct Lowered {
@@ -79,8 +85,6 @@ enum Source {
 const POOL_CHUNK: usize = 256;
 const CONV_TILE: usize = 64;
 /// The kernels' fixed capacities (see the WGSL files).
-pub const MAX_ATTENTION_CHANNELS: usize = 3072;
-pub const MAX_ATTENTION_HIDDEN: usize = 256;
 pub const MAX_ALIGN_HIDDEN: usize = 256;
 pub const MAX_ALIGN_CHANNELS: usize = 512;
 
@@ -140,7 +144,36 @@ fn conv_params(g: &ConvGeometry, ca: usize) -> ConvParams {
         ca: ca as u32,
         pixel_tiles: (g.out_h * g.out_w).div_ceil(CONV_TILE) as u32,
         cout_vec4: g.cout.div_ceil(4) as u32,
+        k_chunk: 0,
+        cout_tiles: g.cout.div_ceil(CONV_TILE) as u32,
     }
+}
+
+/// Workgroups a dispatch should launch to fill a large GPU: two waves on 132 SMs.
+pub const MIN_WORKGROUPS: usize = 264;
+/// The conv kernel's reduction step (KT in conv.wgsl).
+const CONV_KT: usize = 16;
+/// Fewest reduction steps a split-K part keeps (below that the reduction pass costs more
+/// than the parallelism gains).
+const MIN_SPLIT_STEPS: usize = 8;
+
+/// `METAUAS_GPU_SPLIT_K=0` turns split-K off (to measure what it buys on a given GPU).
+fn split_k_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("METAUAS_GPU_SPLIT_K").is_ok_and(|v| v.trim() == "0"))
+}
+
+/// How many parts a conv's reduction is cut into (1: no split) and the terms in each (a
+/// multiple of the kernel's step), so that tiles x parts reaches `MIN_WORKGROUPS`.
+pub fn split_k(tiles: usize, k_terms: usize) -> (usize, usize) {
+    let steps = k_terms.div_ceil(CONV_KT);
+    let wanted = MIN_WORKGROUPS.div_ceil(tiles.max(1));
+    let splits = wanted.min(steps / MIN_SPLIT_STEPS);
+    if splits < 2 {
+        return (1, k_terms);
+    }
+    let chunk = steps.div_ceil(splits) * CONV_KT;
+    (k_terms.div_ceil(chunk), chunk)
 }
 
 impl Step {
@@ -166,6 +199,7 @@ impl Step {
             bindings,
             workgroups,
             flops,
+            serial_steps: 0,
         }
     }
 }
@@ -310,16 +344,29 @@ impl Lowering<'_> {
                 }
             }
         };
-        let params = conv_params(g, ca);
+        let mut params = conv_params(g, ca);
+        let cout_tiles = params.cout_tiles as usize;
+        let k_terms = g.kernel * g.kernel * g.cin;
+        let (splits, chunk) = if split_k_disabled() {
+            (1, k_terms)
+        } else {
+            split_k(params.pixel_tiles as usize * cout_tiles, k_terms)
+        };
+        let pixels = g.out_h * g.out_w;
+        let partial = (splits > 1)
+            .then(|| self.new_value(format!("{name}.split_k"), splits * pixels * g.cout, true));
+        params.k_chunk = chunk as u32;
         let mut workgroups = fold(params.pixel_tiles as usize);
-        workgroups[2] = g.cout.div_ceil(CONV_TILE) as u32;
+        workgroups[2] = (cout_tiles * splits) as u32;
         let overrides = ConvOverrides {
             act,
             input_mode: mode,
             ksize: g.kernel as u32,
             residual: residual.is_some(),
+            split_k: partial.is_some(),
             stride: g.stride as u32,
         };
+        let residual = residual.map_or(Buf::Unused, Buf::Value);
         let bindings = vec![
             (1, Buf::Value(x)),
             (2, Buf::Weight(e.weight)),
@@ -328,10 +375,33 @@ impl Lowering<'_> {
             (5, skip),
             (6, cgate),
             (7, sgate),
-            (8, residual.map_or(Buf::Unused, Buf::Value)),
+            (8, residual),
+            (9, partial.map_or(Buf::UnusedWritable, Buf::Value)),
         ];
-        let step = Step::new(name, params, overrides, bindings, workgroups, flops);
+        let mut step = Step::new(name, params, overrides, bindings, workgroups, flops);
+        step.serial_steps = chunk.div_ceil(CONV_KT) as u64;
         self.steps.push(step);
+        if let Some(partial) = partial {
+            let elems = pixels * g.cout;
+            let params = ReduceParams {
+                elems: elems as u32,
+                cout: g.cout as u32,
+                splits: splits as u32,
+            };
+            let overrides = ReduceOverrides {
+                act,
+                residual: residual != Buf::Unused,
+            };
+            let bindings = vec![
+                (3, Buf::Weight(e.bias)),
+                (4, Buf::Value(y)),
+                (8, residual),
+                (9, Buf::Value(partial)),
+            ];
+            let workgroups = fold(elems.div_ceil(64));
+            let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
+            self.steps.push(step);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -405,8 +475,8 @@ impl Lowering<'_> {
         let c_total: usize = parts.iter().map(|p| p.2).sum();
         let full_pixels = parts.iter().map(|p| p.1).max().unwrap_or(1);
         assert!(
-            c_total <= MAX_ATTENTION_CHANNELS && e.hidden <= MAX_ATTENTION_HIDDEN,
-            "{name}: attention sizes beyond the kernel's capacity"
+            e.hidden <= 65535,
+            "{name}: one workgroup per hidden unit: at most 65535"
         );
         let chunks = full_pixels.div_ceil(POOL_CHUNK).max(1);
         let partial = self.new_value(format!("{name}.partial"), chunks * c_total, true);
@@ -427,7 +497,8 @@ impl Lowering<'_> {
             self.steps.push(step);
             c_off += channels;
         }
-        let params = ExciteParams {
+        let hidden = self.new_value(format!("{name}.hidden"), e.hidden, true);
+        let params = ExciteHiddenParams {
             channels: c_total as u32,
             hidden: e.hidden as u32,
             chunks: chunks as u32,
@@ -436,12 +507,25 @@ impl Lowering<'_> {
             (4, Buf::Value(partial)),
             (5, Buf::Weight(e.w1)),
             (6, Buf::Weight(e.b1)),
+            (10, Buf::Value(hidden)),
+        ];
+        let overrides = ExciteOverrides { mid_act };
+        let workgroups = [e.hidden as u32, 1, 1];
+        let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
+        self.steps.push(step);
+        let params = ExciteGateParams {
+            channels: c_total as u32,
+            hidden: e.hidden as u32,
+            chunks: chunks as u32,
+        };
+        let bindings = vec![
             (7, Buf::Weight(e.w2)),
             (8, Buf::Weight(e.b2)),
             (9, Buf::Value(gate)),
+            (11, Buf::Value(hidden)),
         ];
-        let overrides = ExciteOverrides { mid_act };
-        let step = Step::new(name, params, overrides, bindings, [1, 1, 1], 0.0);
+        let workgroups = fold(c_total.div_ceil(64));
+        let step = Step::new(name, params, (), bindings, workgroups, 0.0);
         self.steps.push(step);
         gate
     }
@@ -538,5 +622,31 @@ impl Lowering<'_> {
         ];
         let step = Step::new(name, params, (), bindings, fold(n), flops);
         self.steps.push(step);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_k_fills_two_waves_or_keeps_long_parts() {
+        // dec0.conv1 at 256: 4 pixel tiles x 4 channel tiles, 9 * 1216 terms.
+        let (splits, chunk) = split_k(16, 9 * 1216);
+        assert!(16 * splits >= MIN_WORKGROUPS, "{splits}");
+        assert!(splits * chunk >= 9 * 1216 && (splits - 1) * chunk < 9 * 1216);
+        assert_eq!(chunk % CONV_KT, 0);
+        // Enough tiles already, or too short a reduction: no split.
+        assert_eq!(split_k(300, 10_000), (1, 10_000));
+        assert_eq!(split_k(4, 100), (1, 100));
+        // Every part keeps at least MIN_SPLIT_STEPS steps.
+        for tiles in 1..300 {
+            for k in [16, 127, 128, 129, 1000, 4096, 11_000] {
+                let (s, c) = split_k(tiles, k);
+                if s > 1 {
+                    assert!(c / CONV_KT >= MIN_SPLIT_STEPS && s * c >= k && (s - 1) * c < k);
+                }
+            }
+        }
     }
 }

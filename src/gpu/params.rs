@@ -223,7 +223,16 @@ overrides! {
         INPUT_MODE => input_mode: InputMode,
         KSIZE => ksize: u32,
         RESIDUAL => residual: bool,
+        SPLIT_K => split_k: bool,
         STRIDE => stride: u32,
+    }
+}
+
+overrides! {
+    /// The split-K reduction's epilogue.
+    ReduceOverrides {
+        ACT => act: Activation,
+        RESIDUAL => residual: bool,
     }
 }
 
@@ -266,6 +275,19 @@ kernel_params! {
         ca: u32,
         pixel_tiles: u32,
         cout_vec4: u32,
+        k_chunk: u32,
+        cout_tiles: u32,
+    }
+}
+
+kernel_params! {
+    /// Sums a split-K conv's `splits` partial outputs of `elems` values each, then adds the
+    /// bias (`cout` channels), the activation and the residual.
+    ReduceParams: Conv::split_k_reduce, ReduceParams at binding 10, overrides ReduceOverrides,
+    {
+        elems: u32,
+        cout: u32,
+        splits: u32,
     }
 }
 
@@ -299,8 +321,19 @@ kernel_params! {
 }
 
 kernel_params! {
-    /// The two FCs over the summed chunks.
-    ExciteParams: SqueezeExcite::excite, ExciteParams at binding 3, overrides ExciteOverrides,
+    /// The first FC (one workgroup per hidden unit) over the summed chunks.
+    ExciteHiddenParams: SqueezeExcite::excite_hidden, ExciteParams at binding 3,
+    overrides ExciteOverrides,
+    {
+        channels: u32,
+        hidden: u32,
+        chunks: u32,
+    }
+}
+
+kernel_params! {
+    /// The second FC and the sigmoid, one invocation per channel.
+    ExciteGateParams: SqueezeExcite::excite_gate, ExciteParams at binding 3, overrides (),
     {
         channels: u32,
         hidden: u32,

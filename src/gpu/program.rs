@@ -28,7 +28,7 @@ pub struct GpuProgram {
     last_phases: RunPhases,
     /// Keeps the uniform and dummy buffers alive with the bind groups.
     _uniforms: wgpu::Buffer,
-    _dummy: wgpu::Buffer,
+    _dummy: [wgpu::Buffer; 2],
 }
 
 impl GpuProgram {
@@ -77,11 +77,18 @@ impl GpuProgram {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let dummy_writable = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused writable binding"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         let pipelines: Vec<_> = lowered.steps.iter().map(|s| ctx.pipeline(&s.key)).collect();
         let resolve = |b: Buf| match b {
             Buf::Value(v) => &slots[value_slot[v]],
             Buf::Weight(w) => &weights[w],
             Buf::Unused => &dummy,
+            Buf::UnusedWritable => &dummy_writable,
         };
         let bind_groups =
             lowered
@@ -135,7 +142,7 @@ impl GpuProgram {
             precision: ctx.precision,
             last_phases: RunPhases::default(),
             _uniforms: uniforms,
-            _dummy: dummy,
+            _dummy: [dummy, dummy_writable],
         })
     }
 
@@ -149,6 +156,7 @@ impl GpuProgram {
                 kernel: s.key.entry,
                 workgroups: s.workgroups.iter().map(|&w| w as u64).product(),
                 flops: s.flops,
+                serial_steps: s.serial_steps,
             })
             .collect()
     }

@@ -70,7 +70,7 @@ impl WeightTable {
             let e = AttentionEntry {
                 w1: t.push(s.reduce_w.clone(), false),
                 b1: t.push(s.reduce_b.clone(), false),
-                w2: t.push(s.expand_w.clone(), false),
+                w2: t.push(transpose(&s.expand_w, s.channels, s.squeeze), false),
                 b2: t.push(s.expand_b.clone(), false),
                 sse: None,
                 hidden: s.squeeze,
@@ -81,7 +81,7 @@ impl WeightTable {
             let e = AttentionEntry {
                 w1: t.push(s.cse1_w.clone(), false),
                 b1: t.push(s.cse1_b.clone(), false),
-                w2: t.push(s.cse3_w.clone(), false),
+                w2: t.push(transpose(&s.cse3_w, s.channels, s.hidden), false),
                 b2: t.push(s.cse3_b.clone(), false),
                 sse: Some(t.push(s.sse_w.clone(), false)),
                 hidden: s.hidden,
@@ -163,4 +163,13 @@ pub fn storage_buffer_init(ctx: &GpuContext, label: &str, bytes: &[u8]) -> wgpu:
         ctx.queue.write_buffer(&buffer, 0, &padded);
     }
     buffer
+}
+
+/// `rows x cols` (row-major) as `cols x rows`: the excite's second FC is read hidden-major so
+/// that adjacent invocations (channels) read adjacent weights.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(m.len(), rows * cols, "FC weight shape");
+    (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
+        .collect()
 }

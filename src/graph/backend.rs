@@ -19,6 +19,9 @@ pub struct DispatchInfo {
     /// Workgroups launched (x * y * z).
     pub workgroups: u64,
     pub flops: f64,
+    /// The longest serial loop one workgroup runs (a conv's reduction steps; 0 where the
+    /// kernel has none worth counting).
+    pub serial_steps: u64,
 }
 
 /// Host-side phases of a backend's last run, in seconds (the GPU: upload, recording,

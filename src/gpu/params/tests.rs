@@ -117,9 +117,11 @@ fn check_overrides<K: Kernel>(module: &naga::Module, what: &str) {
 fn uniform_structs_and_overrides_match_the_wgsl_files() {
     let kernels = [
         (Family::Conv, check::<ConvParams>()),
+        (Family::Conv, check::<ReduceParams>()),
         (Family::Depthwise, check::<DepthwiseParams>()),
         (Family::SqueezeExcite, check::<ChannelSumParams>()),
-        (Family::SqueezeExcite, check::<ExciteParams>()),
+        (Family::SqueezeExcite, check::<ExciteHiddenParams>()),
+        (Family::SqueezeExcite, check::<ExciteGateParams>()),
         (Family::Scse, check::<SpatialGateParams>()),
         (Family::Scse, check::<ScseApplyParams>()),
         (Family::Align, check::<AlignParams>()),
