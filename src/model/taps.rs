@@ -177,7 +177,7 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
-        assert_eq!(names.len(), 9 + 9 + 6 + 14 + 2);
+        assert_eq!(names.len(), 9 + 12 + 14 + 2);
         for n in &names {
             assert!(n
                 .bytes()
