@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use metauas::graph::Precision;
 use metauas::io::output::read_npy_f32;
 use metauas::synth::synthetic_image;
 
@@ -493,4 +494,60 @@ fn bench_json_keys_and_batch_throughput() {
     assert!((per_s - 2.0 / (ms * 1e-3)).abs() < 1e-6 * per_s, "{v}");
     let refused = metauas(&["bench", "--size", "64", "--batch", "0"]);
     assert_eq!(refused.status.code(), Some(2));
+}
+
+/// On the GPU, `bench --json` describes the work's shape (issue 21): every conv dispatch
+/// under two waves of a 132-SM GPU has a short serial loop (split-K cut the long ones), and
+/// the gpu-info report names the adapter.
+#[test]
+fn gpu_bench_reports_the_work_shape() {
+    if common::gpu_options("gpu_bench_reports_the_work_shape", Precision::F32).is_none() {
+        return;
+    }
+    let run = |split_k: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_metauas"))
+            .args([
+                "bench",
+                "--size",
+                "64",
+                "--backend",
+                "gpu",
+                "--iters",
+                "1",
+                "--json",
+            ])
+            .env("METAUAS_GPU_SPLIT_K", split_k)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (on, off) = (run("1"), run("0"));
+    let shape = |v: &serde_json::Value, k: &str| v["shape"]["cached"][k].clone();
+    assert_eq!(shape(&on, "submits"), 1);
+    assert_eq!(on["shape"]["full"]["submits"], 2);
+    assert_eq!(
+        shape(&on, "under_264_with_long_serial_loops"),
+        serde_json::json!([])
+    );
+    let long_off = shape(&off, "under_264_with_long_serial_loops");
+    assert!(!long_off.as_array().unwrap().is_empty(), "{off}");
+    assert!(shape(&on, "dispatches").as_u64() > shape(&off, "dispatches").as_u64());
+    assert!(on["phases_cached_ms"]["submit_to_done"].as_f64().unwrap() > 0.0);
+    let info = metauas(&["gpu-info", "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(
+        info["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{info}"
+    );
+    assert!(
+        info["limits"]["max_storage_buffer_binding_size"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
