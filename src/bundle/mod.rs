@@ -33,7 +33,7 @@ const MAX_TENSOR_BYTES: u64 = 4 << 30;
 /// rename, so `dir` is either the old bundle or the complete new one. `head` holds the
 /// manifest's fields besides `format`, `version` and `tensors` (backend, size, weights,
 /// inputs). Returns the bytes written.
-pub fn write_bundle(dir: &Path, head: Map<String, Value>, tensors: &[TapTensor]) -> Result<u64> {
+pub fn write_bundle(dir: &Path, head: Map<String, Value>, tensors: &[&TapTensor]) -> Result<u64> {
     let name = dir
         .file_name()
         .ok_or_else(|| Error::at(dir, "not a folder name"))?
@@ -58,7 +58,7 @@ pub fn write_bundle(dir: &Path, head: Map<String, Value>, tensors: &[TapTensor])
     result
 }
 
-fn fill(staging: &Path, head: Map<String, Value>, tensors: &[TapTensor]) -> Result<u64> {
+fn fill(staging: &Path, head: Map<String, Value>, tensors: &[&TapTensor]) -> Result<u64> {
     fs::create_dir(staging).map_err(|e| Error::at(staging, format!("cannot create: {e}")))?;
     let mut entries = Vec::with_capacity(tensors.len());
     let mut total = 0u64;

@@ -534,8 +534,8 @@ fn write_taps(
     let dir = run.dir.join(&query.name);
     let mut head = run.head.clone();
     head["inputs"]["query"] = input_json(&query.path, image)?;
-    let mut tensors = run.prompt_taps.clone();
-    tensors.extend(query_taps);
+    // The prompt's taps are the same for every query: referenced, not copied.
+    let tensors: Vec<&TapTensor> = run.prompt_taps.iter().chain(&query_taps).collect();
     write_bundle(&dir, head, &tensors)?;
     Ok(dir)
 }

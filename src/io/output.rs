@@ -106,13 +106,13 @@ pub fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
 }
 
 fn parse_npy_f32(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
-    let (dtype, shape, data) = split_npy(bytes)?;
-    if dtype != NpyDtype::F32 || dtype_is_big_endian(bytes) {
+    let (descr, dtype, shape, data) = split_npy(bytes)?;
+    if descr != "<f4" {
         return Err(format!(
-            "dtype '{}' is not little-endian float32 ('<f4')",
-            npy_descr(bytes).unwrap_or_default()
+            "dtype '{descr}' is not little-endian float32 ('<f4')"
         ));
     }
+    debug_assert_eq!(dtype, NpyDtype::F32);
     let values = data
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -157,8 +157,8 @@ pub struct NpyArray {
 /// Parse a `.npy` of float16/32/64, either byte order, C order (another engine's output).
 /// A truncated or padded file, another dtype or Fortran order is an error.
 pub fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
-    let (dtype, shape, data) = split_npy(bytes)?;
-    let big = dtype_is_big_endian(bytes);
+    let (descr, dtype, shape, data) = split_npy(bytes)?;
+    let big = descr.starts_with('>');
     let word = |b: &[u8], n: usize| -> [u8; 8] {
         let mut w = [0u8; 8];
         w[..n].copy_from_slice(b);
@@ -186,23 +186,6 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
     })
 }
 
-/// Read a `.npy` of float16/32/64 (see `parse_npy`); errors name the file.
-pub fn read_npy(path: &Path) -> Result<NpyArray> {
-    let bytes = fs::read(path).map_err(|e| Error::at(path, format!("cannot read: {e}")))?;
-    parse_npy(&bytes).map_err(|problem| Error::at(path, problem))
-}
-
-/// The header's `descr`, if the header parses.
-fn npy_descr(bytes: &[u8]) -> Option<String> {
-    let (start, len) = npy_header_span(bytes).ok()?;
-    let header = std::str::from_utf8(&bytes[start..start + len]).ok()?;
-    parse_npy_header(header).ok().map(|(d, _)| d)
-}
-
-fn dtype_is_big_endian(bytes: &[u8]) -> bool {
-    npy_descr(bytes).is_some_and(|d| d.starts_with('>'))
-}
-
 /// Where the header dict lies: (start, length).
 fn npy_header_span(bytes: &[u8]) -> std::result::Result<(usize, usize), String> {
     if bytes.len() < 10 || &bytes[..6] != NPY_MAGIC {
@@ -224,8 +207,11 @@ fn npy_header_span(bytes: &[u8]) -> std::result::Result<(usize, usize), String> 
     Ok((header_start, header_len))
 }
 
-/// The dtype, shape and data bytes of a `.npy`, the data's length checked against the shape.
-fn split_npy(bytes: &[u8]) -> std::result::Result<(NpyDtype, Vec<usize>, &[u8]), String> {
+/// A `.npy` split into its header's `descr`, dtype and shape, and its data bytes.
+type NpyParts<'a> = (String, NpyDtype, Vec<usize>, &'a [u8]);
+
+/// The parts of a `.npy`, the data's length checked against the shape.
+fn split_npy(bytes: &[u8]) -> std::result::Result<NpyParts<'_>, String> {
     let (start, len) = npy_header_span(bytes)?;
     let header = std::str::from_utf8(&bytes[start..start + len])
         .map_err(|_| ".npy header is not text".to_string())?;
@@ -254,7 +240,7 @@ fn split_npy(bytes: &[u8]) -> std::result::Result<(NpyDtype, Vec<usize>, &[u8]),
             data.len()
         ));
     }
-    Ok((dtype, shape, data))
+    Ok((descr, dtype, shape, data))
 }
 
 /// Parse `{'descr': '<f4', 'fortran_order': False, 'shape': (..), }` (keys in any order,
