@@ -66,8 +66,11 @@ fn check_synthetic_inputs(fx: &Fixture, images: &Value) {
     }
 }
 
-/// f16 storage: the 99.9th-percentile error of the map against the truth (issue 3).
-const F16_P999_BOUND: f64 = 1e-2;
+/// f16 storage: the largest error of the map against the truth on every case, sharp ones
+/// included (issue 21; the f32 islands of `model::graphs` keep it there), and the
+/// 99.9th percentile (issue 3).
+const F16_MAX_BOUND: f64 = 1e-2;
+const F16_P999_BOUND: f64 = 5e-3;
 
 fn check_fixture(name: &str) {
     check_fixture_on(name, EngineOptions::default());
@@ -149,8 +152,10 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
         let (tm, tp) = (tm.min(sm), tp.min(sp));
         if f16 {
             // f16 storage is judged on the map alone (issue 3's bound), not per intermediate.
-            if tap == "map" && op > F16_P999_BOUND {
-                failures.push(format!("map (f16): p99.9 {op:.3e} > {F16_P999_BOUND}"));
+            if tap == "map" && (om > F16_MAX_BOUND || op > F16_P999_BOUND) {
+                failures.push(format!(
+                    "map (f16): max {om:.3e} (bound {F16_MAX_BOUND}), p99.9 {op:.3e} (bound {F16_P999_BOUND})"
+                ));
             }
         } else if !(om <= FACTOR * tm + SLACK && op <= FACTOR * tp + SLACK) {
             failures.push(format!(
@@ -195,6 +200,18 @@ gpu_fixture_test!(
 gpu_fixture_test!(
     gpu_f16_s512_smooth,
     "s512_smooth.safetensors",
+    Precision::F16
+);
+gpu_fixture_test!(gpu_f16_s256_sharp, "s256_sharp.safetensors", Precision::F16);
+gpu_fixture_test!(gpu_f16_s512_sharp, "s512_sharp.safetensors", Precision::F16);
+gpu_fixture_test!(
+    gpu_f16_s256_smooth_jpeg,
+    "s256_smooth_jpeg.safetensors",
+    Precision::F16
+);
+gpu_fixture_test!(
+    gpu_f16_s512_sharp_jpeg,
+    "s512_sharp_jpeg.safetensors",
     Precision::F16
 );
 

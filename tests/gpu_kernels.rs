@@ -325,3 +325,57 @@ fn paired_prompt_and_query_match_separate_calls() {
         assert_ne!(a.data, b.data);
     }
 }
+
+/// Under f16 storage, nodes marked full precision run and store in float32: a precise conv
+/// gives the float32 program's output bit for bit (a conv in f16 would be off by ~1e-3),
+/// and values crossing into and out of the f16 region are converted (the chain's end stays
+/// within f16 rounding of the CPU).
+#[test]
+fn full_precision_nodes_stay_float32_under_f16_storage() {
+    let test = "full_precision_nodes_stay_float32_under_f16_storage";
+    let Some(_) = common::gpu_options(test, Precision::F16) else {
+        return;
+    };
+    let (h, w, c) = (9, 7, 13);
+    let weights = WeightTables {
+        convs: (0..3)
+            .map(|i| conv_weights(40 + i, c, c, 3, false))
+            .collect(),
+        ..WeightTables::default()
+    };
+    let mut g = GraphBuilder::new();
+    let x = g.input("x", Shape::new(h, w, c));
+    let conv = |g: &mut GraphBuilder, name: &str, x, i| {
+        let act = Activation::Swish;
+        g.conv(name, x, ConvId(i), (c, 3, 1), (1, 1), false, act, None)
+    };
+    g.set_full_precision(true);
+    let a = conv(&mut g, "a", x, 0);
+    g.set_full_precision(false);
+    let b = conv(&mut g, "b", a, 1);
+    g.set_full_precision(true);
+    let y = conv(&mut g, "y", b, 2);
+    for v in [a, b, y] {
+        g.output(v);
+    }
+    let graph = g.finish();
+    let input = values(7, h * w * c, 1.0);
+    let run = |precision| {
+        let gpu = GpuBackend::new(&weights, precision).expect("GPU backend");
+        let program = gpu.compile(&graph).expect("GPU program");
+        program.run(&[&input], None).expect("GPU run")
+    };
+    let (wide, narrow) = (run(Precision::F32), run(Precision::F16));
+    assert_eq!(narrow[0], wide[0], "the full-precision conv is not float32");
+    assert_ne!(narrow[1], wide[1], "the f16 conv is not f16");
+    let cpu = CpuBackend::new(&weights).compile(&graph).unwrap();
+    let want = cpu.run(&[&input], None).unwrap();
+    for (o, tol) in [(1, 4e-3), (2, 8e-3)] {
+        for (got, c) in narrow[o].iter().zip(&want[o]) {
+            assert!(
+                (got - c).abs() <= tol * (1.0 + c.abs()),
+                "output {o}: {got} vs {c}"
+            );
+        }
+    }
+}

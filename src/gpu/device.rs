@@ -70,12 +70,15 @@ pub fn probe_adapter() -> Option<AdapterSummary> {
     request_adapter(&instance()).ok().map(|a| summary(&a))
 }
 
-/// Identifies one specialized pipeline: shader family, entry point, precision, and the
+/// Identifies one specialized pipeline: shader family, entry point, storage type, and the
 /// override constants (sorted by name).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PipelineKey {
     pub family: Family,
     pub entry: &'static str,
+    /// The `store` type of its activations and conv weights: the program's precision, or
+    /// f32 for a full-precision node under f16 storage.
+    pub store: Precision,
     pub constants: Vec<(&'static str, u32)>,
 }
 
@@ -88,6 +91,7 @@ pub enum Family {
     Scse,
     Align,
     Head,
+    Cast,
 }
 
 impl Family {
@@ -99,6 +103,7 @@ impl Family {
             Family::Scse => include_str!("../../shaders/scse.wgsl"),
             Family::Align => include_str!("../../shaders/align.wgsl"),
             Family::Head => include_str!("../../shaders/head.wgsl"),
+            Family::Cast => include_str!("../../shaders/cast.wgsl"),
         }
     }
 }
@@ -125,7 +130,7 @@ pub struct GpuContext {
     pub limits: wgpu::Limits,
     pub timestamps: bool,
     cache: Option<(wgpu::PipelineCache, PathBuf)>,
-    modules: Mutex<HashMap<Family, wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(Family, Precision), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -190,7 +195,7 @@ impl GpuContext {
         if let Some(p) = lock(&self.pipelines).get(key) {
             return p.clone();
         }
-        let module = self.module(key.family);
+        let module = self.module(key.family, key.store);
         let constants: Vec<(&str, f64)> =
             key.constants.iter().map(|&(n, v)| (n, v as f64)).collect();
         let pipeline = self
@@ -211,12 +216,12 @@ impl GpuContext {
         pipeline
     }
 
-    fn module(&self, family: Family) -> wgpu::ShaderModule {
+    fn module(&self, family: Family, store: Precision) -> wgpu::ShaderModule {
         let mut modules = lock(&self.modules);
         modules
-            .entry(family)
+            .entry((family, store))
             .or_insert_with(|| {
-                let source = shader_source(family, self.precision);
+                let source = shader_source(family, store);
                 let desc = wgpu::ShaderModuleDescriptor {
                     label: Some(&format!("{family:?}")),
                     source: wgpu::ShaderSource::Wgsl(source.into()),

@@ -11,10 +11,10 @@ use super::params::{
     AlignParams, ChannelSumParams, ConvOverrides, ConvParams, DepthwiseOverrides, DepthwiseParams,
     ExciteGateParams, ExciteHiddenParams, ExciteOverrides, HeadParams, InputMode, Kernel,
     Overrides as _, ReduceOverrides, ReduceParams, ScseApplyParams, SpatialGateOverrides,
-    SpatialGateParams, UNIFORM_BYTES,
+    SpatialGateParams, ToF32Params, ToStoreParams, UNIFORM_BYTES,
 };
 use super::weights::WeightTable;
-use crate::graph::{Activation, ConvGeometry, ConvId, Graph, Op, ScseId, ValueId};
+use crate::graph::{Activation, ConvGeometry, ConvId, Graph, Op, Precision, ScseId, ValueId};
 
 /// What a binding points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,13 +30,25 @@ pub enum Buf {
     UnusedWritable,
 }
 
-/// A tensor the GPU program writes: activations in the storage type, gates and partial sums
+/// A tensor the GPU program writes: activations in the storage type of the step writing them
+/// (the program's precision, or f32 in a full-precision node), gates and partial sums
 /// always in f32.
 #[derive(Clone, Debug)]
 pub struct GpuValue {
     pub name: String,
     pub elems: usize,
     pub always_f32: bool,
+}
+
+impl GpuValue {
+    /// The value's storage type in a program of precision `mode`.
+    pub fn store(&self, mode: Precision) -> Precision {
+        if self.always_f32 {
+            Precision::F32
+        } else {
+            mode
+        }
+    }
 }
 
 /// One compute dispatch.
@@ -53,6 +65,8 @@ pub struct Step {
     pub flops: f64,
     /// Reduction steps one workgroup runs in series (convs; 0 for the rest).
     pub serial_steps: u64,
+    /// The storage type of its activations and conv weights (also in `key`).
+    pub store: Precision,
 }
 
 pub struct Lowered {
@@ -94,18 +108,46 @@ struct Lowering<'a> {
     values: Vec<GpuValue>,
     steps: Vec<Step>,
     sources: HashMap<ValueId, Source>,
+    /// The program's storage precision.
+    mode: Precision,
+    /// The storage type of the node being lowered (f32 where it is full precision).
+    store: Precision,
+    /// Values converted to the other storage type, by (value, target).
+    casts: HashMap<(usize, Precision), usize>,
 }
 
-pub fn lower(graph: &Graph, weights: &WeightTable) -> Lowered {
+/// Lowers `graph` for storage precision `mode`: under f16, the graph's full-precision nodes
+/// run and store in f32, and each value crossing between the two is converted once.
+pub fn lower(graph: &Graph, weights: &WeightTable, mode: Precision) -> Lowered {
     let mut l = Lowering {
         graph,
         weights,
         values: Vec::new(),
         steps: Vec::new(),
         sources: HashMap::new(),
+        mode,
+        store: mode,
+        casts: HashMap::new(),
     };
-    let inputs = graph.inputs.iter().map(|&v| l.materialize(v)).collect();
+    // An input is stored as its readers want it: f32 if a full-precision node reads it.
+    let inputs = graph
+        .inputs
+        .iter()
+        .map(|&v| {
+            let precise = graph
+                .nodes
+                .iter()
+                .any(|n| n.full_precision && n.op.inputs().contains(&v));
+            l.store = if precise { Precision::F32 } else { mode };
+            l.materialize(v)
+        })
+        .collect();
     for node in &graph.nodes {
+        l.store = if node.full_precision {
+            Precision::F32
+        } else {
+            mode
+        };
         l.node(&node.name, &node.op, node.output);
     }
     let outputs = graph
@@ -192,6 +234,7 @@ impl Step {
             key: PipelineKey {
                 family: K::FAMILY,
                 entry: K::ENTRY,
+                store: Precision::F32,
                 constants: overrides.values(),
             },
             uniform_binding: K::BINDING,
@@ -200,13 +243,79 @@ impl Step {
             workgroups,
             flops,
             serial_steps: 0,
+            store: Precision::F32,
         }
+    }
+
+    fn with_store(mut self, store: Precision) -> Step {
+        self.store = store;
+        self.key.store = store;
+        self
     }
 }
 
 impl Lowering<'_> {
     fn name(&self, v: ValueId) -> &str {
         &self.graph.values[v].name
+    }
+
+    /// Adds a step of the node being lowered (in its storage type).
+    fn push(&mut self, step: Step) {
+        self.steps.push(step.with_store(self.store));
+    }
+
+    /// `v` in the storage type of the node being lowered: itself, or its conversion
+    /// (one cast dispatch, made once per value and type).
+    fn in_store(&mut self, v: usize) -> usize {
+        let from = self.values[v].store(self.mode);
+        let to = self.store;
+        if from == to {
+            return v;
+        }
+        if let Some(&c) = self.casts.get(&(v, to)) {
+            return c;
+        }
+        let elems = self.values[v].elems;
+        let name = format!("{}.as_{}", self.values[v].name, to.name());
+        let c = self.new_value(name.clone(), elems, to == Precision::F32);
+        let workgroups = fold(elems.div_ceil(256));
+        let elems = elems as u32;
+        let step = if to == Precision::F32 {
+            // Each entry point binds only the buffers it uses (auto layouts).
+            let bindings = vec![(3, Buf::Value(v)), (4, Buf::Value(c))];
+            Step::new(&name, ToF32Params { elems }, (), bindings, workgroups, 0.0)
+        } else {
+            let bindings = vec![(1, Buf::Value(v)), (2, Buf::Value(c))];
+            Step::new(
+                &name,
+                ToStoreParams { elems },
+                (),
+                bindings,
+                workgroups,
+                0.0,
+            )
+        };
+        // The conversions are compiled with `store` = the narrow type.
+        self.steps.push(step.with_store(Precision::F16));
+        self.casts.insert((v, to), c);
+        c
+    }
+
+    /// A source read in the storage type of the node being lowered.
+    fn source_in_store(&mut self, src: Source) -> Source {
+        match src {
+            Source::Plain(x) => Source::Plain(self.in_store(x)),
+            Source::ChannelScaled { x, gate } => Source::ChannelScaled {
+                x: self.in_store(x),
+                gate,
+            },
+            Source::UpConcat { a, ca, skip, gates } => Source::UpConcat {
+                a: self.in_store(a),
+                ca,
+                skip: skip.map(|k| self.in_store(k)),
+                gates,
+            },
+        }
     }
 
     fn new_value(&mut self, name: String, elems: usize, always_f32: bool) -> usize {
@@ -218,16 +327,19 @@ impl Lowering<'_> {
         self.values.len() - 1
     }
 
+    /// A graph value written by the node being lowered, in its storage type.
     fn materialize(&mut self, v: ValueId) -> usize {
         let value = &self.graph.values[v];
-        let id = self.new_value(value.name.clone(), value.shape.len(), false);
+        let f32_storage = self.store == Precision::F32;
+        let id = self.new_value(value.name.clone(), value.shape.len(), f32_storage);
         self.sources.insert(v, Source::Plain(id));
         id
     }
 
-    fn plain(&self, v: ValueId, user: &str) -> usize {
+    /// A written-out value, in the storage type of the node being lowered.
+    fn plain(&mut self, v: ValueId, user: &str) -> usize {
         match self.sources[&v] {
-            Source::Plain(p) => p,
+            Source::Plain(p) => self.in_store(p),
             other => panic!(
                 "GPU lowering: {user} needs {} written out, but it is {other:?}",
                 self.name(v)
@@ -265,7 +377,7 @@ impl Lowering<'_> {
                     self.head(name, x, y, conv, geometry, flops);
                 } else {
                     let residual = residual.map(|r| self.plain(r, name));
-                    let src = self.sources[&input];
+                    let src = self.source_in_store(self.sources[&input]);
                     self.conv(name, src, y, conv, geometry, act, residual, flops);
                 }
             }
@@ -380,7 +492,7 @@ impl Lowering<'_> {
         ];
         let mut step = Step::new(name, params, overrides, bindings, workgroups, flops);
         step.serial_steps = chunk.div_ceil(CONV_KT) as u64;
-        self.steps.push(step);
+        self.push(step);
         if let Some(partial) = partial {
             let elems = pixels * g.cout;
             let params = ReduceParams {
@@ -400,7 +512,7 @@ impl Lowering<'_> {
             ];
             let workgroups = fold(elems.div_ceil(64));
             let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
-            self.steps.push(step);
+            self.push(step);
         }
     }
 
@@ -442,7 +554,7 @@ impl Lowering<'_> {
         ];
         let workgroups = fold(total.div_ceil(64));
         let step = Step::new(name, params, overrides, bindings, workgroups, flops);
-        self.steps.push(step);
+        self.push(step);
     }
 
     fn head(&mut self, name: &str, x: usize, y: usize, conv: ConvId, g: &ConvGeometry, flops: f64) {
@@ -460,7 +572,7 @@ impl Lowering<'_> {
         ];
         let workgroups = fold(pixels.div_ceil(64));
         let step = Step::new(name, params, (), bindings, workgroups, flops);
-        self.steps.push(step);
+        self.push(step);
     }
 
     /// Channel means of the parts `(value, pixels, channels)` (concatenated along channels),
@@ -494,7 +606,7 @@ impl Lowering<'_> {
             let bindings = vec![(1, Buf::Value(x)), (2, Buf::Value(partial))];
             let workgroups = [channels.div_ceil(64) as u32, chunks as u32, 1];
             let step = Step::new(name, params, (), bindings, workgroups, 0.0);
-            self.steps.push(step);
+            self.push(step);
             c_off += channels;
         }
         let hidden = self.new_value(format!("{name}.hidden"), e.hidden, true);
@@ -512,7 +624,7 @@ impl Lowering<'_> {
         let overrides = ExciteOverrides { mid_act };
         let workgroups = [e.hidden as u32, 1, 1];
         let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
-        self.steps.push(step);
+        self.push(step);
         let params = ExciteGateParams {
             channels: c_total as u32,
             hidden: e.hidden as u32,
@@ -526,7 +638,7 @@ impl Lowering<'_> {
         ];
         let workgroups = fold(c_total.div_ceil(64));
         let step = Step::new(name, params, (), bindings, workgroups, 0.0);
-        self.steps.push(step);
+        self.push(step);
         gate
     }
 
@@ -534,7 +646,8 @@ impl Lowering<'_> {
         let e = self.weights.scse[scse];
         let s = self.graph.values[input].shape;
         let pixels = s.pixels();
-        let (parts, mode, x, skip, ca) = match self.sources[&input] {
+        let src = self.source_in_store(self.sources[&input]);
+        let (parts, mode, x, skip, ca) = match src {
             Source::Plain(x) => (vec![(x, pixels, s.c)], InputMode::Plain, x, Buf::Unused, 0),
             Source::UpConcat {
                 a,
@@ -569,8 +682,8 @@ impl Lowering<'_> {
         let overrides = SpatialGateOverrides { input_mode: mode };
         let workgroups = fold(pixels.div_ceil(64));
         let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
-        self.steps.push(step);
-        if let Source::UpConcat { a, ca, skip, .. } = self.sources[&input] {
+        self.push(step);
+        if let Source::UpConcat { a, ca, skip, .. } = src {
             // Read in place by the next conv (mode 3): nothing written.
             let gates = Some((cgate, sgate));
             let src = Source::UpConcat { a, ca, skip, gates };
@@ -590,7 +703,7 @@ impl Lowering<'_> {
         ];
         let workgroups = fold(s.len().div_ceil(64));
         let step = Step::new(name, params, (), bindings, workgroups, 0.0);
-        self.steps.push(step);
+        self.push(step);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -621,7 +734,7 @@ impl Lowering<'_> {
             (5, Buf::Value(y)),
         ];
         let step = Step::new(name, params, (), bindings, fold(n), flops);
-        self.steps.push(step);
+        self.push(step);
     }
 }
 

@@ -35,6 +35,8 @@ struct DeviceWeights {
     ctx: GpuContext,
     table: WeightTable,
     weights: Vec<wgpu::Buffer>,
+    /// Under f16 storage: f32 copies of the f16 weights, for full-precision nodes.
+    f32_weights: Vec<Option<wgpu::Buffer>>,
 }
 
 impl GpuBackend {
@@ -42,12 +44,14 @@ impl GpuBackend {
         let ctx = GpuContext::new(precision)?;
         let mut table = WeightTable::new(w);
         let weights = table.upload(&ctx);
+        let f32_weights = table.upload_f32_copies(&ctx);
         // The device holds the weights now; the host copies would only double the memory.
         table.tensors.iter_mut().for_each(|t| t.data = Vec::new());
         let device = DeviceWeights {
             ctx,
             table,
             weights,
+            f32_weights,
         };
         Ok(GpuBackend {
             device: Arc::new(device),
@@ -75,7 +79,7 @@ impl Backend for GpuBackend {
     /// Lowers `graph` and binds it to this device's buffers.
     fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledGraph>> {
         let d = &self.device;
-        let program = GpuProgram::new(&d.ctx, graph, &d.table, &d.weights)?;
+        let program = GpuProgram::new(&d.ctx, graph, &d.table, &d.weights, &d.f32_weights)?;
         Ok(Box::new(GpuGraph {
             device: self.device.clone(),
             program: Mutex::new(program),

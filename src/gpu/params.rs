@@ -382,5 +382,21 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// Storage-type conversion f32 -> `store` (f16) of `elems` values.
+    ToStoreParams: Cast::to_store, CastParams at binding 0, overrides (),
+    {
+        elems: u32,
+    }
+}
+
+kernel_params! {
+    /// Storage-type conversion `store` (f16) -> f32 of `elems` values.
+    ToF32Params: Cast::to_f32, CastParams at binding 0, overrides (),
+    {
+        elems: u32,
+    }
+}
+
 #[cfg(test)]
 mod tests;

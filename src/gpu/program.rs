@@ -32,13 +32,16 @@ pub struct GpuProgram {
 }
 
 impl GpuProgram {
+    /// `weights`: the uploaded tensors; `f32_weights`: under f16 storage, f32 copies of the
+    /// ones in the storage type, for full-precision steps.
     pub fn new(
         ctx: &GpuContext,
         graph: &Graph,
         table: &WeightTable,
         weights: &[wgpu::Buffer],
+        f32_weights: &[Option<wgpu::Buffer>],
     ) -> Result<GpuProgram> {
-        let lowered = lower(graph, table);
+        let lowered = lower(graph, table, ctx.precision);
         let bytes: Vec<u64> = lowered
             .values
             .iter()
@@ -84,9 +87,13 @@ impl GpuProgram {
             mapped_at_creation: false,
         });
         let pipelines: Vec<_> = lowered.steps.iter().map(|s| ctx.pipeline(&s.key)).collect();
-        let resolve = |b: Buf| match b {
+        let narrow = ctx.precision != Precision::F32;
+        let resolve = |b: Buf, store: Precision| match b {
             Buf::Value(v) => &slots[value_slot[v]],
-            Buf::Weight(w) => &weights[w],
+            Buf::Weight(w) => match &f32_weights.get(w) {
+                Some(Some(wide)) if narrow && store == Precision::F32 => wide,
+                _ => &weights[w],
+            },
             Buf::Unused => &dummy,
             Buf::UnusedWritable => &dummy_writable,
         };
@@ -108,7 +115,7 @@ impl GpuProgram {
                     entries.extend(step.bindings.iter().map(|&(binding, buf)| {
                         wgpu::BindGroupEntry {
                             binding,
-                            resource: resolve(buf).as_entire_binding(),
+                            resource: resolve(buf, step.store).as_entire_binding(),
                         }
                     }));
                     ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -218,7 +225,7 @@ impl GpuProgram {
                     continue;
                 }
                 offsets.push(upload.len() as u64);
-                upload.extend_from_slice(&self.to_store_bytes(data));
+                upload.extend_from_slice(&self.to_store_bytes(self.lowered.inputs[k], data));
                 upload.resize(upload.len().next_multiple_of(256), 0);
             }
             placement.push(offsets);
@@ -366,7 +373,7 @@ impl GpuProgram {
     fn upload_inputs(&self, ctx: &GpuContext, inputs: &[&[f32]]) -> Result<()> {
         self.check_inputs(inputs)?;
         for (&v, data) in self.lowered.inputs.iter().zip(inputs) {
-            let bytes = self.to_store_bytes(data);
+            let bytes = self.to_store_bytes(v, data);
             ctx.queue
                 .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
         }
@@ -405,7 +412,7 @@ impl GpuProgram {
                 let n = self.lowered.values[o].elems;
                 let start = offset as usize;
                 let end = start + self.value_bytes(o) as usize;
-                self.decode_store_bytes(&bytes[start..end], n)
+                self.decode_store_bytes(o, &bytes[start..end], n)
             })
             .collect()
     }
@@ -415,8 +422,9 @@ impl GpuProgram {
         value.elems as u64 * element_bytes(value.always_f32, self.precision)
     }
 
-    fn to_store_bytes(&self, data: &[f32]) -> Vec<u8> {
-        let mut bytes = match self.precision {
+    /// `data` in the storage type of program value `v`.
+    fn to_store_bytes(&self, v: usize, data: &[f32]) -> Vec<u8> {
+        let mut bytes = match self.lowered.values[v].store(self.precision) {
             Precision::F32 => bytemuck::cast_slice(data).to_vec(),
             Precision::F16 => f16_bytes(data),
         };
@@ -424,8 +432,8 @@ impl GpuProgram {
         bytes
     }
 
-    fn decode_store_bytes(&self, bytes: &[u8], n: usize) -> Vec<f32> {
-        match self.precision {
+    fn decode_store_bytes(&self, v: usize, bytes: &[u8], n: usize) -> Vec<f32> {
+        match self.lowered.values[v].store(self.precision) {
             Precision::F32 => bytes
                 .chunks_exact(4)
                 .take(n)

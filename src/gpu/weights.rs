@@ -116,6 +116,20 @@ impl WeightTable {
     }
 }
 
+impl WeightTable {
+    /// Under f16 storage, an f32 copy of every tensor kept in the storage type (what the
+    /// full-precision steps read); nothing under f32.
+    pub fn upload_f32_copies(&self, ctx: &GpuContext) -> Vec<Option<wgpu::Buffer>> {
+        self.tensors
+            .iter()
+            .map(|t| {
+                let copy = t.in_store_type && ctx.precision == Precision::F16;
+                copy.then(|| storage_buffer_init(ctx, "f32 weights", bytemuck::cast_slice(&t.data)))
+            })
+            .collect()
+    }
+}
+
 /// (cout, cin, k, k) -> [ky][kx][ci][cout rounded up to 4], zero padded: one row of vec4s per
 /// reduction index, as the implicit GEMM reads it.
 pub fn dense_k_major(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {

@@ -135,6 +135,9 @@ pub struct Node {
     pub name: String,
     pub op: Op,
     pub output: ValueId,
+    /// Numerically sensitive: a backend with reduced-precision storage (the GPU's f16)
+    /// computes and stores this node in float32 (see `GraphBuilder::set_full_precision`).
+    pub full_precision: bool,
 }
 
 /// A built graph: values, nodes in execution order, named inputs and outputs.
@@ -192,6 +195,7 @@ pub struct GraphBuilder {
     nodes: Vec<Node>,
     inputs: Vec<ValueId>,
     outputs: Vec<ValueId>,
+    full_precision: bool,
 }
 
 impl GraphBuilder {
@@ -221,8 +225,15 @@ impl GraphBuilder {
             name: name.to_string(),
             op,
             output,
+            full_precision: self.full_precision,
         });
         output
+    }
+
+    /// Marks the nodes added from now on (until the next call) as numerically sensitive:
+    /// float32 even where a backend stores the rest in f16.
+    pub fn set_full_precision(&mut self, on: bool) {
+        self.full_precision = on;
     }
 
     pub fn input(&mut self, name: &str, shape: Shape) -> ValueId {

@@ -156,7 +156,7 @@ pub struct WeightTables {
 
 /// Storage precision of activations and conv weights on the GPU (accumulation is always
 /// f32; the CPU backend is float32 only).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Precision {
     F32,
     /// f16 storage, f32 accumulation; needs the adapter's `SHADER_F16`.

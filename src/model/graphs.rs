@@ -23,9 +23,18 @@ fn align_proj_name(level: usize) -> String {
     format!("alignment.{level}.alignment_layer.dimensionality_reduction")
 }
 
-/// Runs the encoder, returning f1..f5 (named `{prefix}f1` .. `{prefix}f5`).
+/// The last encoder block computed in float32 under f16 storage: the one producing f3.
+/// The finest alignment level is ill-conditioned: with sharp attention it amplifies an
+/// error in f3 (or its projections) about 200-fold, so f16 rounding anywhere up to f3 would
+/// cost the map ~3e-2 (measured on the conformance suite's sharp cases); beyond f3 f16 costs
+/// the map well under 1e-2.
+const LAST_FULL_PRECISION_BLOCK: usize = FEATURE_BLOCKS[1];
+
+/// Runs the encoder, returning f1..f5 (named `{prefix}f1` .. `{prefix}f5`). The stem and the
+/// blocks up to `LAST_FULL_PRECISION_BLOCK` are marked full precision.
 fn encoder(g: &mut GraphBuilder, w: &ModelWeights, image: ValueId, prefix: &str) -> [ValueId; 5] {
     let swish = Activation::Swish;
+    g.set_full_precision(true);
     let pad = static_same_padding(3, 2);
     let stem = w.conv_id("encoder._conv_stem");
     let mut x = g.conv(
@@ -88,6 +97,9 @@ fn encoder(g: &mut GraphBuilder, w: &ModelWeights, image: ValueId, prefix: &str)
         if let Some(level) = FEATURE_BLOCKS.iter().position(|&f| f == i) {
             feats[level + 1] = x;
         }
+        if i == LAST_FULL_PRECISION_BLOCK {
+            g.set_full_precision(false);
+        }
     }
     feats
 }
@@ -101,7 +113,9 @@ fn projection(
 ) -> ValueId {
     let id = w.conv_id(&align_proj_name(level));
     let cout = ALIGN_CHANNELS[level] / 2;
-    g.conv(
+    // The alignment's logits are products of projections: kept in float32.
+    g.set_full_precision(true);
+    let k = g.conv(
         name,
         f,
         id,
@@ -110,7 +124,9 @@ fn projection(
         false,
         Activation::Identity,
         None,
-    )
+    );
+    g.set_full_precision(false);
+    k
 }
 
 /// Prompt half: encoder on the prompt image and the key projections of f5, f4, f3. With
@@ -168,7 +184,10 @@ pub fn build_query_graph(w: &ModelWeights, size: usize, keep_taps: bool) -> Grap
         let fq = feats[4 - level];
         let q = projection(&mut g, w, &format!("q{}", 5 - level), level, fq);
         let (fp, kp) = (prompt[2 * level], prompt[2 * level + 1]);
+        // Logits, softmax and the weighted sum: float32 (the ill-conditioned step).
+        g.set_full_precision(true);
         fused[level] = g.align(&format!("fused{}", 5 - level), fq, q, kp, fp);
+        g.set_full_precision(false);
     }
     let skips = [
         Some(fused[1]),

@@ -4,13 +4,14 @@ use super::*;
 use crate::gpu::device::shader_source;
 use crate::graph::Precision;
 
-const FAMILIES: [Family; 6] = [
+const FAMILIES: [Family; 7] = [
     Family::Conv,
     Family::Depthwise,
     Family::SqueezeExcite,
     Family::Scse,
     Family::Align,
     Family::Head,
+    Family::Cast,
 ];
 
 fn parse(family: Family, precision: Precision) -> naga::Module {
@@ -126,6 +127,8 @@ fn uniform_structs_and_overrides_match_the_wgsl_files() {
         (Family::Scse, check::<ScseApplyParams>()),
         (Family::Align, check::<AlignParams>()),
         (Family::Head, check::<HeadParams>()),
+        (Family::Cast, check::<ToStoreParams>()),
+        (Family::Cast, check::<ToF32Params>()),
     ];
     // Every override a file declares is set by some kernel of its family.
     for family in FAMILIES {
