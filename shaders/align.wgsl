@@ -1,12 +1,14 @@
 // Soft feature alignment, one fused kernel per level (flash-attention style):
 //   y[i, 0..cin]      = fq[i, :]
 //   y[i, cin..2 cin]  = sum_j softmax_j(q[i, :] . k[j, :]) * fp[j, :]      (no 1/sqrt(d))
-// One workgroup per query position i walks the prompt positions j in tiles of 64: each
-// invocation computes one logit, the tile's max and sum come from workgroup reductions,
-// the running max/sum rescale the accumulators (online softmax: every exponent is
-// logit - running max <= 0, so logits in the thousands are safe), and each invocation
-// accumulates up to 8 output channels. Nothing n x n is ever stored. The weighted sum is
-// two-level (per tile, then into the running total), as accurate as a blocked GEMM.
+// One workgroup per ROWS query positions walks the prompt positions j in tiles of 64: each
+// invocation computes one key's logits for all ROWS queries (the key row is read once for
+// them), the tile's max and sum come from workgroup reductions, the running max/sum rescale
+// the accumulators (online softmax: every exponent is logit - running max <= 0, so logits in
+// the thousands are safe), and each invocation accumulates up to 8 output channels of all
+// ROWS queries (each prompt feature read once for them). Nothing n x n is ever stored. The
+// weighted sum is two-level (per tile, then into the running total), as accurate as a
+// blocked GEMM. The ROWS queries of a workgroup are the lanes of a vec4.
 
 struct Params {
     n: u32,
@@ -23,14 +25,17 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> y: array<store>;
 
 const WG: u32 = 64u;
+// Query positions per workgroup, 1 to 4 (src/gpu/lower.rs: align_rows).
+override ROWS: u32 = 4u;
 // Rust checks hidden <= 256 and cin <= 8 * 64 before dispatching.
 const CHANNELS_PER_INVOCATION: u32 = 8u;
 
-var<workgroup> qrow: array<f32, 256>;
-var<workgroup> probs: array<f32, 64>;
-var<workgroup> red: array<f32, 64>;
+// qrows[h]: lane r is query row r's h-th projection (0 for rows past n).
+var<workgroup> qrows: array<vec4<f32>, 256>;
+var<workgroup> probs: array<vec4<f32>, 64>;
+var<workgroup> red: array<vec4<f32>, 64>;
 
-fn reduce_max(v: f32, li: u32) -> f32 {
+fn reduce_max(v: vec4<f32>, li: u32) -> vec4<f32> {
     red[li] = v;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s /= 2u) {
@@ -44,7 +49,7 @@ fn reduce_max(v: f32, li: u32) -> f32 {
     return r;
 }
 
-fn reduce_sum(v: f32, li: u32) -> f32 {
+fn reduce_sum(v: vec4<f32>, li: u32) -> vec4<f32> {
     red[li] = v;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s /= 2u) {
@@ -58,20 +63,14 @@ fn reduce_sum(v: f32, li: u32) -> f32 {
     return r;
 }
 
-fn logit(j: u32) -> f32 {
+// Key j's logits against the workgroup's ROWS queries.
+fn logits(j: u32) -> vec4<f32> {
     let base = j * params.hidden;
     var s = vec4<f32>(0.0);
-    var h = 0u;
-    for (; h + 4u <= params.hidden; h += 4u) {
-        let qv = vec4<f32>(qrow[h], qrow[h + 1u], qrow[h + 2u], qrow[h + 3u]);
-        let kv = vec4<f32>(f32(k[base + h]), f32(k[base + h + 1u]), f32(k[base + h + 2u]), f32(k[base + h + 3u]));
-        s = fma(qv, kv, s);
+    for (var h = 0u; h < params.hidden; h++) {
+        s = fma(qrows[h], vec4<f32>(f32(k[base + h])), s);
     }
-    var tail = 0.0;
-    for (; h < params.hidden; h++) {
-        tail = fma(qrow[h], f32(k[base + h]), tail);
-    }
-    return (s.x + s.y) + (s.z + s.w) + tail;
+    return s;
 }
 
 @compute @workgroup_size(64, 1, 1)
@@ -80,31 +79,38 @@ fn soft_align(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
-    let i = folded_index(wid, groups);
-    if i >= params.n {
+    let i0 = folded_index(wid, groups) * ROWS;
+    if i0 >= params.n {
         return;
     }
     let n = params.n;
     let cin = params.cin;
+    let rows = min(ROWS, n - i0);
     for (var h = li; h < params.hidden; h += WG) {
-        qrow[h] = f32(q[i * params.hidden + h]);
+        var v = vec4<f32>(0.0);
+        for (var r = 0u; r < rows; r++) {
+            v[r] = f32(q[(i0 + r) * params.hidden + h]);
+        }
+        qrows[h] = v;
     }
-    for (var c = li; c < cin; c += WG) {
-        y[i * 2u * cin + c] = fq[i * cin + c];
+    for (var r = 0u; r < rows; r++) {
+        for (var c = li; c < cin; c += WG) {
+            y[(i0 + r) * 2u * cin + c] = fq[(i0 + r) * cin + c];
+        }
     }
     workgroupBarrier();
 
-    var m = -3.0e38;
-    var l = 0.0;
-    var acc: array<f32, 8>;
+    var m = vec4<f32>(-3.0e38);
+    var l = vec4<f32>(0.0);
+    var acc: array<vec4<f32>, 8>;
     for (var t0 = 0u; t0 < n; t0 += WG) {
         let j = t0 + li;
-        var z = -3.0e38;
+        var z = vec4<f32>(-3.0e38);
         if j < n {
-            z = logit(j);
+            z = logits(j);
         }
         let m_new = max(m, reduce_max(z, li));
-        var p = 0.0;
+        var p = vec4<f32>(0.0);
         if j < n {
             p = exp(z - m_new);
         }
@@ -116,9 +122,9 @@ fn soft_align(
         for (var r = 0u; r < CHANNELS_PER_INVOCATION; r++) {
             let c = li + r * WG;
             if c < cin {
-                var s = 0.0;
+                var s = vec4<f32>(0.0);
                 for (var jj = 0u; jj < keys; jj++) {
-                    s = fma(probs[jj], f32(fp[(t0 + jj) * cin + c]), s);
+                    s = fma(probs[jj], vec4<f32>(f32(fp[(t0 + jj) * cin + c])), s);
                 }
                 acc[r] = acc[r] * scale + s;
             }
@@ -128,7 +134,10 @@ fn soft_align(
     for (var r = 0u; r < CHANNELS_PER_INVOCATION; r++) {
         let c = li + r * WG;
         if c < cin {
-            y[i * 2u * cin + cin + c] = store(acc[r] / l);
+            let out = acc[r] / l;
+            for (var row = 0u; row < rows; row++) {
+                y[(i0 + row) * 2u * cin + cin + c] = store(out[row]);
+            }
         }
     }
 }

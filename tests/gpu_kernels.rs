@@ -245,6 +245,31 @@ proptest! {
     }
 }
 
+/// The alignment with 2 and 4 query positions per workgroup (chosen from n: 561 and 1073
+/// positions), the last workgroup with fewer rows than the rest, sharp and smooth.
+#[test]
+fn align_with_several_rows_per_workgroup_matches_cpu() {
+    for (h, w, cin, hidden, scale) in [(33, 17, 57, 20, 30.0), (37, 29, 24, 13, 1.0)] {
+        let n: usize = h * w;
+        let mut g = GraphBuilder::new();
+        let fq = g.input("fq", Shape::new(h, w, cin));
+        let q = g.input("q", Shape::new(h, w, hidden));
+        let k = g.input("k", Shape::new(h, w, hidden));
+        let fp = g.input("fp", Shape::new(h, w, cin));
+        let y = g.align("y", fq, q, k, fp);
+        g.output(y);
+        let inputs = vec![
+            values(1, n * cin, 1.0),
+            values(2, n * hidden, scale),
+            values(3, n * hidden, scale),
+            values(4, n * cin, 1.0),
+        ];
+        let tol = if scale > 1.0 { 2e-3 } else { 2e-5 };
+        let test = "align_with_several_rows_per_workgroup_matches_cpu";
+        compare(test, &WeightTables::default(), &g.finish(), &inputs, tol);
+    }
+}
+
 /// `segment_batch` (one submission for several queries on the GPU) gives each query the map
 /// `segment` gives it, bit for bit, on both backends; queries differ so a mix-up would show.
 #[test]

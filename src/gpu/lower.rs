@@ -8,9 +8,9 @@ use std::collections::HashMap;
 
 use super::device::PipelineKey;
 use super::params::{
-    AlignParams, ChannelSumParams, ConvOverrides, ConvParams, DepthwiseOverrides, DepthwiseParams,
-    ExciteGateParams, ExciteHiddenParams, ExciteOverrides, HeadParams, InputMode, Kernel,
-    Overrides as _, ReduceOverrides, ReduceParams, ScseApplyParams, SpatialGateOverrides,
+    AlignOverrides, AlignParams, ChannelSumParams, ConvOverrides, ConvParams, DepthwiseOverrides,
+    DepthwiseParams, ExciteGateParams, ExciteHiddenParams, ExciteOverrides, HeadParams, InputMode,
+    Kernel, Overrides as _, ReduceOverrides, ReduceParams, ScseApplyParams, SpatialGateOverrides,
     SpatialGateParams, ToF32Params, ToStoreParams, UNIFORM_BYTES,
 };
 use super::weights::WeightTable;
@@ -101,6 +101,15 @@ const CONV_TILE: usize = 64;
 /// The kernels' fixed capacities (see the WGSL files).
 pub const MAX_ALIGN_HIDDEN: usize = 256;
 pub const MAX_ALIGN_CHANNELS: usize = 512;
+/// Query positions per alignment workgroup (ROWS in align.wgsl, at most 4): each key and
+/// prompt feature read then serves that many queries. As many as keep `MIN_WORKGROUPS`
+/// workgroups (one where even that is too few: the small levels need the parallelism more).
+pub fn align_rows(n: usize) -> usize {
+    [4, 2]
+        .into_iter()
+        .find(|&r| n.div_ceil(r) >= MIN_WORKGROUPS)
+        .unwrap_or(1)
+}
 
 struct Lowering<'a> {
     graph: &'a Graph,
@@ -733,7 +742,10 @@ impl Lowering<'_> {
             (4, Buf::Value(fp)),
             (5, Buf::Value(y)),
         ];
-        let step = Step::new(name, params, (), bindings, fold(n), flops);
+        let rows = align_rows(n);
+        let workgroups = fold(n.div_ceil(rows));
+        let overrides = AlignOverrides { rows: rows as u32 };
+        let step = Step::new(name, params, overrides, bindings, workgroups, flops);
         self.push(step);
     }
 }
@@ -749,6 +761,11 @@ mod tests {
         assert!(16 * splits >= MIN_WORKGROUPS, "{splits}");
         assert!(splits * chunk >= 9 * 1216 && (splits - 1) * chunk < 9 * 1216);
         assert_eq!(chunk % CONV_KT, 0);
+        // Alignment rows per workgroup: 4 or 2 only while two waves remain.
+        assert_eq!(align_rows(64), 1);
+        assert_eq!(align_rows(561), 2);
+        assert_eq!(align_rows(1073), 4);
+        assert!((1..5000).all(|n| align_rows(n) == 1 || n.div_ceil(align_rows(n)) >= 264));
         // Enough tiles already, or too short a reduction: no split.
         assert_eq!(split_k(300, 10_000), (1, 10_000));
         assert_eq!(split_k(4, 100), (1, 100));

@@ -253,6 +253,13 @@ overrides! {
 }
 
 overrides! {
+    /// Query positions per alignment workgroup (1 to 4).
+    AlignOverrides {
+        ROWS => rows: u32,
+    }
+}
+
+overrides! {
     /// Plain or upsample + concat read in place.
     SpatialGateOverrides {
         INPUT_MODE => input_mode: InputMode,
@@ -364,7 +371,7 @@ kernel_params! {
 
 kernel_params! {
     /// The fused alignment over `n` query positions.
-    AlignParams: Align::soft_align, Params at binding 0, overrides (),
+    AlignParams: Align::soft_align, Params at binding 0, overrides AlignOverrides,
     {
         n: u32,
         cin: u32,
