@@ -529,7 +529,7 @@ fn gpu_bench_reports_the_work_shape() {
     let (on, off) = (run("1"), run("0"));
     let shape = |v: &serde_json::Value, k: &str| v["shape"]["cached"][k].clone();
     assert_eq!(shape(&on, "submits"), 1);
-    assert_eq!(on["shape"]["full"]["submits"], 2);
+    assert_eq!(on["shape"]["full"]["submits"], 1);
     assert_eq!(
         shape(&on, "under_264_with_long_serial_loops"),
         serde_json::json!([])

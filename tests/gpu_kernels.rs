@@ -307,7 +307,7 @@ fn batched_queries_match_one_by_one() {
     }
 }
 
-/// `segment_pair` (on the CPU: both encoders at once) gives the prompt features and map that
+/// `segment_pair` (on the CPU: both encoders at once; on the GPU: one submission) gives the prompt features and map that
 /// `encode_prompt` then `segment` give, bit for bit, on both backends, also when the arenas
 /// were left dirty by other runs in between.
 #[test]
@@ -330,18 +330,30 @@ fn paired_prompt_and_query_match_separate_calls() {
         synthetic_image(11, 80, 64, Some((30, 12, 9))),
     ];
     let mut options = vec![metauas::model::EngineOptions::default()];
-    options.extend(common::gpu_options(
-        "paired_prompt_and_query_match_separate_calls",
-        Precision::F32,
-    ));
+    // On the GPU one submission hands the features over on the device; under f16 storage
+    // some are converted there (f16 features into the float32 alignment).
+    for precision in [Precision::F32, Precision::F16] {
+        options.extend(common::gpu_options(
+            "paired_prompt_and_query_match_separate_calls",
+            precision,
+        ));
+    }
     for opts in options {
         let engine = Engine::with_options(&weights, 64, opts).unwrap();
         for (p, q) in prompts.iter().zip(&queries) {
             let (features, map) = engine.segment_pair(p, q).unwrap();
+            if let Some(phases) = engine.last_query_phases() {
+                assert_eq!(phases.submits, 1, "segment_pair on the GPU");
+            }
             let expected_features = engine.encode_prompt(p).unwrap();
             let expected_map = engine.segment(&expected_features, q).unwrap();
             assert_eq!(features.tensors, expected_features.tensors);
-            assert_eq!(map.data, expected_map.data, "{}", engine.backend_kind());
+            assert_eq!(
+                map.data,
+                expected_map.data,
+                "{}",
+                engine.backend_description()
+            );
             // The returned features are a usable prompt.
             assert_eq!(engine.segment(&features, q).unwrap().data, map.data);
         }

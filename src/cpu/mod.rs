@@ -97,6 +97,10 @@ pub struct CpuGraph {
 }
 
 impl CompiledGraph for CpuGraph {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn run(&self, inputs: &[&[f32]], times: Option<&mut NodeTimes>) -> Result<Outputs> {
         let g = &self.graph;
         assert_eq!(inputs.len(), g.inputs.len(), "input count");

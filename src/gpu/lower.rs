@@ -227,6 +227,23 @@ pub fn split_k(tiles: usize, k_terms: usize) -> (usize, usize) {
     (k_terms.div_ceil(chunk), chunk)
 }
 
+/// A conversion of `elems` values from `src` into `dst`, whose storage type is `to` (the
+/// other one's is the other precision).
+pub fn cast_step(name: &str, to: Precision, elems: usize, src: Buf, dst: Buf) -> Step {
+    let workgroups = fold(elems.div_ceil(256));
+    let elems = elems as u32;
+    // Each entry point binds only the buffers it uses (auto layouts).
+    let step = if to == Precision::F32 {
+        let bindings = vec![(3, src), (4, dst)];
+        Step::new(name, ToF32Params { elems }, (), bindings, workgroups, 0.0)
+    } else {
+        let bindings = vec![(1, src), (2, dst)];
+        Step::new(name, ToStoreParams { elems }, (), bindings, workgroups, 0.0)
+    };
+    // The conversions are compiled with `store` = the narrow type.
+    step.with_store(Precision::F16)
+}
+
 impl Step {
     /// A dispatch of kernel `K`: its pipeline, uniform binding and parameters all follow
     /// from the typed parameters.
@@ -287,25 +304,8 @@ impl Lowering<'_> {
         let elems = self.values[v].elems;
         let name = format!("{}.as_{}", self.values[v].name, to.name());
         let c = self.new_value(name.clone(), elems, to == Precision::F32);
-        let workgroups = fold(elems.div_ceil(256));
-        let elems = elems as u32;
-        let step = if to == Precision::F32 {
-            // Each entry point binds only the buffers it uses (auto layouts).
-            let bindings = vec![(3, Buf::Value(v)), (4, Buf::Value(c))];
-            Step::new(&name, ToF32Params { elems }, (), bindings, workgroups, 0.0)
-        } else {
-            let bindings = vec![(1, Buf::Value(v)), (2, Buf::Value(c))];
-            Step::new(
-                &name,
-                ToStoreParams { elems },
-                (),
-                bindings,
-                workgroups,
-                0.0,
-            )
-        };
-        // The conversions are compiled with `store` = the narrow type.
-        self.steps.push(step.with_store(Precision::F16));
+        let step = cast_step(&name, to, elems, Buf::Value(v), Buf::Value(c));
+        self.steps.push(step);
         self.casts.insert((v, to), c);
         c
     }

@@ -104,6 +104,28 @@ impl CompiledGraph for GpuGraph {
         true
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    /// One submission: the producer's forward, its outputs copied (or converted) into this
+    /// program's input buffers on the device, this forward, one readback of both.
+    fn run_after(
+        &self,
+        producer: &dyn CompiledGraph,
+        producer_inputs: &[&[f32]],
+        early: &[&[f32]],
+    ) -> Option<Result<(Outputs, Outputs)>> {
+        let producer = producer.as_any().downcast_ref::<GpuGraph>()?;
+        if !Arc::ptr_eq(&producer.device, &self.device) || std::ptr::eq(producer, self) {
+            return None;
+        }
+        // Lock order: producer, then consumer (the engine chains prompt -> query only).
+        let first = lock(&producer.program);
+        let mut second = lock(&self.program);
+        Some(second.run_after(&self.device.ctx, &first, producer_inputs, early))
+    }
+
     /// Several runs in one submit (see `GpuProgram::run_many`).
     fn run_batch(&self, runs: &[Vec<&[f32]>]) -> Result<Vec<Outputs>> {
         lock(&self.program).run_many(&self.device.ctx, runs)

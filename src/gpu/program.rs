@@ -4,12 +4,14 @@
 use std::sync::Arc;
 
 use super::device::GpuContext;
-use super::lower::{lower, Buf, Lowered};
+use super::lower::{cast_step, lower, Buf, Lowered};
 use super::weights::{f16_bytes, WeightTable};
 use crate::error::{Error, Result};
 use std::time::Instant;
 
-use crate::graph::{assign_slots, DispatchInfo, Graph, Lifetime, Liveness, Precision, RunPhases};
+use crate::graph::{
+    assign_slots, DispatchInfo, Graph, Lifetime, Liveness, Outputs, Precision, RunPhases,
+};
 
 /// Uniform blocks are placed at this stride (WebGPU's maximum offset alignment).
 const UNIFORM_STRIDE: u64 = 256;
@@ -197,6 +199,144 @@ impl GpuProgram {
             submits: 1,
         };
         Ok(outputs)
+    }
+
+    /// `producer`'s forward on `producer_inputs`, then this one's on `early` followed by the
+    /// producer's outputs, in one submission: the outputs are copied into this program's
+    /// input buffers on the device (converted where the two store them in different types,
+    /// as the readback and upload would), and both programs' outputs read back once.
+    pub fn run_after(
+        &mut self,
+        ctx: &GpuContext,
+        producer: &GpuProgram,
+        producer_inputs: &[&[f32]],
+        early: &[&[f32]],
+    ) -> Result<(Outputs, Outputs)> {
+        let inputs = &self.lowered.inputs;
+        let handed = inputs.len().checked_sub(early.len());
+        let handed = handed.filter(|&h| h <= producer.lowered.outputs.len());
+        let Some(handed) = handed else {
+            return Err(Error::new("GPU program: chained inputs do not add up"));
+        };
+        let t0 = Instant::now();
+        producer.upload_inputs(ctx, producer_inputs)?;
+        for (&v, data) in inputs.iter().zip(early) {
+            if data.len() != self.lowered.values[v].elems {
+                return Err(Error::new(format!(
+                    "GPU program: input {} has {} values, expected {}",
+                    self.lowered.values[v].name,
+                    data.len(),
+                    self.lowered.values[v].elems
+                )));
+            }
+            let bytes = self.to_store_bytes(v, data);
+            ctx.queue
+                .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
+        }
+        let t1 = Instant::now();
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        producer.record(&mut encoder, None);
+        let pairs = producer.lowered.outputs[..handed]
+            .iter()
+            .zip(&inputs[early.len()..]);
+        // Bind groups of the conversions live until the pass is recorded.
+        let mut casts = Vec::new();
+        for (&from, &to) in pairs {
+            let (a, b) = (&producer.lowered.values[from], &self.lowered.values[to]);
+            if a.elems != b.elems {
+                return Err(Error::new(format!(
+                    "GPU program: {} ({} values) cannot feed {} ({})",
+                    a.name, a.elems, b.name, b.elems
+                )));
+            }
+            let src = &producer.slots[producer.value_slot[from]];
+            let dst = &self.slots[self.value_slot[to]];
+            if a.store(self.precision) == b.store(self.precision) {
+                let size = self.value_bytes(to).next_multiple_of(4);
+                encoder.copy_buffer_to_buffer(src, 0, dst, 0, size);
+            } else {
+                casts.push(self.handover_cast(ctx, b.store(self.precision), a.elems, src, dst));
+            }
+        }
+        if !casts.is_empty() {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("handover"),
+                timestamp_writes: None,
+            });
+            for (pipeline, group, [x, y, z], _uniform) in &casts {
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(*x, *y, *z);
+            }
+        }
+        self.record(&mut encoder, None);
+        let commands = encoder.finish();
+        let t2 = Instant::now();
+        ctx.queue.submit([commands]);
+        ctx.wait()?;
+        let t3 = Instant::now();
+        let first = producer.read_outputs(ctx)?;
+        let second = self.read_outputs(ctx)?;
+        let t4 = Instant::now();
+        self.last_phases = RunPhases {
+            upload_s: (t1 - t0).as_secs_f64(),
+            record_s: (t2 - t1).as_secs_f64(),
+            submit_to_done_s: (t3 - t2).as_secs_f64(),
+            readback_s: (t4 - t3).as_secs_f64(),
+            submits: 1,
+        };
+        Ok((first, second))
+    }
+
+    /// A conversion dispatch from `src` to `dst` (`to`: the type of `dst`), with its own
+    /// uniform buffer: pipeline, bind group, workgroups.
+    fn handover_cast(
+        &self,
+        ctx: &GpuContext,
+        to: Precision,
+        elems: usize,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+    ) -> (
+        Arc<wgpu::ComputePipeline>,
+        wgpu::BindGroup,
+        [u32; 3],
+        wgpu::Buffer,
+    ) {
+        // Placeholders: the bindings are resolved here, not through the lowering's values.
+        let step = cast_step("handover", to, elems, Buf::Unused, Buf::UnusedWritable);
+        let pipeline = ctx.pipeline(&step.key);
+        let uniform = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("handover params"),
+            size: 64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.queue
+            .write_buffer(&uniform, 0, bytemuck::cast_slice(&step.params));
+        let (s, d) = (step.bindings[0].0, step.bindings[1].0);
+        let entries = [
+            wgpu::BindGroupEntry {
+                binding: step.uniform_binding,
+                resource: uniform.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: s,
+                resource: src.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: d,
+                resource: dst.as_entire_binding(),
+            },
+        ];
+        let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("handover"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        (pipeline, group, step.workgroups, uniform)
     }
 
     /// Records every step (one compute pass; with `timestamps`, one pass per step so that

@@ -91,6 +91,24 @@ pub trait CompiledGraph: Send + Sync {
         Ok((rest, outputs))
     }
 
+    /// Runs `producer` on `producer_inputs`, then this graph on `early` followed by the
+    /// producer's outputs, as one piece of work where the backend can (the GPU: one
+    /// submission, the producer's outputs handed over on the device). Returns the producer's
+    /// outputs and this graph's, as `producer.run` then `run` would, bit for bit; None where
+    /// the backend has nothing better than the two runs (the caller then makes them).
+    fn run_after(
+        &self,
+        producer: &dyn CompiledGraph,
+        producer_inputs: &[&[f32]],
+        early: &[&[f32]],
+    ) -> Option<Result<(Outputs, Outputs)>> {
+        let _ = (producer, producer_inputs, early);
+        None
+    }
+
+    /// For `run_after`: a backend recognizes its own compiled graphs.
+    fn as_any(&self) -> &dyn std::any::Any;
+
     /// One run with a timestamp around every dispatch.
     fn profile(&self, inputs: &[&[f32]]) -> Result<Vec<DispatchTime>> {
         let _ = inputs;

@@ -339,9 +339,10 @@ impl Engine {
     }
 
     /// Encodes a prompt and segments one query against it: what `encode_prompt` then
-    /// `segment` give, bit for bit, in less time on the CPU backend, where the two encoders
-    /// run at the same time (each on about one core: the small late layers of a single
-    /// encoder leave the second core partly idle).
+    /// `segment` give, bit for bit, in less time: on the CPU backend the two encoders run at
+    /// the same time (each on about one core: the small late layers of a single encoder leave
+    /// the second core partly idle); on the GPU both halves are one submission, the prompt's
+    /// features handed to the query half on the device.
     pub fn segment_pair(
         &self,
         prompt: &RgbImage8,
@@ -349,10 +350,18 @@ impl Engine {
     ) -> Result<(PromptFeatures, AnomalyMap)> {
         let prompt_input = preprocess(prompt, self.size);
         let query_input = preprocess(query, self.size);
+        // The GPU: one submission, the prompt's features never leave the device.
+        let chained = self
+            .query
+            .run_after(&*self.prompt, &[&prompt_input], &[&query_input]);
         let encode = || self.prompt.run(&[&prompt_input], None);
-        let (tensors, mut outputs) =
-            self.query
-                .run_overlapped(&[&query_input], self.query_encoder_nodes, &encode)?;
+        let (tensors, mut outputs) = match chained {
+            Some(result) => result?,
+            None => {
+                self.query
+                    .run_overlapped(&[&query_input], self.query_encoder_nodes, &encode)?
+            }
+        };
         let features = PromptFeatures {
             size: self.size,
             tensors,
