@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The NVIDIA measurement kit (issue 21): one command on a machine with no Rust and no network.
 # Everything it runs travels with the working tree: the stripped release binary
-# (target/gpu-kit/metauas), the Vulkan loader (.gl/*.deb, see /work/.library/device/README.md)
-# and efficientnet-pytorch (.whl/, for PyTorch's side). Prepare here:
+# (target/gpu-kit/metauas), the conformance test binary (target/gpu-kit/conformance: the GPU
+# cases against the float64 truth of tests/fixtures, f32 and f16), the Vulkan loader
+# (.gl/*.deb, see /work/.library/device/README.md) and efficientnet-pytorch (.whl/, for
+# PyTorch's side). Prepare here:
 #   cargo build --release && mkdir -p target/gpu-kit && strip -o target/gpu-kit/metauas target/release/metauas
+#   strip -o target/gpu-kit/conformance "$(cargo test --release --no-run --test conformance 2>&1 | grep -o 'target/release/deps/conformance-[0-9a-f]*')"
 #   python3 -m pip download --no-deps efficientnet-pytorch==0.6.3 -d .whl
 # Then, on the device: tools/gpu_bench.sh OUT_DIR   (about 6 minutes)
 # It prints `gpu-info`, then per size (256, 512), precision (f32, f16) and batch (1, 16) the
@@ -28,30 +31,39 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/* && export PYTHONPATH=/tmp/site
 fi
 : >"$out/metauas.jsonl"
-for size in 256 512; do
+for size in ${SIZES:-256 512}; do
     for precision in f32 f16; do
-        for batch in 1 16; do
+        for batch in ${BATCHES:-1 16}; do
             timeout 120 "$bin" bench --backend gpu --size "$size" --precision "$precision" --batch "$batch" \
-                --iters 30 --json 2>>"$out/stderr.log" | tee -a "$out/metauas.jsonl"
+                --iters "${ITERS:-30}" --json 2>>"$out/stderr.log" | tee -a "$out/metauas.jsonl"
         done
     done
-    timeout 60 "$bin" bench --backend gpu --size "$size" --iters 5 --profile >"$out/profile_$size.txt" 2>&1
+    timeout 60 "$bin" bench --backend gpu --size "$size" --iters "${PROFILE_ITERS:-5}" --profile >"$out/profile_$size.txt" 2>&1
 done
-# Conformance on this GPU: the CPU backend (proven against PyTorch) is the reference.
+# Conformance on this GPU against the float64 truth: every fixture, f32 and f16 (the test
+# binary prints each tap's max / p99.9 error; METAUAS_REQUIRE_GPU=1: fail, never skip).
+if [ -x target/gpu-kit/conformance ]; then
+    METAUAS_REQUIRE_GPU=1 METAUAS_FIXTURES="$PWD/tests/fixtures" timeout 120 \
+        target/gpu-kit/conformance gpu_ --nocapture --test-threads 1 >"$out/conformance-truth.txt" 2>&1
+    grep -E '^test |errors vs|  map ' "$out/conformance-truth.txt"
+fi
+# And the GPU's bundle against the CPU backend's (proven against PyTorch) on a JPEG pair.
 w="$out/w.safetensors"
 "$bin" synth-weights --out "$w" --seed 3 2>/dev/null
 img=tests/fixtures/images
+segment() {
+    "$bin" segment --weights "$w" --backend "$1" --precision "$2" --size 512 --no-images \
+        --prompt "$img/pil_420_333x217.jpg" --query "$img/pil_frame_1024x768.jpg" \
+        --taps "$out/taps-$1-$2" --out "$out/maps-$1-$2" >/dev/null 2>>"$out/stderr.log"
+}
+segment cpu f32
 for precision in f32 f16; do
-    for backend in cpu gpu; do
-        "$bin" segment --weights "$w" --backend "$backend" --precision "$precision" --size 512 --no-images \
-            --prompt "$img/pil_420_333x217.jpg" --query "$img/pil_frame_1024x768.jpg" \
-            --taps "$out/taps-$backend-$precision" --out "$out/maps-$backend-$precision" >/dev/null 2>>"$out/stderr.log"
-    done
+    segment gpu "$precision"
     "$bin" compare "$out/taps-gpu-$precision/pil_frame_1024x768" "$out/taps-cpu-f32/pil_frame_1024x768" \
         --metric abs --tol 1 --json >"$out/conformance-$precision.json" 2>>"$out/stderr.log"
 done
 rm -rf "$out"/taps-* "$out"/maps-* "$w"
-timeout 240 python3 tools/torch_gpu_bench.py --iters 30 | tee "$out/pytorch.jsonl"
+timeout 240 python3 tools/torch_gpu_bench.py --iters "${ITERS:-30}" | tee "$out/pytorch.jsonl"
 python3 - "$out" <<'PY'
 import json, sys, os
 out = sys.argv[1]

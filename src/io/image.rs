@@ -394,6 +394,18 @@ fn resize_with(
     }
 }
 
+/// `v / 255.0` in float64 for every byte, computed once (the same values, without a
+/// division per tap: four per output value).
+const UNIT_SAMPLES: [f64; 256] = {
+    let mut table = [0.0; 256];
+    let mut v = 0;
+    while v < 256 {
+        table[v] = v as f64 / 255.0;
+        v += 1;
+    }
+    table
+};
+
 /// MetaUAS pre-processing: x/255, bilinear resize to `size x size` with align_corners=True
 /// (no antialias), then ImageNet normalization. All arithmetic in float64, rounded once to
 /// float32. Output NHWC (`size * size * 3`).
@@ -405,7 +417,7 @@ pub fn preprocess(img: &RgbImage8, size: usize) -> Vec<f32> {
     resize_with(
         img,
         size,
-        |v| f64::from(v) / 255.0,
+        |v| UNIT_SAMPLES[usize::from(v)],
         |c, v| out.push(((v - MEAN[c]) / STD[c]) as f32),
     );
     out

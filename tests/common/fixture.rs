@@ -8,6 +8,14 @@ use metauas::synth::{synthetic_image, WeightRecipe};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
+/// `tests/fixtures` of this checkout, or `$METAUAS_FIXTURES` (the GPU kit runs the test
+/// binary on a machine where the build's path does not exist).
+pub fn fixtures_dir() -> PathBuf {
+    std::env::var_os("METAUAS_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+}
+
 pub struct Fixture {
     pub meta: std::collections::HashMap<String, String>,
     pub bytes: Vec<u8>,
@@ -15,9 +23,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn load(name: &str) -> Fixture {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/conformance")
-            .join(name);
+        let path = fixtures_dir().join("conformance").join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let (_, meta) = SafeTensors::read_metadata(&bytes).expect("fixture header");
         let meta = meta.metadata().clone().expect("fixture metadata");
@@ -75,9 +81,7 @@ impl Fixture {
 /// image from its recipe.
 pub fn image_from_meta(v: &Value) -> metauas::io::image::RgbImage8 {
     if let Some(file) = v["file"].as_str() {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/images")
-            .join(file);
+        let path = fixtures_dir().join("images").join(file);
         return decode_image_file(&path).unwrap_or_else(|e| panic!("{e}"));
     }
     let u = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("image.{k}")) as usize;
