@@ -10,11 +10,13 @@
 // weighted sum is two-level (per tile, then into the running total), as accurate as a
 // blocked GEMM. The ROWS queries of a workgroup are the lanes of a vec4.
 
+// Batch: workgroup z is the image; fq, q and y hold one block per image, k and fp too
+// unless `shared_keys` (one prompt for the whole batch).
 struct Params {
     n: u32,
     cin: u32,
     hidden: u32,
-    _pad0: u32,
+    shared_keys: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -63,9 +65,12 @@ fn reduce_sum(v: vec4<f32>, li: u32) -> vec4<f32> {
     return r;
 }
 
+var<private> k_base: u32;
+var<private> fp_base: u32;
+
 // Key j's logits against the workgroup's ROWS queries.
 fn logits(j: u32) -> vec4<f32> {
-    let base = j * params.hidden;
+    let base = k_base + j * params.hidden;
     var s = vec4<f32>(0.0);
     for (var h = 0u; h < params.hidden; h++) {
         s = fma(qrows[h], vec4<f32>(f32(k[base + h])), s);
@@ -85,17 +90,23 @@ fn soft_align(
     }
     let n = params.n;
     let cin = params.cin;
+    let image = wid.z;
+    let own = image * (1u - min(params.shared_keys, 1u));
+    k_base = own * n * params.hidden;
+    fp_base = own * n * cin;
+    // This image's query rows, as rows of the batch.
+    let r0 = image * n + i0;
     let rows = min(ROWS, n - i0);
     for (var h = li; h < params.hidden; h += WG) {
         var v = vec4<f32>(0.0);
         for (var r = 0u; r < rows; r++) {
-            v[r] = f32(q[(i0 + r) * params.hidden + h]);
+            v[r] = f32(q[(r0 + r) * params.hidden + h]);
         }
         qrows[h] = v;
     }
     for (var r = 0u; r < rows; r++) {
         for (var c = li; c < cin; c += WG) {
-            y[(i0 + r) * 2u * cin + c] = fq[(i0 + r) * cin + c];
+            y[(r0 + r) * 2u * cin + c] = fq[(r0 + r) * cin + c];
         }
     }
     workgroupBarrier();
@@ -124,7 +135,7 @@ fn soft_align(
             if c < cin {
                 var s = vec4<f32>(0.0);
                 for (var jj = 0u; jj < keys; jj++) {
-                    s = fma(probs[jj], vec4<f32>(f32(fp[(t0 + jj) * cin + c])), s);
+                    s = fma(probs[jj], vec4<f32>(f32(fp[fp_base + (t0 + jj) * cin + c])), s);
                 }
                 acc[r] = acc[r] * scale + s;
             }
@@ -136,7 +147,7 @@ fn soft_align(
         if c < cin {
             let out = acc[r] / l;
             for (var row = 0u; row < rows; row++) {
-                y[(i0 + row) * 2u * cin + cin + c] = store(out[row]);
+                y[(r0 + row) * 2u * cin + cin + c] = store(out[row]);
             }
         }
     }

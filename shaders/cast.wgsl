@@ -1,3 +1,4 @@
+// Workgroup z: the image of a batch (`elems` values each).
 // Storage-type conversions between a full-precision (f32) region of a program and its f16
 // storage: one invocation per value. Built with `store` = f16 only (with f32 storage no
 // program has anything to convert).
@@ -23,7 +24,8 @@ fn to_store(
 ) {
     let i = folded_index(wid, groups) * 256u + li;
     if i < params.elems {
-        narrow_out[i] = store(wide_in[i]);
+        let at = wid.z * params.elems + i;
+        narrow_out[at] = store(wide_in[at]);
     }
 }
 
@@ -35,6 +37,7 @@ fn to_f32(
 ) {
     let i = folded_index(wid, groups) * 256u + li;
     if i < params.elems {
-        wide_out[i] = f32(narrow_in[i]);
+        let at = wid.z * params.elems + i;
+        wide_out[at] = f32(narrow_in[at]);
     }
 }

@@ -13,6 +13,9 @@
 // over a 10k-term reduction) is cut along k as well. Workgroup z = split * cout_tiles + tile;
 // each split sums its k_chunk terms into `partial[split]` (f32, no bias), and
 // `split_k_reduce` adds the splits in order, then bias, activation and residual.
+//
+// Batch: the images of a batch lie one after another in every buffer (the gates too);
+// workgroup z = image * z_per_image + (split * cout_tiles + tile).
 
 override KSIZE: u32 = 1u;
 override STRIDE: u32 = 1u;
@@ -39,7 +42,7 @@ struct Params {
     cout_vec4: u32,
     k_chunk: u32,
     cout_tiles: u32,
-    _pad2: u32,
+    z_per_image: u32,
     _pad3: u32,
     _pad4: u32,
 }
@@ -71,6 +74,24 @@ const FLUSH_STEPS: u32 = 16u;
 var<workgroup> xs: array<vec4<f32>, 256>;
 var<workgroup> ws: array<vec4<f32>, 256>;
 
+// Where this workgroup's image starts in each input (set once, before any load).
+var<private> x_base: u32;
+var<private> skip_base: u32;
+var<private> cgate_base: u32;
+var<private> sgate_base: u32;
+
+fn set_image(b: u32) {
+    let in_pixels = params.in_h * params.in_w;
+    if INPUT_MODE == INPUT_PLAIN || INPUT_MODE == INPUT_CHANNEL_SCALED {
+        x_base = b * in_pixels * params.cin;
+    } else {
+        x_base = b * (params.in_h / 2u) * (params.in_w / 2u) * params.ca;
+    }
+    skip_base = b * in_pixels * (params.cin - params.ca);
+    cgate_base = b * params.cin;
+    sgate_base = b * in_pixels;
+}
+
 // One element of the (virtual) input at (iy, ix, ci); zero outside the map (padding).
 fn load_input(iy: i32, ix: i32, ci: u32) -> f32 {
     if iy < 0 || ix < 0 || u32(iy) >= params.in_h || u32(ix) >= params.in_w {
@@ -78,20 +99,20 @@ fn load_input(iy: i32, ix: i32, ci: u32) -> f32 {
     }
     let pix = u32(iy) * params.in_w + u32(ix);
     if INPUT_MODE == INPUT_PLAIN {
-        return f32(x[pix * params.cin + ci]);
+        return f32(x[x_base + pix * params.cin + ci]);
     }
     if INPUT_MODE == INPUT_CHANNEL_SCALED {
-        return f32(x[pix * params.cin + ci]) * cgate[ci];
+        return f32(x[x_base + pix * params.cin + ci]) * cgate[cgate_base + ci];
     }
     var v: f32;
     if ci < params.ca {
-        v = f32(x[upsampled_source(u32(iy), u32(ix), params.in_w) * params.ca + ci]);
+        v = f32(x[x_base + upsampled_source(u32(iy), u32(ix), params.in_w) * params.ca + ci]);
     } else {
         let cs = params.cin - params.ca;
-        v = f32(skip[pix * cs + ci - params.ca]);
+        v = f32(skip[skip_base + pix * cs + ci - params.ca]);
     }
     if INPUT_MODE == INPUT_UP_CONCAT_GATED {
-        v = v * cgate[ci] + v * sgate[pix];
+        v = v * cgate[cgate_base + ci] + v * sgate[sgate_base + pix];
     }
     return v;
 }
@@ -108,12 +129,15 @@ fn conv2d_nhwc(
         return;
     }
     let p0 = tile * TILE;
-    var co_tile = wid.z;
+    let image = wid.z / params.z_per_image;
+    let z = wid.z % params.z_per_image;
+    set_image(image);
+    var co_tile = z;
     var k_begin = 0u;
     var kk = KSIZE * KSIZE * params.cin;
     if SPLIT_K {
-        co_tile = wid.z % params.cout_tiles;
-        k_begin = (wid.z / params.cout_tiles) * params.k_chunk;
+        co_tile = z % params.cout_tiles;
+        k_begin = (z / params.cout_tiles) * params.k_chunk;
         kk = min(kk, k_begin + params.k_chunk);
     }
     let co0 = co_tile * TILE;
@@ -180,6 +204,7 @@ fn conv2d_nhwc(
             steps = 0u;
         }
     }
+    let y_base = image * pixels * params.cout;
     for (var i = 0u; i < 4u; i++) {
         let p = p0 + lid.y * 4u + i;
         let sum = total[i] + part[i];
@@ -187,7 +212,8 @@ fn conv2d_nhwc(
             let co = co0 + lid.x * 4u + j;
             if SPLIT_K {
                 if p < pixels && co < params.cout {
-                    let split = wid.z / params.cout_tiles;
+                    // [image][split][pixel][channel]: splits = z_per_image / cout_tiles.
+                    let split = image * (params.z_per_image / params.cout_tiles) + z / params.cout_tiles;
                     partial[(split * pixels + p) * params.cout + co] = sum[j];
                 }
                 continue;
@@ -195,15 +221,16 @@ fn conv2d_nhwc(
             if p < pixels && co < params.cout {
                 var v = activate(sum[j] + bias[co], ACT);
                 if RESIDUAL {
-                    v += f32(residual[p * params.cout + co]);
+                    v += f32(residual[y_base + p * params.cout + co]);
                 }
-                y[p * params.cout + co] = store(v);
+                y[y_base + p * params.cout + co] = store(v);
             }
         }
     }
 }
 
 // The splits of a split-K conv summed in split order (deterministic), then its epilogue.
+// Workgroup z: the image.
 @compute @workgroup_size(64, 1, 1)
 fn split_k_reduce(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -214,13 +241,15 @@ fn split_k_reduce(
     if i >= reduce_params.elems {
         return;
     }
+    let image = wid.z;
     var sum = 0.0;
     for (var s = 0u; s < reduce_params.splits; s++) {
-        sum += partial[s * reduce_params.elems + i];
+        sum += partial[(image * reduce_params.splits + s) * reduce_params.elems + i];
     }
+    let at = image * reduce_params.elems + i;
     var v = activate(sum + bias[i % reduce_params.cout], ACT);
     if RESIDUAL {
-        v += f32(residual[i]);
+        v += f32(residual[at]);
     }
-    y[i] = store(v);
+    y[at] = store(v);
 }

@@ -46,6 +46,9 @@ fn depthwise_nhwc(
         return;
     }
     let c = params.channels;
+    // Workgroup z: the image of the batch (images one after another).
+    let x_base = wid.z * params.in_h * params.in_w * c;
+    let y_base = wid.z * params.out_h * params.out_w * c;
     let p = index / params.channel_quads;
     let c0 = (index % params.channel_quads) * 4u;
     let lanes = min(4u, c - c0);
@@ -62,7 +65,7 @@ fn depthwise_nhwc(
             if ix < 0 || u32(ix) >= params.in_w {
                 continue;
             }
-            let src = (u32(iy) * params.in_w + u32(ix)) * c + c0;
+            let src = x_base + (u32(iy) * params.in_w + u32(ix)) * c + c0;
             let tap = (ky * KSIZE + kx) * c + c0;
             for (var j = 0u; j < lanes; j++) {
                 acc[j] = fma(f32(x[src + j]), f32(w[tap + j]), acc[j]);
@@ -70,6 +73,6 @@ fn depthwise_nhwc(
         }
     }
     for (var j = 0u; j < lanes; j++) {
-        y[p * c + c0 + j] = store(activate(acc[j] + bias[c0 + j], ACT));
+        y[y_base + p * c + c0 + j] = store(activate(acc[j] + bias[c0 + j], ACT));
     }
 }

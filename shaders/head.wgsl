@@ -22,9 +22,11 @@ fn head_sigmoid(
     if p >= params.pixels {
         return;
     }
+    // Workgroup z: the image of the batch.
+    let at = wid.z * params.pixels + p;
     var s = 0.0;
     for (var c = 0u; c < params.cin; c++) {
-        s = fma(f32(x[p * params.cin + c]), w[c], s);
+        s = fma(f32(x[at * params.cin + c]), w[c], s);
     }
-    y[p] = store(sigmoid(s + params.bias));
+    y[at] = store(sigmoid(s + params.bias));
 }

@@ -50,22 +50,28 @@ fn spatial_gate(
     if p >= gp.h * gp.w {
         return;
     }
+    // Workgroup z: the image of the batch.
+    let image = wid.z;
+    let pixels = gp.h * gp.w;
     var s = 0.0;
     if INPUT_MODE == INPUT_PLAIN {
+        let base = image * pixels * gp.cin;
         for (var c = 0u; c < gp.cin; c++) {
-            s = fma(f32(x[p * gp.cin + c]), wsse[c], s);
+            s = fma(f32(x[base + p * gp.cin + c]), wsse[c], s);
         }
     } else {
         let low = upsampled_source(p / gp.w, p % gp.w, gp.w);
+        let base = image * (gp.h / 2u) * (gp.w / 2u) * gp.ca;
         for (var c = 0u; c < gp.ca; c++) {
-            s = fma(f32(x[low * gp.ca + c]), wsse[c], s);
+            s = fma(f32(x[base + low * gp.ca + c]), wsse[c], s);
         }
         let cs = gp.cin - gp.ca;
+        let skip_base = image * pixels * cs;
         for (var c = 0u; c < cs; c++) {
-            s = fma(f32(skip[p * cs + c]), wsse[gp.ca + c], s);
+            s = fma(f32(skip[skip_base + p * cs + c]), wsse[gp.ca + c], s);
         }
     }
-    sgate_out[p] = sigmoid(s + gp.bias);
+    sgate_out[image * pixels + p] = sigmoid(s + gp.bias);
 }
 
 @compute @workgroup_size(64, 1, 1)
@@ -78,6 +84,9 @@ fn apply(
     if i >= ap.pixels * ap.channels {
         return;
     }
-    let v = f32(xa[i]);
-    y[i] = store(v * cgate[i % ap.channels] + v * sgate[i / ap.channels]);
+    let image = wid.z;
+    let at = image * ap.pixels * ap.channels + i;
+    let v = f32(xa[at]);
+    let cg = cgate[image * ap.channels + i % ap.channels];
+    y[at] = store(v * cg + v * sgate[image * ap.pixels + i / ap.channels]);
 }

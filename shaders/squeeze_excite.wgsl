@@ -52,19 +52,23 @@ var<workgroup> tree: array<f32, 64>;
 @compute @workgroup_size(64, 1, 1)
 fn channel_sums(
     @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
     let c = wid.x * 64u + li;
     if c >= sum_params.channels {
         return;
     }
+    // Workgroup y: the chunk; z: the image ([image][chunk][channel] partials).
+    let x_base = wid.z * sum_params.pixels * sum_params.channels;
     let start = wid.y * sum_params.chunk;
     let end = min(start + sum_params.chunk, sum_params.pixels);
     var s = 0.0;
     for (var p = start; p < end; p++) {
-        s += f32(x[p * sum_params.channels + c]);
+        s += f32(x[x_base + p * sum_params.channels + c]);
     }
-    partial_out[wid.y * sum_params.c_total + sum_params.c_off + c] = s * sum_params.inv_count;
+    let row = wid.z * groups.y + wid.y;
+    partial_out[row * sum_params.c_total + sum_params.c_off + c] = s * sum_params.inv_count;
 }
 
 @compute @workgroup_size(64, 1, 1)
@@ -73,12 +77,13 @@ fn excite_hidden(
     @builtin(local_invocation_index) li: u32,
 ) {
     let h = wid.x;
+    let image = wid.z;
     let c_total = ex.channels;
     var s = 0.0;
     for (var c = li; c < c_total; c += 64u) {
         var m = 0.0;
         for (var k = 0u; k < ex.chunks; k++) {
-            m += partial_in[k * c_total + c];
+            m += partial_in[(image * ex.chunks + k) * c_total + c];
         }
         s = fma(w1[h * c_total + c], m, s);
     }
@@ -91,7 +96,7 @@ fn excite_hidden(
         workgroupBarrier();
     }
     if li == 0u {
-        hidden_out[h] = activate(tree[0] + b1[h], MID_ACT);
+        hidden_out[image * ex.hidden + h] = activate(tree[0] + b1[h], MID_ACT);
     }
 }
 
@@ -105,9 +110,10 @@ fn excite_gate(
     if c >= ex.channels {
         return;
     }
+    let image = wid.z;
     var s = 0.0;
     for (var h = 0u; h < ex.hidden; h++) {
-        s = fma(w2t[h * ex.channels + c], hidden_in[h], s);
+        s = fma(w2t[h * ex.channels + c], hidden_in[image * ex.hidden + h], s);
     }
-    gate[c] = sigmoid(s + b2[c]);
+    gate[image * ex.channels + c] = sigmoid(s + b2[c]);
 }

@@ -289,10 +289,13 @@ fn batched_queries_match_one_by_one() {
         .collect();
     let refs: Vec<_> = queries.iter().collect();
     let mut options = vec![metauas::model::EngineOptions::default()];
-    options.extend(common::gpu_options(
-        "batched_queries_match_one_by_one",
-        Precision::F32,
-    ));
+    // On the GPU: one forward with a batch dimension (the prompt stored once), f32 and f16.
+    for precision in [Precision::F32, Precision::F16] {
+        options.extend(common::gpu_options(
+            "batched_queries_match_one_by_one",
+            precision,
+        ));
+    }
     for opts in options {
         let engine = Engine::with_options(&weights, 64, opts).unwrap();
         let prompt = engine.encode_prompt(&prompt_image).unwrap();
@@ -300,7 +303,7 @@ fn batched_queries_match_one_by_one() {
         assert_eq!(batch.len(), queries.len());
         for (q, b) in queries.iter().zip(&batch) {
             let single = engine.segment(&prompt, q).unwrap();
-            assert_eq!(single.data, b.data, "{}", engine.backend_kind());
+            assert_eq!(single.data, b.data, "{}", engine.backend_description());
         }
         assert_ne!(batch[0].data, batch[1].data);
         assert!(engine.segment_batch(&prompt, &[]).unwrap().is_empty());

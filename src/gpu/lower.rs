@@ -36,8 +36,11 @@ pub enum Buf {
 #[derive(Clone, Debug)]
 pub struct GpuValue {
     pub name: String,
+    /// Values per image.
     pub elems: usize,
     pub always_f32: bool,
+    /// Images stored one after another: the batch, or 1 for an input every image shares.
+    pub copies: usize,
 }
 
 impl GpuValue {
@@ -123,11 +126,24 @@ struct Lowering<'a> {
     store: Precision,
     /// Values converted to the other storage type, by (value, target).
     casts: HashMap<(usize, Precision), usize>,
+    /// Images per run: every kernel takes the image from workgroup z.
+    batch: usize,
 }
 
 /// Lowers `graph` for storage precision `mode`: under f16, the graph's full-precision nodes
 /// run and store in f32, and each value crossing between the two is converted once.
-pub fn lower(graph: &Graph, weights: &WeightTable, mode: Precision) -> Lowered {
+///
+/// `batch` images per run, one after another in every value; the graph inputs marked in
+/// `shared` are stored once for all of them (a prompt's features: only the alignment may
+/// read those). Every decision (tiles, split-K, alignment rows) is the one-image one, so
+/// each image's outputs are those of a run on its own, bit for bit.
+pub fn lower(
+    graph: &Graph,
+    weights: &WeightTable,
+    mode: Precision,
+    batch: usize,
+    shared: &[bool],
+) -> Lowered {
     let mut l = Lowering {
         graph,
         weights,
@@ -137,6 +153,7 @@ pub fn lower(graph: &Graph, weights: &WeightTable, mode: Precision) -> Lowered {
         mode,
         store: mode,
         casts: HashMap::new(),
+        batch: batch.max(1),
     };
     // An input is stored as its readers want it: f32 if a full-precision node reads it.
     let inputs = graph
@@ -150,7 +167,10 @@ pub fn lower(graph: &Graph, weights: &WeightTable, mode: Precision) -> Lowered {
             l.store = if precise { Precision::F32 } else { mode };
             l.materialize(v)
         })
-        .collect();
+        .collect::<Vec<usize>>();
+    for (&id, _) in inputs.iter().zip(shared).filter(|(_, &s)| s) {
+        l.values[id].copies = 1;
+    }
     for node in &graph.nodes {
         l.store = if node.full_precision {
             Precision::F32
@@ -197,6 +217,7 @@ fn conv_params(g: &ConvGeometry, ca: usize) -> ConvParams {
         cout_vec4: g.cout.div_ceil(4) as u32,
         k_chunk: 0,
         cout_tiles: g.cout.div_ceil(CONV_TILE) as u32,
+        z_per_image: g.cout.div_ceil(CONV_TILE) as u32,
     }
 }
 
@@ -285,8 +306,10 @@ impl Lowering<'_> {
         &self.graph.values[v].name
     }
 
-    /// Adds a step of the node being lowered (in its storage type).
-    fn push(&mut self, step: Step) {
+    /// Adds a step of the node being lowered (in its storage type), for every image.
+    fn push(&mut self, mut step: Step) {
+        step.workgroups[2] *= self.batch as u32;
+        step.flops *= self.batch as f64;
         self.steps.push(step.with_store(self.store));
     }
 
@@ -304,7 +327,10 @@ impl Lowering<'_> {
         let elems = self.values[v].elems;
         let name = format!("{}.as_{}", self.values[v].name, to.name());
         let c = self.new_value(name.clone(), elems, to == Precision::F32);
-        let step = cast_step(&name, to, elems, Buf::Value(v), Buf::Value(c));
+        let copies = self.values[v].copies;
+        self.values[c].copies = copies;
+        let mut step = cast_step(&name, to, elems, Buf::Value(v), Buf::Value(c));
+        step.workgroups[2] = copies as u32;
         self.steps.push(step);
         self.casts.insert((v, to), c);
         c
@@ -332,6 +358,7 @@ impl Lowering<'_> {
             name,
             elems,
             always_f32,
+            copies: self.batch,
         });
         self.values.len() - 1
     }
@@ -345,8 +372,20 @@ impl Lowering<'_> {
         id
     }
 
-    /// A written-out value, in the storage type of the node being lowered.
+    /// A written-out value, in the storage type of the node being lowered (one per image:
+    /// see `plain_or_shared` for the alignment's keys).
     fn plain(&mut self, v: ValueId, user: &str) -> usize {
+        let p = self.plain_or_shared(v, user);
+        assert_eq!(
+            self.values[p].copies,
+            self.batch,
+            "GPU lowering: {user} reads {}, which the images of a batch share",
+            self.name(v)
+        );
+        p
+    }
+
+    fn plain_or_shared(&mut self, v: ValueId, user: &str) -> usize {
         match self.sources[&v] {
             Source::Plain(p) => self.in_store(p),
             other => panic!(
@@ -412,7 +451,12 @@ impl Lowering<'_> {
             }
             Op::Scse { input, scse } => self.scse(name, input, scse, out),
             Op::Align { fq, q, k, fp } => {
-                let ids = [fq, q, k, fp].map(|v| self.plain(v, name));
+                let ids = [
+                    self.plain(fq, name),
+                    self.plain(q, name),
+                    self.plain_or_shared(k, name),
+                    self.plain_or_shared(fp, name),
+                ];
                 let y = self.materialize(out);
                 let sf = self.graph.values[fq].shape;
                 let hidden = self.graph.values[q].shape.c;
@@ -477,6 +521,7 @@ impl Lowering<'_> {
         let partial = (splits > 1)
             .then(|| self.new_value(format!("{name}.split_k"), splits * pixels * g.cout, true));
         params.k_chunk = chunk as u32;
+        params.z_per_image = (cout_tiles * splits) as u32;
         let mut workgroups = fold(params.pixel_tiles as usize);
         workgroups[2] = (cout_tiles * splits) as u32;
         let overrides = ConvOverrides {
@@ -730,10 +775,16 @@ impl Lowering<'_> {
             hidden <= MAX_ALIGN_HIDDEN && cin <= MAX_ALIGN_CHANNELS,
             "{name}: alignment sizes beyond the kernel's capacity"
         );
+        let shared = [k, fp].map(|v| self.values[v].copies == 1 && self.batch > 1);
+        assert_eq!(
+            shared[0], shared[1],
+            "{name}: keys and features shared alike"
+        );
         let params = AlignParams {
             n: n as u32,
             cin: cin as u32,
             hidden: hidden as u32,
+            shared_keys: shared[0] as u32,
         };
         let bindings = vec![
             (1, Buf::Value(fq)),

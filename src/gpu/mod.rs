@@ -16,6 +16,7 @@ pub use crate::util::sync::lock;
 pub use device::{adapter_details, probe_adapter, AdapterSummary, GpuContext};
 pub use program::GpuProgram;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
@@ -78,20 +79,61 @@ impl Backend for GpuBackend {
 
     /// Lowers `graph` and binds it to this device's buffers.
     fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledGraph>> {
-        let d = &self.device;
-        let program = GpuProgram::new(&d.ctx, graph, &d.table, &d.weights, &d.f32_weights)?;
+        let program = self.device.program(graph, 1, &[])?;
         Ok(Box::new(GpuGraph {
             device: self.device.clone(),
             program: Mutex::new(program),
+            graph: graph.clone(),
+            batched: Mutex::new(HashMap::new()),
         }))
     }
 }
+
+impl DeviceWeights {
+    fn program(&self, graph: &Graph, batch: usize, shared: &[bool]) -> Result<GpuProgram> {
+        let buffers = (&self.weights[..], &self.f32_weights[..]);
+        GpuProgram::new(
+            &self.ctx,
+            graph,
+            &self.table,
+            buffers.0,
+            buffers.1,
+            (batch, shared),
+        )
+    }
+}
+
+/// Batch programs of one graph, by (images, which inputs they share); None where the
+/// batch does not fit the adapter's limits (then the runs go one after another).
+type BatchPrograms = HashMap<(usize, Vec<bool>), Option<Arc<Mutex<GpuProgram>>>>;
 
 /// A graph lowered and bound to one device.
 struct GpuGraph {
     device: Arc<DeviceWeights>,
     /// A program owns its readback buffer: one run at a time.
     program: Mutex<GpuProgram>,
+    graph: Graph,
+    batched: Mutex<BatchPrograms>,
+}
+
+impl GpuGraph {
+    /// The program for `runs` as one batch (built on first use), if it fits the device.
+    fn batch_program(&self, runs: &[Vec<&[f32]>]) -> Option<Arc<Mutex<GpuProgram>>> {
+        let first = runs.first()?;
+        // An input is shared when every run passes the very same slice (the prompt).
+        let shared: Vec<bool> = (0..first.len())
+            .map(|k| runs.iter().all(|r| std::ptr::eq(r[k], first[k])))
+            .collect();
+        let key = (runs.len(), shared);
+        let mut programs = lock(&self.batched);
+        programs
+            .entry(key)
+            .or_insert_with_key(|(batch, shared)| {
+                let program = self.device.program(&self.graph, *batch, shared).ok()?;
+                Some(Arc::new(Mutex::new(program)))
+            })
+            .clone()
+    }
 }
 
 impl CompiledGraph for GpuGraph {
@@ -126,8 +168,15 @@ impl CompiledGraph for GpuGraph {
         Some(second.run_after(&self.device.ctx, &first, producer_inputs, early))
     }
 
-    /// Several runs in one submit (see `GpuProgram::run_many`).
+    /// Several runs as one forward with a batch dimension (every dispatch covers all the
+    /// images; the shared prompt stored once); where that does not fit the device, one
+    /// submission of the runs one after another (`GpuProgram::run_many`).
     fn run_batch(&self, runs: &[Vec<&[f32]>]) -> Result<Vec<Outputs>> {
+        if runs.len() > 1 {
+            if let Some(program) = self.batch_program(runs) {
+                return lock(&program).run_batched(&self.device.ctx, runs);
+            }
+        }
         lock(&self.program).run_many(&self.device.ctx, runs)
     }
 

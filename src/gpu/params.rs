@@ -284,6 +284,7 @@ kernel_params! {
         cout_vec4: u32,
         k_chunk: u32,
         cout_tiles: u32,
+        z_per_image: u32,
     }
 }
 
@@ -370,12 +371,14 @@ kernel_params! {
 }
 
 kernel_params! {
-    /// The fused alignment over `n` query positions.
+    /// The fused alignment over `n` query positions; `shared_keys`: one prompt's keys and
+    /// features for every image of a batch.
     AlignParams: Align::soft_align, Params at binding 0, overrides AlignOverrides,
     {
         n: u32,
         cin: u32,
         hidden: u32,
+        shared_keys: u32,
     }
 }
 

@@ -35,28 +35,31 @@ pub struct GpuProgram {
 
 impl GpuProgram {
     /// `weights`: the uploaded tensors; `f32_weights`: under f16 storage, f32 copies of the
-    /// ones in the storage type, for full-precision steps.
+    /// ones in the storage type, for full-precision steps. `batch` images per run, the
+    /// inputs marked in `shared` stored once for all (see `lower`).
     pub fn new(
         ctx: &GpuContext,
         graph: &Graph,
         table: &WeightTable,
         weights: &[wgpu::Buffer],
         f32_weights: &[Option<wgpu::Buffer>],
+        (batch, shared): (usize, &[bool]),
     ) -> Result<GpuProgram> {
-        let lowered = lower(graph, table, ctx.precision);
+        let lowered = lower(graph, table, ctx.precision, batch, shared);
         let bytes: Vec<u64> = lowered
             .values
             .iter()
-            .map(|v| value_bytes(v.elems, v.always_f32, ctx.precision))
+            .map(|v| value_bytes(v.elems * v.copies, v.always_f32, ctx.precision))
             .collect();
         let lifetimes = lifetimes(&lowered);
         let (value_slot, slot_bytes) = assign_slots(&bytes, &lifetimes);
         let limit = ctx.limits.max_storage_buffer_binding_size;
         if let Some(big) = slot_bytes.iter().find(|&&b| b > limit) {
             let problem = format!(
-                "GPU {}: this size needs a {} MiB tensor but the adapter binds at most {} MiB; \
+                "GPU {}: this size{} needs a {} MiB tensor but the adapter binds at most {} MiB; \
                  use a smaller size or the CPU backend",
                 ctx.adapter,
+                if batch > 1 { " and batch" } else { "" },
                 big >> 20,
                 limit >> 20
             );
@@ -153,6 +156,54 @@ impl GpuProgram {
             _uniforms: uniforms,
             _dummy: [dummy, dummy_writable],
         })
+    }
+
+    /// Images per run.
+    pub fn batch(&self) -> usize {
+        self.lowered.values.first().map_or(1, |v| v.copies).max(1)
+    }
+
+    /// One run of a batch program: `runs[r]` are image r's inputs (`shared` ones, the same
+    /// slice in every run, are uploaded once); one submission, one readback; each image's
+    /// outputs as `run` gives them alone.
+    pub fn run_batched(&self, ctx: &GpuContext, runs: &[Vec<&[f32]>]) -> Result<Vec<Outputs>> {
+        for inputs in runs {
+            self.check_inputs(inputs)?;
+        }
+        if runs.len() != self.batch() {
+            return Err(Error::new(format!(
+                "GPU program: {} runs for a batch of {}",
+                runs.len(),
+                self.batch()
+            )));
+        }
+        for (k, &v) in self.lowered.inputs.iter().enumerate() {
+            let value = &self.lowered.values[v];
+            let mut bytes = Vec::new();
+            if value.copies == 1 {
+                bytes = self.to_store_bytes(v, runs[0][k]);
+            } else {
+                let data: Vec<f32> = runs.iter().flat_map(|r| r[k].iter().copied()).collect();
+                bytes.extend(self.to_store_bytes(v, &data));
+            }
+            ctx.queue
+                .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
+        }
+        let mut encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        self.record(&mut encoder, None);
+        ctx.queue.submit([encoder.finish()]);
+        let outputs = self.read_outputs(ctx)?;
+        // Each output holds the images one after another.
+        let mut per_run: Vec<Outputs> = vec![Vec::new(); runs.len()];
+        for (&o, data) in self.lowered.outputs.iter().zip(outputs) {
+            let n = self.lowered.values[o].elems;
+            for (r, chunk) in data.chunks(n).enumerate().take(runs.len()) {
+                per_run[r].push(chunk.to_vec());
+            }
+        }
+        Ok(per_run)
     }
 
     /// Every dispatch of a run, as lowered.
@@ -549,7 +600,7 @@ impl GpuProgram {
             .iter()
             .zip(&self.output_offsets)
             .map(|(&o, &offset)| {
-                let n = self.lowered.values[o].elems;
+                let n = self.lowered.values[o].elems * self.lowered.values[o].copies;
                 let start = offset as usize;
                 let end = start + self.value_bytes(o) as usize;
                 self.decode_store_bytes(o, &bytes[start..end], n)
@@ -559,7 +610,7 @@ impl GpuProgram {
 
     fn value_bytes(&self, v: usize) -> u64 {
         let value = &self.lowered.values[v];
-        value.elems as u64 * element_bytes(value.always_f32, self.precision)
+        (value.elems * value.copies) as u64 * element_bytes(value.always_f32, self.precision)
     }
 
     /// `data` in the storage type of program value `v`.

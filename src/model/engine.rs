@@ -16,8 +16,8 @@ use crate::graph::{
 use crate::io::image::{preprocess, RgbImage8};
 use crate::io::weights::WeightFile;
 
-/// Queries per batch in `segment_batch`: one submission on the GPU (bounds the upload and
-/// readback buffers).
+/// Queries per batch in `segment_batch`: one batched forward on the GPU (bounds its
+/// memory: every activation is stored once per query).
 pub const MAX_GPU_BATCH: usize = 16;
 
 /// Largest input side accepted: the arena at 2048 already needs several GiB.
@@ -374,8 +374,9 @@ impl Engine {
     }
 
     /// Segments several query images against one prompt. On the GPU backend each chunk of
-    /// up to `MAX_GPU_BATCH` queries is one command submission (one readback); on the CPU
-    /// the queries run one after another, each on every core. The maps are those `segment`
+    /// up to `MAX_GPU_BATCH` queries is one forward with a batch dimension (every dispatch
+    /// covers all of them, the prompt's features stored once; one submission, one
+    /// readback); on the CPU the queries run one after another, each on every core. The maps are those `segment`
     /// gives, bit for bit.
     pub fn segment_batch(
         &self,
