@@ -43,8 +43,10 @@ struct Params {
     k_chunk: u32,
     cout_tiles: u32,
     z_per_image: u32,
-    _pad3: u32,
-    _pad4: u32,
+    // Weights per image: image i reads block (i % w_images), w_image_stride vec4s each (the
+    // Winograd GEMM's 36 transformed kernels; 1 and 0 for a plain conv).
+    w_images: u32,
+    w_image_stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -132,6 +134,7 @@ fn conv2d_nhwc(
     let image = wid.z / params.z_per_image;
     let z = wid.z % params.z_per_image;
     set_image(image);
+    let w_base = (image % params.w_images) * params.w_image_stride;
     var co_tile = z;
     var k_begin = 0u;
     var kk = KSIZE * KSIZE * params.cin;
@@ -182,7 +185,7 @@ fn conv2d_nhwc(
         }
         var wv = vec4<f32>(0.0);
         if k0 + b_k < kk && b_co4 < params.cout_vec4 {
-            wv = vec4<f32>(w[(k0 + b_k) * params.cout_vec4 + b_co4]);
+            wv = vec4<f32>(w[w_base + (k0 + b_k) * params.cout_vec4 + b_co4]);
         }
         ws[b_k * 16u + li % 16u] = wv;
         workgroupBarrier();

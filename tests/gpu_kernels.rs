@@ -245,6 +245,53 @@ proptest! {
     }
 }
 
+/// 3x3 stride-1 convs over maps of at least `WINOGRAD_MIN_PIXELS` outputs run as Winograd
+/// F(4x4, 3x3) (input transform, 36 GEMMs, output transform): plain input with odd channels
+/// and a map that is not a multiple of the 4x4 tile, and the decoder's upsample + concat +
+/// scSE read in place, with split-K in the GEMM (many input channels).
+#[test]
+fn winograd_convs_match_cpu() {
+    let test = "winograd_convs_match_cpu";
+    // (h, w) of the low-resolution input, channels upsampled, skip channels, cout.
+    for (h, w, ca, cs, cout, seed) in [(33, 34, 13, 0, 7, 1), (32, 35, 70, 150, 9, 2)] {
+        let c = ca + cs;
+        let mut weights = WeightTables::default();
+        weights.convs.push(conv_weights(seed, cout, c, 3, false));
+        weights
+            .scse
+            .push(scse_weights(seed + 20, c, c.div_ceil(16)));
+        let mut g = GraphBuilder::new();
+        let (x, inputs) = if cs == 0 {
+            // Plain: the input at full size, 66x68 (not a multiple of 4 in one side).
+            let x = g.input("x", Shape::new(2 * h, 2 * w, ca));
+            (x, vec![values(seed + 7, 4 * h * w * ca, 1.0)])
+        } else {
+            let a = g.input("a", Shape::new(h, w, ca));
+            let skip = g.input("skip", Shape::new(2 * h, 2 * w, cs));
+            let up = g.upsample_concat("up", a, Some(skip));
+            let x = g.scse("att1", up, ScseId(0));
+            let inputs = vec![
+                values(seed + 7, h * w * ca, 1.0),
+                values(seed + 8, 4 * h * w * cs, 1.0),
+            ];
+            (x, inputs)
+        };
+        let act = Activation::Relu;
+        let y = g.conv("conv", x, ConvId(0), (cout, 3, 1), (1, 1), false, act, None);
+        g.output(y);
+        assert!(4 * h * w >= metauas::gpu::WINOGRAD_MIN_PIXELS);
+        let graph = g.finish();
+        compare(test, &weights, &graph, &inputs, 1e-4);
+        if common::gpu_options(test, Precision::F32).is_some() {
+            let gpu = GpuBackend::new(&weights, Precision::F32).unwrap();
+            let shape = gpu.compile(&graph).unwrap().dispatch_shape().unwrap();
+            let kernels: Vec<&str> = shape.iter().map(|d| d.kernel).collect();
+            assert!(kernels.contains(&"winograd_input"), "{kernels:?}");
+            assert!(kernels.contains(&"winograd_output"), "{kernels:?}");
+        }
+    }
+}
+
 /// The alignment with 2 and 4 query positions per workgroup (chosen from n: 561 and 1073
 /// positions), the last workgroup with fewer rows than the rest, sharp and smooth.
 #[test]

@@ -15,6 +15,7 @@
 # on the same GPU (with and without TF32), and last one table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 out=${1:-${OUT:-gpu-bench-out}}
 mkdir -p "$out"
 bin=target/gpu-kit/metauas

@@ -92,6 +92,7 @@ pub enum Family {
     Align,
     Head,
     Cast,
+    Winograd,
 }
 
 impl Family {
@@ -104,6 +105,7 @@ impl Family {
             Family::Align => include_str!("../../shaders/align.wgsl"),
             Family::Head => include_str!("../../shaders/head.wgsl"),
             Family::Cast => include_str!("../../shaders/cast.wgsl"),
+            Family::Winograd => include_str!("../../shaders/winograd.wgsl"),
         }
     }
 }

@@ -11,7 +11,8 @@ use super::params::{
     AlignOverrides, AlignParams, ChannelSumParams, ConvOverrides, ConvParams, DepthwiseOverrides,
     DepthwiseParams, ExciteGateParams, ExciteHiddenParams, ExciteOverrides, HeadParams, InputMode,
     Kernel, Overrides as _, ReduceOverrides, ReduceParams, ScseApplyParams, SpatialGateOverrides,
-    SpatialGateParams, ToF32Params, ToStoreParams, UNIFORM_BYTES,
+    SpatialGateParams, ToF32Params, ToStoreParams, WinogradInputOverrides, WinogradInputParams,
+    WinogradOutputOverrides, WinogradOutputParams, UNIFORM_BYTES,
 };
 use super::weights::WeightTable;
 use crate::graph::{Activation, ConvGeometry, ConvId, Graph, Op, Precision, ScseId, ValueId};
@@ -218,7 +219,63 @@ fn conv_params(g: &ConvGeometry, ca: usize) -> ConvParams {
         k_chunk: 0,
         cout_tiles: g.cout.div_ceil(CONV_TILE) as u32,
         z_per_image: g.cout.div_ceil(CONV_TILE) as u32,
+        w_images: 1,
+        w_image_stride: 0,
     }
+}
+
+/// How a dense conv runs (burn-cubecl style: each strategy with its applicability check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvStrategy {
+    /// conv.wgsl: the implicit GEMM (any geometry, any input mode, split-K when small).
+    ImplicitGemm,
+    /// winograd.wgsl + the GEMM: F(4x4, 3x3), a quarter of the multiply-adds.
+    Winograd4x4,
+}
+
+/// Output pixels from which a 3x3 conv runs as Winograd: on smaller maps its two extra
+/// dispatches and the 36-fold intermediate cost more than the multiply-adds it saves
+/// (at 256: dec2..dec4, at 512: dec1..dec4).
+pub const WINOGRAD_MIN_PIXELS: usize = 64 * 64;
+
+/// `METAUAS_GPU_WINOGRAD=0` keeps every conv on the implicit GEMM (to measure the gain).
+fn winograd_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("METAUAS_GPU_WINOGRAD").is_ok_and(|v| v.trim() == "0"))
+}
+
+impl ConvStrategy {
+    /// Winograd for a stride-1 3x3 conv over a large enough map, read plainly or through
+    /// the upsample + concat (+ scSE) modes, without a residual, in float32 storage (f16
+    /// would round the transformed input, whose values grow up to 100-fold).
+    pub fn choose(
+        g: &ConvGeometry,
+        e: &super::weights::ConvEntry,
+        mode: InputMode,
+        residual: bool,
+        store: Precision,
+    ) -> ConvStrategy {
+        let applies = g.kernel == 3
+            && g.stride == 1
+            && e.winograd.is_some()
+            && !residual
+            && mode != InputMode::ChannelScaled
+            && store == Precision::F32
+            && g.out_h * g.out_w >= WINOGRAD_MIN_PIXELS
+            && !winograd_disabled();
+        if applies {
+            ConvStrategy::Winograd4x4
+        } else {
+            ConvStrategy::ImplicitGemm
+        }
+    }
+}
+
+/// How a Winograd conv reads its input: the mode and the conv's x, skip, cgate, sgate.
+struct WinogradInput {
+    mode: InputMode,
+    bindings: [Buf; 4],
+    ca: usize,
 }
 
 /// Workgroups a dispatch should launch to fill a large GPU: two waves on 132 SMs.
@@ -509,6 +566,16 @@ impl Lowering<'_> {
                 }
             }
         };
+        let strategy = ConvStrategy::choose(g, &e, mode, residual.is_some(), self.store);
+        if let (ConvStrategy::Winograd4x4, Some(kernels)) = (strategy, e.winograd) {
+            let input = WinogradInput {
+                mode,
+                bindings: [Buf::Value(x), skip, cgate, sgate],
+                ca,
+            };
+            self.winograd(name, input, y, kernels, e.bias, g, act);
+            return;
+        }
         let mut params = conv_params(g, ca);
         let cout_tiles = params.cout_tiles as usize;
         let k_terms = g.kernel * g.kernel * g.cin;
@@ -568,6 +635,129 @@ impl Lowering<'_> {
             let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
             self.push(step);
         }
+    }
+
+    /// A 3x3 stride-1 conv as Winograd F(4x4, 3x3): input transform, 36 GEMMs (conv.wgsl
+    /// as a split-K 1x1 conv, one weight block per transform point), output transform.
+    #[allow(clippy::too_many_arguments)]
+    fn winograd(
+        &mut self,
+        name: &str,
+        input: WinogradInput,
+        y: usize,
+        kernels: usize,
+        bias: usize,
+        g: &ConvGeometry,
+        act: Activation,
+    ) {
+        let (tiles_h, tiles_w) = (g.out_h.div_ceil(4), g.out_w.div_ceil(4));
+        let tiles = tiles_h * tiles_w;
+        let f32_storage = self.store == Precision::F32;
+        let v = self.new_value(
+            format!("{name}.winograd_in"),
+            36 * tiles * g.cin,
+            f32_storage,
+        );
+        let params = WinogradInputParams {
+            in_h: g.in_h as u32,
+            in_w: g.in_w as u32,
+            cin: g.cin as u32,
+            ca: input.ca as u32,
+            tiles_h: tiles_h as u32,
+            tiles_w: tiles_w as u32,
+            pad_top: g.pad_top as u32,
+            pad_left: g.pad_left as u32,
+        };
+        let [x, skip, cgate, sgate] = input.bindings;
+        let bindings = vec![
+            (1, x),
+            (2, skip),
+            (3, cgate),
+            (4, sgate),
+            (5, Buf::Value(v)),
+        ];
+        let overrides = WinogradInputOverrides {
+            input_mode: input.mode,
+        };
+        let workgroups = fold((tiles * g.cin).div_ceil(64));
+        let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
+        self.push(step);
+
+        // The GEMM: 36 "images" of `tiles` pixels, each with its own weights.
+        let cout_tiles = g.cout.div_ceil(CONV_TILE);
+        let pixel_tiles = tiles.div_ceil(CONV_TILE);
+        let (splits, chunk) = if split_k_disabled() {
+            (1, g.cin)
+        } else {
+            split_k(36 * pixel_tiles * cout_tiles, g.cin)
+        };
+        let m = self.new_value(
+            format!("{name}.winograd_m"),
+            36 * splits * tiles * g.cout,
+            true,
+        );
+        let cout_vec4 = g.cout.div_ceil(4);
+        let params = ConvParams {
+            in_h: tiles as u32,
+            in_w: 1,
+            cin: g.cin as u32,
+            cout: g.cout as u32,
+            out_h: tiles as u32,
+            out_w: 1,
+            pad_top: 0,
+            pad_left: 0,
+            ca: 0,
+            pixel_tiles: pixel_tiles as u32,
+            cout_vec4: cout_vec4 as u32,
+            k_chunk: chunk as u32,
+            cout_tiles: cout_tiles as u32,
+            z_per_image: (cout_tiles * splits) as u32,
+            w_images: 36,
+            w_image_stride: (g.cin * cout_vec4) as u32,
+        };
+        let overrides = ConvOverrides {
+            act: Activation::Identity,
+            input_mode: InputMode::Plain,
+            ksize: 1,
+            residual: false,
+            split_k: true,
+            stride: 1,
+        };
+        let bindings = vec![
+            (1, Buf::Value(v)),
+            (2, Buf::Weight(kernels)),
+            (3, Buf::Weight(bias)),
+            (4, Buf::UnusedWritable),
+            (5, Buf::Unused),
+            (6, Buf::Unused),
+            (7, Buf::Unused),
+            (8, Buf::Unused),
+            (9, Buf::Value(m)),
+        ];
+        let mut workgroups = fold(pixel_tiles);
+        workgroups[2] = (36 * cout_tiles * splits) as u32;
+        let flops = 2.0 * (36 * tiles * g.cin * g.cout) as f64;
+        let mut step = Step::new(name, params, overrides, bindings, workgroups, flops);
+        step.serial_steps = chunk.div_ceil(CONV_KT) as u64;
+        self.push(step);
+
+        let params = WinogradOutputParams {
+            out_h: g.out_h as u32,
+            out_w: g.out_w as u32,
+            cout: g.cout as u32,
+            tiles_h: tiles_h as u32,
+            tiles_w: tiles_w as u32,
+            splits: splits as u32,
+        };
+        let bindings = vec![
+            (7, Buf::Value(m)),
+            (8, Buf::Weight(bias)),
+            (9, Buf::Value(y)),
+        ];
+        let overrides = WinogradOutputOverrides { act };
+        let workgroups = fold((tiles * g.cout).div_ceil(64));
+        let step = Step::new(name, params, overrides, bindings, workgroups, 0.0);
+        self.push(step);
     }
 
     #[allow(clippy::too_many_arguments)]

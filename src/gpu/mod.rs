@@ -14,6 +14,7 @@ mod weights;
 use crate::graph::Precision;
 pub use crate::util::sync::lock;
 pub use device::{adapter_details, probe_adapter, AdapterSummary, GpuContext};
+pub use lower::{ConvStrategy, WINOGRAD_MIN_PIXELS};
 pub use program::GpuProgram;
 
 use std::collections::HashMap;

@@ -253,6 +253,20 @@ overrides! {
 }
 
 overrides! {
+    /// How the Winograd input transform reads its input.
+    WinogradInputOverrides {
+        INPUT_MODE => input_mode: InputMode,
+    }
+}
+
+overrides! {
+    /// The Winograd output transform's epilogue.
+    WinogradOutputOverrides {
+        ACT => act: Activation,
+    }
+}
+
+overrides! {
     /// Query positions per alignment workgroup (1 to 4).
     AlignOverrides {
         ROWS => rows: u32,
@@ -285,6 +299,8 @@ kernel_params! {
         k_chunk: u32,
         cout_tiles: u32,
         z_per_image: u32,
+        w_images: u32,
+        w_image_stride: u32,
     }
 }
 
@@ -389,6 +405,36 @@ kernel_params! {
         pixels: u32,
         cin: u32,
         bias: f32,
+    }
+}
+
+kernel_params! {
+    /// Winograd F(4x4, 3x3) input transform: `tiles_h x tiles_w` tiles of 4x4 outputs.
+    WinogradInputParams: Winograd::winograd_input, InputParams at binding 0,
+    overrides WinogradInputOverrides,
+    {
+        in_h: u32,
+        in_w: u32,
+        cin: u32,
+        ca: u32,
+        tiles_h: u32,
+        tiles_w: u32,
+        pad_top: u32,
+        pad_left: u32,
+    }
+}
+
+kernel_params! {
+    /// Winograd F(4x4, 3x3) output transform over the GEMM's `splits` partial sums.
+    WinogradOutputParams: Winograd::winograd_output, OutputParams at binding 6,
+    overrides WinogradOutputOverrides,
+    {
+        out_h: u32,
+        out_w: u32,
+        cout: u32,
+        tiles_h: u32,
+        tiles_w: u32,
+        splits: u32,
     }
 }
 

@@ -18,6 +18,8 @@ pub struct ConvEntry {
     pub bias: usize,
     /// f32 weights for the head kernel (1x1 convs to one channel only).
     pub head: Option<usize>,
+    /// Dense 3x3 convs: the Winograd F(4x4, 3x3) kernels `G g G^T`, [36][cin][cout / 4].
+    pub winograd: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,7 +65,15 @@ impl WeightTable {
             // A 1x1 conv to one channel may run as the head kernel, which reads f32 weights.
             let single = !c.depthwise && c.cout == 1 && c.kernel == 1;
             let head = single.then(|| t.push(c.weight.clone(), false));
-            t.convs.push(ConvEntry { weight, bias, head });
+            let dense_3x3 = !c.depthwise && c.kernel == 3;
+            let winograd =
+                dense_3x3.then(|| t.push(winograd_kernels(&c.weight, c.cout, c.cin), true));
+            t.convs.push(ConvEntry {
+                weight,
+                bias,
+                head,
+                winograd,
+            });
             t.head_bias.push(c.bias.first().copied().unwrap_or(0.0));
         }
         for s in &w.se {
@@ -151,6 +161,41 @@ pub fn depthwise_taps_major(w: &[f32], c: usize, k: usize) -> Vec<f32> {
     for ch in 0..c {
         for tap in 0..k * k {
             out[tap * c + ch] = w[ch * k * k + tap];
+        }
+    }
+    out
+}
+
+/// F(4x4, 3x3)'s kernel transform G (6x3), for 0, +-1, +-2 and infinity.
+const WINOGRAD_G: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// (cout, cin, 3, 3) -> `G g G^T` per (co, ci) in float64, rounded once, laid out
+/// [xi = 6 i + j][ci][cout rounded up to 4] (36 GEMM weight matrices, as conv.wgsl reads one).
+pub fn winograd_kernels(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let cp = cout.next_multiple_of(4);
+    let mut out = vec![0.0; 36 * cin * cp];
+    let g = &WINOGRAD_G;
+    for co in 0..cout {
+        for ci in 0..cin {
+            let k = |ky: usize, kx: usize| f64::from(w[((co * cin + ci) * 3 + ky) * 3 + kx]);
+            for i in 0..6 {
+                for j in 0..6 {
+                    let mut u = 0.0;
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            u += g[i][ky] * k(ky, kx) * g[j][kx];
+                        }
+                    }
+                    out[((i * 6 + j) * cin + ci) * cp + co] = u as f32;
+                }
+            }
         }
     }
     out

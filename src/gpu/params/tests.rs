@@ -4,7 +4,7 @@ use super::*;
 use crate::gpu::device::shader_source;
 use crate::graph::Precision;
 
-const FAMILIES: [Family; 7] = [
+const FAMILIES: [Family; 8] = [
     Family::Conv,
     Family::Depthwise,
     Family::SqueezeExcite,
@@ -12,6 +12,7 @@ const FAMILIES: [Family; 7] = [
     Family::Align,
     Family::Head,
     Family::Cast,
+    Family::Winograd,
 ];
 
 fn parse(family: Family, precision: Precision) -> naga::Module {
@@ -129,6 +130,8 @@ fn uniform_structs_and_overrides_match_the_wgsl_files() {
         (Family::Head, check::<HeadParams>()),
         (Family::Cast, check::<ToStoreParams>()),
         (Family::Cast, check::<ToF32Params>()),
+        (Family::Winograd, check::<WinogradInputParams>()),
+        (Family::Winograd, check::<WinogradOutputParams>()),
     ];
     // Every override a file declares is set by some kernel of its family.
     for family in FAMILIES {
