@@ -34,7 +34,7 @@ struct OutputParams {
     _pad1: u32,
 }
 
-@group(0) @binding(0) var<uniform> ip: InputParams;
+@group(0) @binding(0) var<uniform> params: InputParams;
 @group(0) @binding(1) var<storage, read> x: array<store>;
 @group(0) @binding(2) var<storage, read> skip: array<store>;
 @group(0) @binding(3) var<storage, read> cgate: array<f32>;
@@ -45,33 +45,6 @@ struct OutputParams {
 @group(0) @binding(7) var<storage, read> m: array<f32>;
 @group(0) @binding(8) var<storage, read> bias: array<f32>;
 @group(0) @binding(9) var<storage, read_write> y: array<store>;
-
-var<private> x_base: u32;
-var<private> skip_base: u32;
-var<private> cgate_base: u32;
-var<private> sgate_base: u32;
-
-// One element of the (virtual) input at (iy, ix, ci); zero outside the map (padding).
-fn load_input(iy: i32, ix: i32, ci: u32) -> f32 {
-    if iy < 0 || ix < 0 || u32(iy) >= ip.in_h || u32(ix) >= ip.in_w {
-        return 0.0;
-    }
-    let pix = u32(iy) * ip.in_w + u32(ix);
-    if INPUT_MODE == INPUT_PLAIN {
-        return f32(x[x_base + pix * ip.cin + ci]);
-    }
-    var val: f32;
-    if ci < ip.ca {
-        val = f32(x[x_base + upsampled_source(u32(iy), u32(ix), ip.in_w) * ip.ca + ci]);
-    } else {
-        let cs = ip.cin - ip.ca;
-        val = f32(skip[skip_base + pix * cs + ci - ip.ca]);
-    }
-    if INPUT_MODE == INPUT_UP_CONCAT_GATED {
-        val = val * cgate[cgate_base + ci] + val * sgate[sgate_base + pix];
-    }
-    return val;
-}
 
 // B^T d for one 6-vector.
 fn input_transform(d: array<f32, 6>) -> array<f32, 6> {
@@ -103,24 +76,16 @@ fn winograd_input(
     @builtin(local_invocation_index) li: u32,
 ) {
     let index = folded_index(wid, groups) * 64u + li;
-    let tiles = ip.tiles_h * ip.tiles_w;
-    if index >= tiles * ip.cin {
+    let tiles = params.tiles_h * params.tiles_w;
+    if index >= tiles * params.cin {
         return;
     }
     let image = wid.z;
-    let in_pixels = ip.in_h * ip.in_w;
-    if INPUT_MODE == INPUT_PLAIN {
-        x_base = image * in_pixels * ip.cin;
-    } else {
-        x_base = image * (ip.in_h / 2u) * (ip.in_w / 2u) * ip.ca;
-    }
-    skip_base = image * in_pixels * (ip.cin - ip.ca);
-    cgate_base = image * ip.cin;
-    sgate_base = image * in_pixels;
-    let tile = index / ip.cin;
-    let ci = index % ip.cin;
-    let y0 = i32((tile / ip.tiles_w) * 4u) - i32(ip.pad_top);
-    let x0 = i32((tile % ip.tiles_w) * 4u) - i32(ip.pad_left);
+    set_image(image);
+    let tile = index / params.cin;
+    let ci = index % params.cin;
+    let y0 = i32((tile / params.tiles_w) * 4u) - i32(params.pad_top);
+    let x0 = i32((tile % params.tiles_w) * 4u) - i32(params.pad_left);
     // Rows first: r[i] = B^T applied along x to patch row i.
     var r: array<array<f32, 6>, 6>;
     for (var i = 0; i < 6; i++) {
@@ -135,7 +100,7 @@ fn winograd_input(
         let col = input_transform(array<f32, 6>(r[0][j], r[1][j], r[2][j], r[3][j], r[4][j], r[5][j]));
         for (var i = 0u; i < 6u; i++) {
             let xi = i * 6u + j;
-            v[((base + xi * tiles) + tile) * ip.cin + ci] = store(col[i]);
+            v[((base + xi * tiles) + tile) * params.cin + ci] = store(col[i]);
         }
     }
 }

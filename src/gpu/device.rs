@@ -120,7 +120,12 @@ pub(super) fn shader_source(family: Family, precision: Precision) -> String {
     };
     let codes = super::params::wgsl_constants();
     let common = include_str!("../../shaders/common.wgsl");
-    format!("{header}{codes}{common}\n{}", family.source())
+    // The input modes' reader: one definition for the two families that read conv inputs.
+    let inputs = match family {
+        Family::Conv | Family::Winograd => include_str!("../../shaders/input_modes.wgsl"),
+        _ => "",
+    };
+    format!("{header}{codes}{common}\n{inputs}\n{}", family.source())
 }
 
 /// One device, its queue, and every pipeline built so far.

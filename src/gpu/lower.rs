@@ -79,6 +79,8 @@ pub struct Lowered {
     /// Program values of the graph's inputs and outputs, in graph order.
     pub inputs: Vec<usize>,
     pub outputs: Vec<usize>,
+    /// Images per run.
+    pub batch: usize,
 }
 
 /// How a graph value can be read on the GPU.
@@ -189,6 +191,7 @@ pub fn lower(
         })
         .collect();
     Lowered {
+        batch: l.batch,
         values: l.values,
         steps: l.steps,
         inputs,

@@ -160,7 +160,7 @@ impl GpuProgram {
 
     /// Images per run.
     pub fn batch(&self) -> usize {
-        self.lowered.values.first().map_or(1, |v| v.copies).max(1)
+        self.lowered.batch
     }
 
     /// One run of a batch program: `runs[r]` are image r's inputs (`shared` ones, the same
@@ -179,13 +179,12 @@ impl GpuProgram {
         }
         for (k, &v) in self.lowered.inputs.iter().enumerate() {
             let value = &self.lowered.values[v];
-            let mut bytes = Vec::new();
-            if value.copies == 1 {
-                bytes = self.to_store_bytes(v, runs[0][k]);
+            let bytes = if value.copies == 1 {
+                self.to_store_bytes(v, runs[0][k])
             } else {
                 let data: Vec<f32> = runs.iter().flat_map(|r| r[k].iter().copied()).collect();
-                bytes.extend(self.to_store_bytes(v, &data));
-            }
+                self.to_store_bytes(v, &data)
+            };
             ctx.queue
                 .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
         }
@@ -272,14 +271,7 @@ impl GpuProgram {
         let t0 = Instant::now();
         producer.upload_inputs(ctx, producer_inputs)?;
         for (&v, data) in inputs.iter().zip(early) {
-            if data.len() != self.lowered.values[v].elems {
-                return Err(Error::new(format!(
-                    "GPU program: input {} has {} values, expected {}",
-                    self.lowered.values[v].name,
-                    data.len(),
-                    self.lowered.values[v].elems
-                )));
-            }
+            self.check_input(v, data)?;
             let bytes = self.to_store_bytes(v, data);
             ctx.queue
                 .write_buffer(&self.slots[self.value_slot[v]], 0, &bytes);
@@ -576,14 +568,21 @@ impl GpuProgram {
             return Err(Error::new("GPU program: wrong number of inputs"));
         }
         for (&v, data) in self.lowered.inputs.iter().zip(inputs) {
-            if data.len() != self.lowered.values[v].elems {
-                return Err(Error::new(format!(
-                    "GPU program: input {} has {} values, expected {}",
-                    self.lowered.values[v].name,
-                    data.len(),
-                    self.lowered.values[v].elems
-                )));
-            }
+            self.check_input(v, data)?;
+        }
+        Ok(())
+    }
+
+    /// `data` has one image's values of program input `v`.
+    fn check_input(&self, v: usize, data: &[f32]) -> Result<()> {
+        let value = &self.lowered.values[v];
+        if data.len() != value.elems {
+            return Err(Error::new(format!(
+                "GPU program: input {} has {} values, expected {}",
+                value.name,
+                data.len(),
+                value.elems
+            )));
         }
         Ok(())
     }
