@@ -131,6 +131,9 @@ struct Lowering<'a> {
     casts: HashMap<(usize, Precision), usize>,
     /// Images per run: every kernel takes the image from workgroup z.
     batch: usize,
+    /// The adapter's largest storage binding: a strategy whose intermediates (for one
+    /// image) exceed it is not chosen.
+    max_binding_bytes: u64,
 }
 
 /// Lowers `graph` for storage precision `mode`: under f16, the graph's full-precision nodes
@@ -146,6 +149,7 @@ pub fn lower(
     mode: Precision,
     batch: usize,
     shared: &[bool],
+    max_binding_bytes: u64,
 ) -> Lowered {
     let mut l = Lowering {
         graph,
@@ -157,6 +161,7 @@ pub fn lower(
         store: mode,
         casts: HashMap::new(),
         batch: batch.max(1),
+        max_binding_bytes,
     };
     // An input is stored as its readers want it: f32 if a full-precision node reads it.
     let inputs = graph
@@ -270,6 +275,27 @@ impl ConvStrategy {
             ConvStrategy::Winograd4x4
         } else {
             ConvStrategy::ImplicitGemm
+        }
+    }
+}
+
+/// The float32 elements of a Winograd conv's largest intermediate for one image without
+/// split-K: the transformed input (36 x tiles x cin) or the GEMM's output (x cout).
+fn winograd_elems(g: &ConvGeometry) -> usize {
+    36 * g.out_h.div_ceil(4) * g.out_w.div_ceil(4) * g.cin.max(g.cout)
+}
+
+impl ConvStrategy {
+    /// Falls back to the implicit GEMM where Winograd's intermediates would not fit one
+    /// binding (at 512 the decoder's first block would need 144 MiB, lavapipe binds 128).
+    /// Decided per image so a batch's maps equal single runs (a batch that does not fit
+    /// runs image by image).
+    fn fitting(self, g: &ConvGeometry, max_binding_bytes: u64) -> ConvStrategy {
+        match self {
+            ConvStrategy::Winograd4x4 if (winograd_elems(g) * 4) as u64 > max_binding_bytes => {
+                ConvStrategy::ImplicitGemm
+            }
+            other => other,
         }
     }
 }
@@ -569,7 +595,8 @@ impl Lowering<'_> {
                 }
             }
         };
-        let strategy = ConvStrategy::choose(g, &e, mode, residual.is_some(), self.store);
+        let strategy = ConvStrategy::choose(g, &e, mode, residual.is_some(), self.store)
+            .fitting(g, self.max_binding_bytes);
         if let (ConvStrategy::Winograd4x4, Some(kernels)) = (strategy, e.winograd) {
             let input = WinogradInput {
                 mode,
@@ -689,11 +716,15 @@ impl Lowering<'_> {
         // The GEMM: 36 "images" of `tiles` pixels, each with its own weights.
         let cout_tiles = g.cout.div_ceil(CONV_TILE);
         let pixel_tiles = tiles.div_ceil(CONV_TILE);
-        let (splits, chunk) = if split_k_disabled() {
+        let (mut splits, mut chunk) = if split_k_disabled() {
             (1, g.cin)
         } else {
             split_k(36 * pixel_tiles * cout_tiles, g.cin)
         };
+        // The partial sums must fit one binding too (`fitting` checked one part).
+        if (36 * splits * tiles * g.cout * 4) as u64 > self.max_binding_bytes {
+            (splits, chunk) = (1, g.cin);
+        }
         let m = self.new_value(
             format!("{name}.winograd_m"),
             36 * splits * tiles * g.cout,

@@ -45,7 +45,8 @@ impl GpuProgram {
         f32_weights: &[Option<wgpu::Buffer>],
         (batch, shared): (usize, &[bool]),
     ) -> Result<GpuProgram> {
-        let lowered = lower(graph, table, ctx.precision, batch, shared);
+        let limit = ctx.limits.max_storage_buffer_binding_size;
+        let lowered = lower(graph, table, ctx.precision, batch, shared, limit);
         let bytes: Vec<u64> = lowered
             .values
             .iter()
@@ -53,7 +54,6 @@ impl GpuProgram {
             .collect();
         let lifetimes = lifetimes(&lowered);
         let (value_slot, slot_bytes) = assign_slots(&bytes, &lifetimes);
-        let limit = ctx.limits.max_storage_buffer_binding_size;
         if let Some(big) = slot_bytes.iter().find(|&&b| b > limit) {
             let problem = format!(
                 "GPU {}: this size{} needs a {} MiB tensor but the adapter binds at most {} MiB; \
