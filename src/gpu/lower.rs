@@ -262,6 +262,7 @@ impl ConvStrategy {
         mode: InputMode,
         residual: bool,
         store: Precision,
+        max_binding_bytes: u64,
     ) -> ConvStrategy {
         let applies = g.kernel == 3
             && g.stride == 1
@@ -270,6 +271,7 @@ impl ConvStrategy {
             && mode != InputMode::ChannelScaled
             && store == Precision::F32
             && g.out_h * g.out_w >= WINOGRAD_MIN_PIXELS
+            && fits_one_binding(winograd_elems(g), max_binding_bytes)
             && !winograd_disabled();
         if applies {
             ConvStrategy::Winograd4x4
@@ -280,24 +282,15 @@ impl ConvStrategy {
 }
 
 /// The float32 elements of a Winograd conv's largest intermediate for one image without
-/// split-K: the transformed input (36 x tiles x cin) or the GEMM's output (x cout).
+/// split-K: the transformed input (36 x tiles x cin) or the GEMM's output (x cout). Checked
+/// per image so a batch's maps equal single runs (a batch that does not fit runs image by
+/// image); at 512 the decoder's first block would need 144 MiB where lavapipe binds 128.
 fn winograd_elems(g: &ConvGeometry) -> usize {
     36 * g.out_h.div_ceil(4) * g.out_w.div_ceil(4) * g.cin.max(g.cout)
 }
 
-impl ConvStrategy {
-    /// Falls back to the implicit GEMM where Winograd's intermediates would not fit one
-    /// binding (at 512 the decoder's first block would need 144 MiB, lavapipe binds 128).
-    /// Decided per image so a batch's maps equal single runs (a batch that does not fit
-    /// runs image by image).
-    fn fitting(self, g: &ConvGeometry, max_binding_bytes: u64) -> ConvStrategy {
-        match self {
-            ConvStrategy::Winograd4x4 if (winograd_elems(g) * 4) as u64 > max_binding_bytes => {
-                ConvStrategy::ImplicitGemm
-            }
-            other => other,
-        }
-    }
+fn fits_one_binding(f32_elems: usize, max_binding_bytes: u64) -> bool {
+    (f32_elems * 4) as u64 <= max_binding_bytes
 }
 
 /// How a Winograd conv reads its input: the mode and the conv's x, skip, cgate, sgate.
@@ -595,8 +588,15 @@ impl Lowering<'_> {
                 }
             }
         };
-        let strategy = ConvStrategy::choose(g, &e, mode, residual.is_some(), self.store)
-            .fitting(g, self.max_binding_bytes);
+        let residual_read = residual.is_some();
+        let strategy = ConvStrategy::choose(
+            g,
+            &e,
+            mode,
+            residual_read,
+            self.store,
+            self.max_binding_bytes,
+        );
         if let (ConvStrategy::Winograd4x4, Some(kernels)) = (strategy, e.winograd) {
             let input = WinogradInput {
                 mode,
@@ -721,8 +721,8 @@ impl Lowering<'_> {
         } else {
             split_k(36 * pixel_tiles * cout_tiles, g.cin)
         };
-        // The partial sums must fit one binding too (`fitting` checked one part).
-        if (36 * splits * tiles * g.cout * 4) as u64 > self.max_binding_bytes {
+        // The partial sums must fit one binding too (`choose` checked one part).
+        if !fits_one_binding(36 * splits * tiles * g.cout, self.max_binding_bytes) {
             (splits, chunk) = (1, g.cin);
         }
         let m = self.new_value(
