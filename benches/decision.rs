@@ -26,24 +26,7 @@ const HEIGHT: usize = 2048;
 /// A smooth picture with fine texture, as a 5-megapixel camera sees a part (the frame of
 /// `benches/decode.rs`): what PNG compresses in an overlay.
 fn camera_frame() -> RgbImage8 {
-    let mut data = Vec::with_capacity(WIDTH * HEIGHT * 3);
-    for y in 0..HEIGHT as u32 {
-        for x in 0..WIDTH as u32 {
-            let (fx, fy) = (x as f32, y as f32);
-            let texture =
-                (((x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) >> 13) % 9) as u8;
-            data.extend_from_slice(&[
-                (60.0 + 120.0 * fx / WIDTH as f32) as u8 + texture,
-                (80.0 + 100.0 * fy / HEIGHT as f32) as u8 + texture,
-                (128.0 + 60.0 * (fx / 150.0).sin() * (fy / 110.0).cos()) as u8,
-            ]);
-        }
-    }
-    RgbImage8 {
-        width: WIDTH,
-        height: HEIGHT,
-        data,
-    }
+    metauas::synth::camera_frame(WIDTH, HEIGHT)
 }
 
 fn bench_decision(c: &mut Criterion) {

@@ -317,8 +317,9 @@ fn align_with_several_rows_per_workgroup_matches_cpu() {
     }
 }
 
-/// `segment_batch` (one submission for several queries on the GPU) gives each query the map
-/// `segment` gives it, bit for bit, on both backends; queries differ so a mix-up would show.
+/// `segment_batch` (one submission for several queries on the GPU; two queries at a time on
+/// the CPU, three here so the odd one out runs alone) gives each query the map `segment`
+/// gives it, bit for bit, on both backends; queries differ so a mix-up would show.
 #[test]
 fn batched_queries_match_one_by_one() {
     use metauas::model::Engine;
@@ -354,6 +355,14 @@ fn batched_queries_match_one_by_one() {
         }
         assert_ne!(batch[0].data, batch[1].data);
         assert!(engine.segment_batch(&prompt, &[]).unwrap().is_empty());
+        // A query pre-processed elsewhere (e.g. on another thread) gives the same map.
+        let input = metauas::io::image::preprocess(&queries[2], 64);
+        let pre = engine.segment_preprocessed(&prompt, &input).unwrap();
+        assert_eq!(pre.data, batch[2].data);
+        let err = engine
+            .segment_preprocessed(&prompt, &input[1..])
+            .unwrap_err();
+        assert!(err.to_string().contains("takes 12288"), "{err}");
     }
 }
 

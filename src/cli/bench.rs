@@ -6,10 +6,13 @@ use std::time::Instant;
 
 use clap::Args;
 use metauas::graph::{DispatchInfo, Graph, RunPhases};
-use metauas::io::image::preprocess;
+use metauas::io::image::{decode_image_bytes, preprocess};
+use metauas::io::jpeg::encode_jpeg;
+use metauas::io::output::rgb_png_bytes;
+use metauas::model::decision::{Policy, Threshold};
 use metauas::model::{check_size, Engine};
-use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
-use metauas::Result;
+use metauas::synth::{camera_frame, synthetic_image, synthetic_weights, WeightRecipe};
+use metauas::{Error, Result};
 
 use super::RunOptions;
 
@@ -33,6 +36,14 @@ pub struct BenchArgs {
     /// Add a per-op table (time and GFLOP/s) of the query graph.
     #[arg(long)]
     profile: bool,
+    /// Also time a camera frame end to end, from its bytes to the verdict (decode,
+    /// pre-process, forward with the cached prompt, verdict + regions): a synthetic
+    /// 2448x2048 frame as a quality-90 JPEG and as a PNG.
+    #[arg(long)]
+    frame: bool,
+    /// Time these image files end to end like `--frame` (your camera's frames).
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    frame_file: Vec<PathBuf>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -92,6 +103,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         )?),
         None => None,
     };
+    let frames = time_frames(&engine, &prompt, &args)?;
     let rss = peak_rss_mb();
     if args.json {
         let obj = serde_json::json!({
@@ -108,6 +120,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if !phases.is_empty() {
             obj["phases_cached_ms"] = phases_json(&phases);
+        }
+        if !frames.is_empty() {
+            obj["frames"] = frames.iter().map(|f| f.json(cached_med)).collect();
         }
         if let (Some(n), Some((ms, per_s))) = (args.batch, batch) {
             obj["batch"] = n.into();
@@ -129,6 +144,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let (Some(n), Some((ms, per_s))) = (args.batch, batch) {
             println!("batch of {n} queries, one prompt: median {ms:.2} ms, {per_s:.1} images/s");
         }
+        for f in &frames {
+            f.print(cached_med);
+        }
         println!("peak RSS: {rss:.1} MB");
     }
     if args.profile && engine.backend_kind() == "gpu" {
@@ -139,8 +157,132 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Median time of `segment_batch` over batches of `n` copies of the query (after one
-/// warm-up batch), and the images per second it means.
+/// One frame's way from bytes to a verdict, median ms per step.
+struct FrameTimes {
+    name: String,
+    bytes: usize,
+    width: usize,
+    height: usize,
+    decode: f64,
+    preprocess: f64,
+    forward: f64,
+    decide: f64,
+    total: f64,
+}
+
+impl FrameTimes {
+    /// Decode + pre-process against the cached forward of the model-size image.
+    fn input_share(&self, cached_ms: f64) -> f64 {
+        (self.decode + self.preprocess) / cached_ms
+    }
+
+    fn json(&self, cached_ms: f64) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name, "bytes": self.bytes, "width": self.width, "height": self.height,
+            "decode_ms": self.decode, "preprocess_ms": self.preprocess,
+            "forward_ms": self.forward, "decide_ms": self.decide, "total_ms": self.total,
+            "decode_preprocess_over_cached_forward": self.input_share(cached_ms),
+        })
+    }
+
+    fn print(&self, cached_ms: f64) {
+        println!(
+            "frame {} ({}x{}, {} bytes): decode {:.2} ms, preprocess {:.2} ms, forward {:.2} ms, \
+             verdict + regions {:.2} ms; bytes to verdict {:.2} ms (decode + preprocess = {:.0}% \
+             of the cached forward)",
+            self.name,
+            self.width,
+            self.height,
+            self.bytes,
+            self.decode,
+            self.preprocess,
+            self.forward,
+            self.decide,
+            self.total,
+            100.0 * self.input_share(cached_ms)
+        );
+    }
+}
+
+/// The frames `--frame` and `--frame-file` ask for, each timed end to end.
+fn time_frames(
+    engine: &Engine,
+    prompt: &metauas::model::PromptFeatures,
+    args: &BenchArgs,
+) -> Result<Vec<FrameTimes>> {
+    let mut sources: Vec<(String, Vec<u8>)> = Vec::new();
+    if args.frame {
+        let frame = camera_frame(FRAME_WIDTH, FRAME_HEIGHT);
+        let jpeg = encode_jpeg(&frame, 90).map_err(|e| Error::new(format!("frame: {e}")))?;
+        let png = rgb_png_bytes(&frame.data, frame.width, frame.height)
+            .map_err(|e| Error::new(format!("frame: {e}")))?;
+        sources.push(("synthetic.jpg".into(), jpeg));
+        sources.push(("synthetic.png".into(), png));
+    }
+    for path in &args.frame_file {
+        let bytes = std::fs::read(path).map_err(|e| Error::at(path, e))?;
+        sources.push((path.display().to_string(), bytes));
+    }
+    sources
+        .iter()
+        .map(|(name, bytes)| time_frame(engine, prompt, name, bytes, args.iters.max(1)))
+        .collect()
+}
+
+const FRAME_WIDTH: usize = 2448;
+const FRAME_HEIGHT: usize = 2048;
+
+/// Bytes -> image -> model input -> map -> verdict, `iters` times after one warm-up; the
+/// regions are those above the map's 99.5th percentile (a handful, as on a real defect).
+fn time_frame(
+    engine: &Engine,
+    prompt: &metauas::model::PromptFeatures,
+    name: &str,
+    bytes: &[u8],
+    iters: usize,
+) -> Result<FrameTimes> {
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let first = decode_image_bytes(bytes, name)?;
+    let map = engine.segment(prompt, &first)?;
+    let mut sorted = map.data.clone();
+    sorted.sort_by(f32::total_cmp);
+    let level = f64::from(sorted[sorted.len() * 995 / 1000]);
+    let policy = Policy {
+        image: Some(Threshold::given(level)),
+        pixel: Some(Threshold::given(level)),
+        ..Policy::default()
+    };
+    let mut steps: [Vec<f64>; 5] = Default::default();
+    for _ in 0..iters {
+        let start = Instant::now();
+        let t = Instant::now();
+        let image = decode_image_bytes(bytes, name)?;
+        steps[0].push(ms(t));
+        let t = Instant::now();
+        let input = preprocess(&image, engine.size());
+        steps[1].push(ms(t));
+        let t = Instant::now();
+        let mut map = engine.segment_preprocessed(prompt, &input)?;
+        steps[2].push(ms(t));
+        let t = Instant::now();
+        std::hint::black_box(policy.decide(&mut map, (image.width, image.height))?);
+        steps[3].push(ms(t));
+        steps[4].push(ms(start));
+    }
+    let [decode, preprocess, forward, decide, total] = steps.map(|v| percentile(&v, 50.0));
+    Ok(FrameTimes {
+        name: name.to_string(),
+        bytes: bytes.len(),
+        width: first.width,
+        height: first.height,
+        decode,
+        preprocess,
+        forward,
+        decide,
+        total,
+    })
+}
+
 /// How the GPU forward is cut up: dispatches and submits per cached query and per full
 /// forward, and how many workgroups the conv dispatches launch (a 132-SM GPU needs about 264
 /// to fill two waves).
@@ -192,6 +334,8 @@ fn phases_json(phases: &[RunPhases]) -> serde_json::Value {
     })
 }
 
+/// Median time of `segment_batch` over batches of `n` copies of the query (after one
+/// warm-up batch), and the images per second it means.
 fn time_batches(
     engine: &Engine,
     prompt: &metauas::model::PromptFeatures,

@@ -72,6 +72,7 @@ impl Backend for CpuBackend {
             memory: memory_plan(graph),
             plan,
             arena: Mutex::new(Vec::new()),
+            second_arena: Mutex::new(Vec::new()),
         }))
     }
 }
@@ -94,6 +95,9 @@ pub struct CpuGraph {
     /// How each value is produced (see `fold`) and each conv node computed (see `strategy`).
     plan: CpuPlan,
     arena: Mutex<Vec<f32>>,
+    /// The arena of the second of two runs that `run_batch` makes at once (allocated at
+    /// the first batch, kept for the next one like `arena`).
+    second_arena: Mutex<Vec<f32>>,
 }
 
 impl CompiledGraph for CpuGraph {
@@ -105,6 +109,9 @@ impl CompiledGraph for CpuGraph {
         let g = &self.graph;
         assert_eq!(inputs.len(), g.inputs.len(), "input count");
         let mut arena = lock(&self.arena);
+        if times.is_none() {
+            return self.run_in(&mut arena, inputs);
+        }
         self.prepare_arena(&mut arena);
         self.load_inputs(
             &mut arena,
@@ -112,6 +119,33 @@ impl CompiledGraph for CpuGraph {
         );
         self.run_nodes(&mut arena, 0..g.nodes.len(), times);
         Ok(self.outputs(&arena))
+    }
+
+    /// Two runs at a time, each in its own arena, both on the pool: on every op of one run
+    /// the other keeps the cores busy where a single small op leaves one idle (the late
+    /// encoder blocks, the alignment, the reductions of squeeze-excite), and each op's
+    /// weights are read by both while still in cache. The kernels are the ones `run` uses
+    /// and decide their work split by shape alone, so the outputs are `run`'s bit for bit.
+    fn run_batch(&self, runs: &[Vec<&[f32]>]) -> Result<Vec<Outputs>> {
+        let mut outputs = Vec::with_capacity(runs.len());
+        for pair in runs.chunks(2) {
+            match pair {
+                [one] => outputs.push(self.run(one, None)?),
+                [a, b] => {
+                    let mut second = lock(&self.second_arena);
+                    let second: &mut Vec<f32> = &mut second;
+                    let (ya, yb) = rayon::join(|| self.run(a, None), || self.run_in(second, b));
+                    outputs.push(ya?);
+                    outputs.push(yb?);
+                }
+                _ => unreachable!("chunks of two"),
+            }
+        }
+        Ok(outputs)
+    }
+
+    fn batches(&self) -> bool {
+        rayon::current_num_threads() >= 2
     }
 
     /// The leading nodes run on the pool while the calling thread computes `late` (for the
@@ -150,6 +184,16 @@ impl CompiledGraph for CpuGraph {
 }
 
 impl CpuGraph {
+    /// One whole run in `arena` (the body of `run`, for an arena other than its own).
+    fn run_in(&self, arena: &mut Vec<f32>, inputs: &[&[f32]]) -> Result<Outputs> {
+        let g = &self.graph;
+        assert_eq!(inputs.len(), g.inputs.len(), "input count");
+        self.prepare_arena(arena);
+        self.load_inputs(arena, g.inputs.iter().copied().zip(inputs.iter().copied()));
+        self.run_nodes(arena, 0..g.nodes.len(), None);
+        Ok(self.outputs(arena))
+    }
+
     /// Runs the nodes `range` by the plan on an arena that `prepare_arena` sized and whose
     /// inputs those nodes read are loaded. Ranges run in order make one run.
     fn run_nodes(&self, arena: &mut [f32], range: Range<usize>, mut times: Option<&mut NodeTimes>) {

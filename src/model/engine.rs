@@ -238,6 +238,12 @@ impl Engine {
         self.backend.description()
     }
 
+    /// Whether `segment_batch` beats one `segment` after another (the GPU: one forward for
+    /// the batch; the CPU with two or more threads: two queries at a time).
+    pub fn batches_queries(&self) -> bool {
+        self.query.batches()
+    }
+
     /// `"cpu"` or `"gpu"`.
     pub fn backend_kind(&self) -> &'static str {
         self.backend.kind()
@@ -330,7 +336,35 @@ impl Engine {
     ) -> Result<AnomalyMap> {
         self.check_prompt(prompt)?;
         let input = preprocess(image, self.size);
-        let inputs = self.query_inputs(&input, prompt);
+        self.segment_input(prompt, &input, times)
+    }
+
+    /// Segments a query already pre-processed (`io::image::preprocess` at this engine's
+    /// size: 3 x S x S float32, HWC), e.g. on another thread while the previous one runs.
+    pub fn segment_preprocessed(
+        &self,
+        prompt: &PromptFeatures,
+        input: &[f32],
+    ) -> Result<AnomalyMap> {
+        self.check_prompt(prompt)?;
+        let want = 3 * self.size * self.size;
+        if input.len() != want {
+            return Err(Error::new(format!(
+                "pre-processed query: {} values, this engine (size {}) takes {want}",
+                input.len(),
+                self.size
+            )));
+        }
+        self.segment_input(prompt, input, None)
+    }
+
+    fn segment_input(
+        &self,
+        prompt: &PromptFeatures,
+        input: &[f32],
+        times: Option<&mut NodeTimes>,
+    ) -> Result<AnomalyMap> {
+        let inputs = self.query_inputs(input, prompt);
         let mut outputs = self.query.run(&inputs, times)?;
         Ok(AnomalyMap {
             size: self.size,
@@ -376,8 +410,8 @@ impl Engine {
     /// Segments several query images against one prompt. On the GPU backend each chunk of
     /// up to `MAX_GPU_BATCH` queries is one forward with a batch dimension (every dispatch
     /// covers all of them, the prompt's features stored once; one submission, one
-    /// readback); on the CPU the queries run one after another, each on every core. The maps are those `segment`
-    /// gives, bit for bit.
+    /// readback); on the CPU two queries run at a time, each in its own arena, sharing the
+    /// cores op by op. The maps are those `segment` gives, bit for bit.
     pub fn segment_batch(
         &self,
         prompt: &PromptFeatures,

@@ -2,9 +2,9 @@
 //! first waiting job, gathers more for up to `window` (at most `max_batch` in all), then runs
 //! them on the shared engine and answers each through its own channel.
 //!
-//! Jobs of a batch that share a prompt run as one GPU submission (`Engine::segment_batch`:
-//! one upload, one readback); on the CPU backend they run one after the other, each on every
-//! core. A failing (or panicking) job answers its own error and the others in its batch
+//! Jobs of a batch that share a prompt run as one `Engine::segment_batch`: on the GPU one
+//! submission (one upload, one readback), on the CPU two queries at a time sharing the cores
+//! op by op. A failing (or panicking) job answers its own error and the others in its batch
 //! still get their maps.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -184,11 +184,11 @@ fn group_by_prompt(batch: Vec<Job>) -> Vec<Vec<Job>> {
     groups
 }
 
-/// Runs jobs that share a prompt. On the GPU several go as one submission
-/// (`Engine::segment_batch`); if that fails, or on the CPU (where a query already uses every
-/// core), they run one by one so that each job gets its own answer.
+/// Runs jobs that share a prompt as one `Engine::segment_batch` where the backend batches
+/// (the GPU: one submission; the CPU: two queries at a time); if that fails, or with a
+/// test delay, they run one by one so that each job gets its own answer.
 fn run_group(engine: &Engine, config: &BatchConfig, jobs: Vec<Job>, size: usize) {
-    if jobs.len() > 1 && engine.backend_kind() == "gpu" && config.job_delay.is_zero() {
+    if jobs.len() > 1 && engine.batches_queries() && config.job_delay.is_zero() {
         let images: Vec<&RgbImage8> = jobs.iter().map(|j| &j.image).collect();
         let start = Instant::now();
         let run = catch_unwind(AssertUnwindSafe(|| {

@@ -220,6 +220,30 @@ pub fn synthetic_image(
     }
 }
 
+/// A synthetic camera frame: a smooth picture with fine texture, as a 5-megapixel camera
+/// sees a part (benchmarks of decoding, pre-processing and frame-size outputs). Fine
+/// texture keeps the JPEG and PNG as costly to decode as a real photo's.
+pub fn camera_frame(width: usize, height: usize) -> RgbImage8 {
+    let mut data = Vec::with_capacity(width * height * 3);
+    for y in 0..height as u32 {
+        for x in 0..width as u32 {
+            let (fx, fy) = (x as f32, y as f32);
+            let texture =
+                (((x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) >> 13) % 9) as u8;
+            data.extend_from_slice(&[
+                (60.0 + 120.0 * fx / width as f32) as u8 + texture,
+                (80.0 + 100.0 * fy / height as f32) as u8 + texture,
+                (128.0 + 60.0 * (fx / 150.0).sin() * (fy / 110.0).cos()) as u8,
+            ]);
+        }
+    }
+    RgbImage8 {
+        width,
+        height,
+        data,
+    }
+}
+
 /// Writes the synthetic state dict of `recipe` (every official entry, counters as int64) as
 /// safetensors, with `metadata`: weights for tests, benchmarks and trying the tool.
 pub fn write_synthetic_safetensors(
