@@ -15,8 +15,8 @@ use metauas::io::output::{
     blend_half, draw_boxes, gray_png_bytes_wh, heatmap_png, heatmap_rgb, rgb_png_bytes,
     threshold_mask, HeatmapScale,
 };
-use metauas::model::decision::{resize_map, Policy, Threshold};
-use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
+use metauas::model::decision::resize_map;
+use metauas::synth::{synthetic_image, synthetic_weights, top_half_percent_policy, WeightRecipe};
 use metauas::Engine;
 
 const SIZE: usize = 256;
@@ -36,17 +36,10 @@ fn bench_decision(c: &mut Criterion) {
         .unwrap();
     let frame = camera_frame();
     let map = engine.segment(&prompt, &frame).unwrap();
-    // A pixel threshold that leaves some regions: the 99.5th percentile of this map.
-    let mut sorted = map.data.clone();
-    sorted.sort_by(f32::total_cmp);
-    let t = f64::from(sorted[sorted.len() * 995 / 1000]);
-    let policy = Policy {
-        image: Some(Threshold::given(t)),
-        pixel: Some(Threshold::given(t)),
-        ..Policy::default()
-    };
+    let policy = top_half_percent_policy(&map.data);
     let decision = policy.decide(&mut map.clone(), (WIDTH, HEIGHT)).unwrap();
-    eprintln!("{} regions above {t:.4}", decision.regions.len());
+    let level = policy.pixel.map_or(0.0, |t| t.value);
+    eprintln!("{} regions above {level:.4}", decision.regions.len());
     let big = resize_map(&map.data, SIZE, WIDTH, HEIGHT);
     let heat = heatmap_rgb(&big, HeatmapScale::Fixed);
     let boxes: Vec<[usize; 4]> = decision.regions.iter().map(|r| r.bbox).collect();
@@ -85,7 +78,9 @@ fn bench_decision(c: &mut Criterion) {
         b.iter(|| rgb_png_bytes(black_box(&frame.data), WIDTH, HEIGHT).unwrap())
     });
     group.bench_function("png_mask_frame", |b| {
-        b.iter(|| gray_png_bytes_wh(&threshold_mask(black_box(&big), t), WIDTH, HEIGHT).unwrap())
+        b.iter(|| {
+            gray_png_bytes_wh(&threshold_mask(black_box(&big), level), WIDTH, HEIGHT).unwrap()
+        })
     });
     // All of `segment`'s frame-size outputs for one query, as it makes them (in memory):
     // resize, overlay with boxes and heatmap + mask encoded on two threads.
@@ -99,7 +94,7 @@ fn bench_decision(c: &mut Criterion) {
             };
             let rest = || {
                 let h = heatmap_png(&big, WIDTH, HEIGHT, HeatmapScale::Fixed).unwrap();
-                let m = gray_png_bytes_wh(&threshold_mask(&big, t), WIDTH, HEIGHT).unwrap();
+                let m = gray_png_bytes_wh(&threshold_mask(&big, level), WIDTH, HEIGHT).unwrap();
                 (h, m)
             };
             rayon::join(overlay, rest)

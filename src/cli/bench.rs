@@ -9,7 +9,6 @@ use metauas::graph::{DispatchInfo, Graph, RunPhases};
 use metauas::io::image::{decode_image_bytes, preprocess};
 use metauas::io::jpeg::encode_jpeg;
 use metauas::io::output::rgb_png_bytes;
-use metauas::model::decision::{Policy, Threshold};
 use metauas::model::{check_size, Engine};
 use metauas::synth::{camera_frame, synthetic_image, synthetic_weights, WeightRecipe};
 use metauas::{Error, Result};
@@ -244,14 +243,7 @@ fn time_frame(
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let first = decode_image_bytes(bytes, name)?;
     let map = engine.segment(prompt, &first)?;
-    let mut sorted = map.data.clone();
-    sorted.sort_by(f32::total_cmp);
-    let level = f64::from(sorted[sorted.len() * 995 / 1000]);
-    let policy = Policy {
-        image: Some(Threshold::given(level)),
-        pixel: Some(Threshold::given(level)),
-        ..Policy::default()
-    };
+    let policy = metauas::synth::top_half_percent_policy(&map.data);
     let mut steps: [Vec<f64>; 5] = Default::default();
     for _ in 0..iters {
         let start = Instant::now();

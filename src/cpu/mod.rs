@@ -106,19 +106,7 @@ impl CompiledGraph for CpuGraph {
     }
 
     fn run(&self, inputs: &[&[f32]], times: Option<&mut NodeTimes>) -> Result<Outputs> {
-        let g = &self.graph;
-        assert_eq!(inputs.len(), g.inputs.len(), "input count");
-        let mut arena = lock(&self.arena);
-        if times.is_none() {
-            return self.run_in(&mut arena, inputs);
-        }
-        self.prepare_arena(&mut arena);
-        self.load_inputs(
-            &mut arena,
-            g.inputs.iter().copied().zip(inputs.iter().copied()),
-        );
-        self.run_nodes(&mut arena, 0..g.nodes.len(), times);
-        Ok(self.outputs(&arena))
+        self.run_in(&mut lock(&self.arena), inputs, times)
     }
 
     /// Two runs at a time, each in its own arena, both on the pool: on every op of one run
@@ -134,7 +122,8 @@ impl CompiledGraph for CpuGraph {
                 [a, b] => {
                     let mut second = lock(&self.second_arena);
                     let second: &mut Vec<f32> = &mut second;
-                    let (ya, yb) = rayon::join(|| self.run(a, None), || self.run_in(second, b));
+                    let (ya, yb) =
+                        rayon::join(|| self.run(a, None), || self.run_in(second, b, None));
                     outputs.push(ya?);
                     outputs.push(yb?);
                 }
@@ -184,13 +173,18 @@ impl CompiledGraph for CpuGraph {
 }
 
 impl CpuGraph {
-    /// One whole run in `arena` (the body of `run`, for an arena other than its own).
-    fn run_in(&self, arena: &mut Vec<f32>, inputs: &[&[f32]]) -> Result<Outputs> {
+    /// One whole run in `arena`: `run` in its own, `run_batch`'s second run in another.
+    fn run_in(
+        &self,
+        arena: &mut Vec<f32>,
+        inputs: &[&[f32]],
+        times: Option<&mut NodeTimes>,
+    ) -> Result<Outputs> {
         let g = &self.graph;
         assert_eq!(inputs.len(), g.inputs.len(), "input count");
         self.prepare_arena(arena);
         self.load_inputs(arena, g.inputs.iter().copied().zip(inputs.iter().copied()));
-        self.run_nodes(arena, 0..g.nodes.len(), None);
+        self.run_nodes(arena, 0..g.nodes.len(), times);
         Ok(self.outputs(arena))
     }
 

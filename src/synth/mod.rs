@@ -244,6 +244,20 @@ pub fn camera_frame(width: usize, height: usize) -> RgbImage8 {
     }
 }
 
+/// A policy whose image and pixel thresholds are `map`'s 99.5th percentile, so a synthetic
+/// frame ends with a handful of regions, as a real defect does (benchmarks of the verdict).
+pub fn top_half_percent_policy(map: &[f32]) -> crate::model::decision::Policy {
+    use crate::model::decision::{Policy, Threshold};
+    let mut sorted = map.to_vec();
+    sorted.sort_by(f32::total_cmp);
+    let level = Threshold::given(f64::from(sorted[sorted.len() * 995 / 1000]));
+    Policy {
+        image: Some(level),
+        pixel: Some(level),
+        ..Policy::default()
+    }
+}
+
 /// Writes the synthetic state dict of `recipe` (every official entry, counters as int64) as
 /// safetensors, with `metadata`: weights for tests, benchmarks and trying the tool.
 pub fn write_synthetic_safetensors(
