@@ -102,6 +102,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_model() -> str:
+    """The CPU's name and whether it has AVX-512: the tables of two machines differ by it."""
+    name, flags = "unknown CPU", set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa}, {os.cpu_count()} logical CPUs)"
+
+
 def run_child(args: list) -> dict:
     out = subprocess.run(args, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -126,6 +140,7 @@ def bench_size(size: int, a) -> dict:
         m = json.loads(out.stdout)
         res["ours_full"].append(m["full_ms"])
         res["ours_cached"].append(m["cached_ms"])
+        res["device"] = m["device"]
         res["rss"]["metauas"] = max(res["rss"].get("metauas", 0), m["peak_rss_mb"])
         for eng in ["ort", "torch"]:
             c = run_child(me + [eng] + common)
@@ -159,7 +174,9 @@ def main() -> int:
         of, oc = statistics.median(r["ours_full"]), statistics.median(r["ours_cached"])
         ort, pt = statistics.median(r["ort"]), statistics.median(r["torch"])
         rows.append((size, of, oc, ort, pt, r["rss"]))
-    print(f"\n{a.threads} threads, {a.rounds} rounds x {a.iters} iterations, medians in ms")
+        device = r["device"]
+    print(f"\n{cpu_model()}; metauas on {device}")
+    print(f"{a.threads} threads, {a.rounds} rounds x {a.iters} iterations, medians in ms")
     print("| size | metauas full | metauas cached | ONNX Runtime | PyTorch | full vs ORT | cached vs ORT "
           "| full vs PyTorch | peak RSS MB (ours / ORT / PyTorch) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -244,7 +244,7 @@ impl Engine {
         })
     }
 
-    /// Where the engine runs, e.g. `cpu (8 threads)`.
+    /// Where the engine runs, e.g. `cpu (avx2, 8 threads)`.
     #[getter]
     fn backend(&self) -> String {
         self.inner.backend_description()

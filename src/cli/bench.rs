@@ -361,12 +361,15 @@ fn profile(
         engine.segment_timed(prompt, query, Some(&mut times))?;
         total.iter_mut().zip(&times).for_each(|(t, x)| *t += x);
     }
-    // FMA peak measured on this project's machine (docs/BENCHMARKS.md): 16 lanes x 2 FMA
-    // units, about 165 GFLOP/s per core; the column is relative to all threads in use.
-    const PEAK_GFLOPS_PER_CORE: f64 = 165.0;
-    let peak = PEAK_GFLOPS_PER_CORE * rayon::current_num_threads() as f64;
+    // The column is relative to all threads in use at the ISA the kernels run with.
+    let peak =
+        metauas::cpu::kernels::fma_peak_gflops_per_core() * rayon::current_num_threads() as f64;
     let sum: f64 = total.iter().sum();
-    println!("\nper-op profile of the query graph (mean of {iters} runs)");
+    println!(
+        "\nper-op profile of the query graph (mean of {iters} runs; % peak of {peak:.0} GFLOP/s, {} FMA on {} threads)",
+        metauas::cpu::kernels::isa_name(),
+        rayon::current_num_threads()
+    );
     println!(
         "{:<24} {:<16} {:>9} {:>7} {:>9} {:>7}  strategy",
         "node", "op", "ms", "%", "GFLOP/s", "% peak"

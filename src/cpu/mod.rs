@@ -60,7 +60,11 @@ impl Backend for CpuBackend {
     }
 
     fn description(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!(
+            "cpu ({}, {} threads)",
+            kernels::isa_name(),
+            rayon::current_num_threads()
+        )
     }
 
     fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledGraph>> {
