@@ -11,10 +11,16 @@
 
 use super::simd::{Level, LANES};
 
-/// Width (in vectors of 16) of the next tile when `remaining` vectors of columns are left:
-/// 3 (the widest tile) except that a remainder of 4 is split 2 + 2 and 2 stays 2, so that
+/// Width (in vectors of 16) of the next tile when `remaining` vectors of columns are left.
+/// With AVX2, always 1. Otherwise 3 (the widest tile) except that a remainder of 4 is split 2 + 2 and 2 stays 2, so that
 /// a 1-vector tile (8 broadcasts per 8 FMAs) only happens for a single vector of columns.
 pub(crate) fn next_tile_width(remaining: usize) -> usize {
+    // AVX2 has 16 ymm registers and a 16-lane vector takes two: a 6x1 tile (12
+    // accumulators, 2 weight vectors, 1 broadcast) fits, while 3x2 and 2x3 need 17 and 19
+    // and spill in the k-loop (measured: the query 1.45x slower with them).
+    if super::isa::Isa::selected() == super::isa::Isa::Avx2 {
+        return remaining.min(1);
+    }
     match remaining {
         0..=2 => remaining,
         4 => 2,
