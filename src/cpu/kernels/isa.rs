@@ -117,7 +117,10 @@ pub(crate) use dispatch_isa;
 /// `dispatch_tile!(L, nv, func(args..))` calls `func::<L, MR, NV>(args..)` with the register
 /// tile shape for level `L` and a tile `nv` (1..=3) vectors of 16 lanes wide: `MR` pixel rows
 /// chosen so the `MR x NV` accumulators fit the register file (32 zmm on AVX-512, 16 ymm on
-/// AVX2, where a 16-lane vector is 2 registers). The single place tile shapes are chosen.
+/// AVX2, where a 16-lane vector is 2 registers). The single place tile shapes are chosen;
+/// the widths come from `gemm::next_tile_width`, which keeps AVX2 at `nv = 1` (its 3x2 and
+/// 2x3 tiles spill once the weight vectors are counted; they run only on weights packed
+/// under another ISA, as in the kernel tests).
 macro_rules! dispatch_tile {
     ($level:ty, $nv:expr, $func:ident($($arg:expr),* $(,)?)) => {{
         use $crate::cpu::kernels::isa::Isa;
