@@ -9,17 +9,17 @@
 
 #![allow(clippy::needless_range_loop)]
 
+use super::isa::Isa;
 use super::simd::{Level, LANES};
 
-/// Width (in vectors of 16) of the next tile when `remaining` vectors of columns are left.
-/// With AVX2, always 1. Otherwise 3 (the widest tile) except that a remainder of 4 is split 2 + 2 and 2 stays 2, so that
-/// a 1-vector tile (8 broadcasts per 8 FMAs) only happens for a single vector of columns.
+/// Width (in vectors of 16) of the next tile when `remaining` vectors of columns are left:
+/// the widest tile the selected ISA fits ([`Isa::widest_tile`]: 3, or 1 on AVX2), except
+/// that with 3 a remainder of 4 is split 2 + 2 and 2 stays 2, so that a 1-vector tile
+/// (8 broadcasts per 8 FMAs) only happens for a single vector of columns.
 pub(crate) fn next_tile_width(remaining: usize) -> usize {
-    // AVX2 has 16 ymm registers and a 16-lane vector takes two: a 6x1 tile (12
-    // accumulators, 2 weight vectors, 1 broadcast) fits, while 3x2 and 2x3 need 17 and 19
-    // and spill in the k-loop (measured: the query 1.45x slower with them).
-    if super::isa::Isa::selected() == super::isa::Isa::Avx2 {
-        return remaining.min(1);
+    let widest = Isa::selected().widest_tile();
+    if widest < 3 {
+        return remaining.min(widest);
     }
     match remaining {
         0..=2 => remaining,

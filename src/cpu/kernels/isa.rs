@@ -50,6 +50,39 @@ impl Isa {
             .collect()
     }
 
+    /// The name `METAUAS_ISA` takes and benchmark tables print.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    /// The widest register tile, in vectors of 16 columns, whose weight vectors fit the
+    /// register file beside its accumulators (see [`dispatch_tile!`]): on AVX2 a 16-lane
+    /// vector takes two of the 16 ymm, so 6x1 (12 accumulators + 2 + 1 broadcast) fits,
+    /// while 3x2 and 2x3 need 17 and 19 and spill in the k-loop (the query ran 1.45x
+    /// slower with them).
+    pub(crate) fn widest_tile(self) -> usize {
+        match self {
+            Isa::Avx2 => 1,
+            Isa::Avx512 | Isa::Portable => 3,
+        }
+    }
+
+    /// The float32 FMA peak of one core, in GFLOP/s: lanes x 2 FMA units x 2 FLOP at a
+    /// nominal 2.6 GHz (165 with AVX-512 was measured on the project's machine,
+    /// docs/BENCHMARKS.md; AVX2 has half the lanes; the portable code is taken as 4-lane
+    /// SSE with no FMA).
+    pub(crate) fn fma_peak_gflops_per_core(self) -> f64 {
+        match self {
+            Isa::Avx512 => 165.0,
+            Isa::Avx2 => 82.5,
+            Isa::Portable => 20.6,
+        }
+    }
+
     fn parse(name: &str) -> Option<Isa> {
         match name.trim().to_ascii_lowercase().as_str() {
             "portable" | "scalar" | "none" => Some(Isa::Portable),
@@ -117,10 +150,9 @@ pub(crate) use dispatch_isa;
 /// `dispatch_tile!(L, nv, func(args..))` calls `func::<L, MR, NV>(args..)` with the register
 /// tile shape for level `L` and a tile `nv` (1..=3) vectors of 16 lanes wide: `MR` pixel rows
 /// chosen so the `MR x NV` accumulators fit the register file (32 zmm on AVX-512, 16 ymm on
-/// AVX2, where a 16-lane vector is 2 registers). The single place tile shapes are chosen;
-/// the widths come from `gemm::next_tile_width`, which keeps AVX2 at `nv = 1` (its 3x2 and
-/// 2x3 tiles spill once the weight vectors are counted; they run only on weights packed
-/// under another ISA, as in the kernel tests).
+/// AVX2, where a 16-lane vector is 2 registers). The single place tile shapes are chosen.
+/// Column groups are at most [`Isa::widest_tile`] wide for the selected ISA, so AVX2's 3x2
+/// and 2x3 (which spill) run only on weights packed under another ISA, as in kernel tests.
 macro_rules! dispatch_tile {
     ($level:ty, $nv:expr, $func:ident($($arg:expr),* $(,)?)) => {{
         use $crate::cpu::kernels::isa::Isa;

@@ -58,23 +58,13 @@ pub(crate) use winograd::{GatedConcat, InputLayout, Schedule};
 /// The instruction set the kernels run with on this CPU (`avx512`, `avx2` or `portable`;
 /// `METAUAS_ISA` may lower it): what a benchmark table must name beside its times.
 pub fn isa_name() -> &'static str {
-    match isa::Isa::selected() {
-        isa::Isa::Avx512 => "avx512",
-        isa::Isa::Avx2 => "avx2",
-        isa::Isa::Portable => "portable",
-    }
+    isa::Isa::selected().name()
 }
 
-/// The float32 FMA peak of one core at the selected instruction set, in GFLOP/s: lanes x
-/// 2 FMA units x 2 FLOP at a nominal 2.6 GHz (165 with AVX-512 was measured on the project's
-/// machine, docs/BENCHMARKS.md; AVX2 has half the lanes; the portable code is taken as
-/// 4-lane SSE with no FMA). The profile's "% peak" column divides by it.
+/// The float32 FMA peak of one core at the selected instruction set, in GFLOP/s (the
+/// profile's "% peak" column divides by it).
 pub fn fma_peak_gflops_per_core() -> f64 {
-    match isa::Isa::selected() {
-        isa::Isa::Avx512 => 165.0,
-        isa::Isa::Avx2 => 82.5,
-        isa::Isa::Portable => 20.6,
-    }
+    isa::Isa::selected().fma_peak_gflops_per_core()
 }
 
 /// The graph's parameter types, under the names the kernels use.
