@@ -6,7 +6,7 @@
 // Constant-bound index loops over tiles keep them in registers (see gemm.rs).
 #![allow(clippy::needless_range_loop)]
 
-use super::transform::input_tile;
+use super::transform::{input_tile_to, PatchSource};
 use super::{WinoJob, PATCH, POS, TILE};
 use crate::cpu::kernels::simd::{load_partial, Level, LANES};
 use crate::cpu::kernels::ConvGeometry;
@@ -147,24 +147,55 @@ unsafe fn transform_plain<L: Level>(
             *s = job.x.as_ptr().add(pixel * g.cin);
         }
     }
+    let stride = rows * kcs;
     let mut c = c0;
     while c < c1 {
-        let mut d = [L::zero(); POS];
-        if c + LANES <= g.cin {
-            for i in 0..POS {
-                d[i] = L::load(src[i].add(c));
-            }
+        let out = dst.add(c - c0);
+        let lanes = LANES.min(g.cin - c);
+        if lanes == LANES {
+            input_tile_to::<L, _>(
+                &PlainPatch::<false> {
+                    src: &src,
+                    c,
+                    lanes,
+                },
+                out,
+                stride,
+            );
         } else {
-            let n = g.cin - c;
-            for i in 0..POS {
-                d[i] = load_partial::<L>(std::slice::from_raw_parts(src[i].add(c), n));
-            }
-        }
-        let out = input_tile::<L>(&d);
-        for pos in 0..POS {
-            L::store(dst.add(pos * rows * kcs + (c - c0)), out[pos]);
+            input_tile_to::<L, _>(
+                &PlainPatch::<true> {
+                    src: &src,
+                    c,
+                    lanes,
+                },
+                out,
+                stride,
+            );
         }
         c += LANES;
+    }
+}
+
+/// A plain or upsampled patch: value `i` is channels `c .. c + lanes` at `src[i]` (all 16
+/// lanes, or only `lanes` when `TAIL`, zeros after).
+struct PlainPatch<'a, const TAIL: bool> {
+    src: &'a [*const f32; POS],
+    c: usize,
+    lanes: usize,
+}
+
+impl<L: Level, const TAIL: bool> PatchSource<L> for PlainPatch<'_, TAIL> {
+    /// # Safety
+    /// Each `src[i] + c` must be readable for 16 floats, or `lanes` when `TAIL`.
+    #[inline(always)]
+    unsafe fn value(&self, i: usize) -> L::V {
+        let p = self.src[i].add(self.c);
+        if TAIL {
+            L::load_masked(p, self.lanes)
+        } else {
+            L::load(p)
+        }
     }
 }
 
@@ -198,26 +229,43 @@ unsafe fn transform_gated_concat<L: Level>(
             spatial[i] = L::splat(cat.spatial_gate[pixel]);
         }
     }
+    let stride = rows * kcs;
     let mut c = c0;
     while c < c1 {
-        let mut d = [L::zero(); POS];
         // `ca` is a multiple of 16: a vector never straddles the two parts.
         let lanes = LANES.min(g.cin - c);
-        let channel = load_partial::<L>(&cat.channel_gate[c..c + lanes]);
-        for i in 0..POS {
-            let x = if c < ca {
-                L::load(up[i].add(c))
-            } else if lanes == LANES {
-                L::load(skip[i].add(c - ca))
-            } else {
-                load_partial::<L>(std::slice::from_raw_parts(skip[i].add(c - ca), lanes))
-            };
-            d[i] = L::mul(x, L::add(channel, spatial[i]));
-        }
-        let out = input_tile::<L>(&d);
-        for pos in 0..POS {
-            L::store(dst.add(pos * rows * kcs + (c - c0)), out[pos]);
-        }
+        let (parts, at) = if c < ca { (&up, c) } else { (&skip, c - ca) };
+        let patch = GatedPatch {
+            plain: PlainPatch::<true> {
+                src: parts,
+                c: at,
+                lanes,
+            },
+            channel: load_partial::<L>(&cat.channel_gate[c..c + lanes]),
+            spatial: &spatial,
+        };
+        input_tile_to::<L, _>(&patch, dst.add(c - c0), stride);
         c += LANES;
+    }
+}
+
+/// A patch of a [`GatedConcat`] input: the values of `plain`, each scaled by its gates.
+struct GatedPatch<'a, L: Level> {
+    plain: PlainPatch<'a, true>,
+    channel: L::V,
+    spatial: &'a [L::V; POS],
+}
+
+impl<L: Level> PatchSource<L> for GatedPatch<'_, L> {
+    /// # Safety
+    /// As [`PlainPatch`]'s.
+    #[inline(always)]
+    unsafe fn value(&self, i: usize) -> L::V {
+        let x = if self.plain.lanes == LANES {
+            L::load(self.plain.src[i].add(self.plain.c))
+        } else {
+            PatchSource::<L>::value(&self.plain, i)
+        };
+        L::mul(x, L::add(self.channel, self.spatial[i]))
     }
 }

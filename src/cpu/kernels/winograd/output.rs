@@ -4,8 +4,8 @@
 // Constant-bound index loops over tiles keep them in registers (see gemm.rs).
 #![allow(clippy::needless_range_loop)]
 
-use super::transform::output_tile;
-use super::{WinoJob, POS, TILE};
+use super::transform::output_tile_from;
+use super::{WinoJob, TILE};
 use crate::cpu::kernels::simd::{activate, Level, LANES};
 
 /// Tiles `t0..t1` and output channels `col0..col0 + cols` of a products buffer laid out
@@ -40,11 +40,8 @@ pub(super) unsafe fn transform_outputs<L: Level>(
         while col < unit.cols && unit.col0 + col < cout {
             let co = unit.col0 + col;
             let lanes = LANES.min(cout - co);
-            let mut mm = [L::zero(); POS];
-            for pos in 0..POS {
-                mm[pos] = L::load(m.add((pos * rows + t - unit.t0) * unit.cols + col));
-            }
-            let out = output_tile::<L>(&mm);
+            let first = m.add((t - unit.t0) * unit.cols + col);
+            let out = output_tile_from::<L>(first, rows * unit.cols);
             let bias = L::load(job.bias.as_ptr().add(co));
             for r in 0..TILE {
                 if r >= hv {
