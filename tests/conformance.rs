@@ -102,12 +102,14 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
     let query = decoded("query");
     let (map, taps) = engine.segment_with_taps(&prompt_image, &query).unwrap();
     // The production path (its own graphs and arena plans) must give the very same map.
-    let prompt = engine.encode_prompt(&prompt_image).unwrap();
-    let plain = engine.segment(&prompt, &query).unwrap();
-    assert_eq!(
-        plain.data, map.data,
-        "segment() differs from segment_with_taps()"
-    );
+    if checks_production_path(engine.backend_kind(), name) {
+        let prompt = engine.encode_prompt(&prompt_image).unwrap();
+        let plain = engine.segment(&prompt, &query).unwrap();
+        assert_eq!(
+            plain.data, map.data,
+            "segment() differs from segment_with_taps()"
+        );
+    }
     let tap_map = taps.iter().find(|t| t.name == "map").expect("map tap");
     assert_eq!(tap_map.data, map.data, "the map tap is not the map");
 
@@ -169,6 +171,17 @@ fn check_fixture_on(name: &str, options: EngineOptions) -> (f64, f64) {
         "{name}: outside the bound: {failures:?}"
     );
     map_error
+}
+
+/// Whether case `name` also runs the production path and compares its map bit for bit.
+/// Always on the CPU (a forward takes a fraction of a second there); on the GPU, which CI
+/// runs on lavapipe at ~20 s a forward at 256 and ~4x that at 512, on the sharp 256 cases
+/// only: the taps graph and the production graphs come from the same lowering at every size
+/// and precision, so one case per precision proves they agree, and the sharp one (softmax
+/// near one-hot) is where any difference would show. The other GPU cases still judge their
+/// map and every intermediate against the float64 truth.
+fn checks_production_path(backend: &str, name: &str) -> bool {
+    backend != "gpu" || name == "s256_sharp.safetensors"
 }
 
 macro_rules! gpu_fixture_test {
