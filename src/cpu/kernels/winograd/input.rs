@@ -153,25 +153,9 @@ unsafe fn transform_plain<L: Level>(
         let out = dst.add(c - c0);
         let lanes = LANES.min(g.cin - c);
         if lanes == LANES {
-            input_tile_to::<L, _>(
-                &PlainPatch::<false> {
-                    src: &src,
-                    c,
-                    lanes,
-                },
-                out,
-                stride,
-            );
+            input_tile_to::<L, _>(&PlainPatch::<false>::at(&src, c, lanes), out, stride);
         } else {
-            input_tile_to::<L, _>(
-                &PlainPatch::<true> {
-                    src: &src,
-                    c,
-                    lanes,
-                },
-                out,
-                stride,
-            );
+            input_tile_to::<L, _>(&PlainPatch::<true>::at(&src, c, lanes), out, stride);
         }
         c += LANES;
     }
@@ -183,6 +167,12 @@ struct PlainPatch<'a, const TAIL: bool> {
     src: &'a [*const f32; POS],
     c: usize,
     lanes: usize,
+}
+
+impl<'a, const TAIL: bool> PlainPatch<'a, TAIL> {
+    fn at(src: &'a [*const f32; POS], c: usize, lanes: usize) -> Self {
+        PlainPatch { src, c, lanes }
+    }
 }
 
 impl<L: Level, const TAIL: bool> PatchSource<L> for PlainPatch<'_, TAIL> {
@@ -235,37 +225,48 @@ unsafe fn transform_gated_concat<L: Level>(
         // `ca` is a multiple of 16: a vector never straddles the two parts.
         let lanes = LANES.min(g.cin - c);
         let (parts, at) = if c < ca { (&up, c) } else { (&skip, c - ca) };
-        let patch = GatedPatch {
-            plain: PlainPatch::<true> {
-                src: parts,
-                c: at,
-                lanes,
-            },
-            channel: load_partial::<L>(&cat.channel_gate[c..c + lanes]),
-            spatial: &spatial,
-        };
-        input_tile_to::<L, _>(&patch, dst.add(c - c0), stride);
+        let channel = load_partial::<L>(&cat.channel_gate[c..c + lanes]);
+        let out = dst.add(c - c0);
+        if lanes == LANES {
+            let plain = PlainPatch::<false>::at(parts, at, lanes);
+            input_tile_to::<L, _>(
+                &GatedPatch {
+                    plain,
+                    channel,
+                    spatial: &spatial,
+                },
+                out,
+                stride,
+            );
+        } else {
+            let plain = PlainPatch::<true>::at(parts, at, lanes);
+            input_tile_to::<L, _>(
+                &GatedPatch {
+                    plain,
+                    channel,
+                    spatial: &spatial,
+                },
+                out,
+                stride,
+            );
+        }
         c += LANES;
     }
 }
 
 /// A patch of a [`GatedConcat`] input: the values of `plain`, each scaled by its gates.
-struct GatedPatch<'a, L: Level> {
-    plain: PlainPatch<'a, true>,
+struct GatedPatch<'a, L: Level, const TAIL: bool> {
+    plain: PlainPatch<'a, TAIL>,
     channel: L::V,
     spatial: &'a [L::V; POS],
 }
 
-impl<L: Level> PatchSource<L> for GatedPatch<'_, L> {
+impl<L: Level, const TAIL: bool> PatchSource<L> for GatedPatch<'_, L, TAIL> {
     /// # Safety
     /// As [`PlainPatch`]'s.
     #[inline(always)]
     unsafe fn value(&self, i: usize) -> L::V {
-        let x = if self.plain.lanes == LANES {
-            L::load(self.plain.src[i].add(self.plain.c))
-        } else {
-            PatchSource::<L>::value(&self.plain, i)
-        };
+        let x = PatchSource::<L>::value(&self.plain, i);
         L::mul(x, L::add(self.channel, self.spatial[i]))
     }
 }
