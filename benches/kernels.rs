@@ -86,6 +86,13 @@ fn bench_conv(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| conv2d_nhwc(black_box(&x), &g, &packed, &bias, act, None, &mut y))
         });
+        // The encoder's expands end in swish (an exp per output): priced separately.
+        if g.kernel == 1 && g.cout > g.cin {
+            let swish = Activation::Swish;
+            group.bench_function(format!("{name}_swish"), |b| {
+                b.iter(|| conv2d_nhwc(black_box(&x), &g, &packed, &bias, swish, None, &mut y))
+            });
+        }
     }
     group.finish();
 }

@@ -332,8 +332,9 @@ fn batched_queries_match_one_by_one() {
     };
     let weights = synthetic_weights(&recipe);
     let prompt_image = synthetic_image(1, 70, 64, None);
-    let queries: Vec<_> = (0..3)
-        .map(|i| synthetic_image(10 + i, 64, 72, Some((8 + 12 * i as usize, 20, 10))))
+    // Five: on the CPU two pairs (two runs at a time) and one alone; on the GPU one batch.
+    let queries: Vec<_> = (0..5)
+        .map(|i| synthetic_image(10 + i, 64, 72, Some((8 + 9 * i as usize, 20, 10))))
         .collect();
     let refs: Vec<_> = queries.iter().collect();
     let mut options = vec![metauas::model::EngineOptions::default()];
@@ -355,6 +356,18 @@ fn batched_queries_match_one_by_one() {
         }
         assert_ne!(batch[0].data, batch[1].data);
         assert!(engine.segment_batch(&prompt, &[]).unwrap().is_empty());
+        // The same query twice in a batch, beside another one: each map is its own.
+        let again = engine
+            .segment_batch(&prompt, &[&queries[3], &queries[3], &queries[0]])
+            .unwrap();
+        assert_eq!(again[0].data, batch[3].data);
+        assert_eq!(again[1].data, batch[3].data);
+        assert_eq!(again[2].data, batch[0].data);
+        // A batch whose runs share every input.
+        let same = engine
+            .segment_batch(&prompt, &[&queries[1], &queries[1]])
+            .unwrap();
+        assert!(same.iter().all(|m| m.data == batch[1].data));
         // A query pre-processed elsewhere (e.g. on another thread) gives the same map.
         let input = metauas::io::image::preprocess(&queries[2], 64);
         let pre = engine.segment_preprocessed(&prompt, &input).unwrap();

@@ -96,7 +96,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(n) => Some(time_batches(
             &engine,
             &prompt,
-            &query_img,
+            args.run.size,
             n.into(),
             args.iters,
         )?),
@@ -326,16 +326,23 @@ fn phases_json(phases: &[RunPhases]) -> serde_json::Value {
     })
 }
 
-/// Median time of `segment_batch` over batches of `n` copies of the query (after one
-/// warm-up batch), and the images per second it means.
+/// Median time of `segment_batch` over batches of `n` different query images (frames of a
+/// camera differ: a backend may compute identical runs once), after one warm-up batch, and
+/// the images per second it means.
 fn time_batches(
     engine: &Engine,
     prompt: &metauas::model::PromptFeatures,
-    query: &metauas::io::image::RgbImage8,
+    size: usize,
     n: usize,
     iters: usize,
 ) -> Result<(f64, f64)> {
-    let images = vec![query; n];
+    let queries: Vec<_> = (0..n)
+        .map(|i| {
+            let at = size / 4 + (i * size / 2) / n.max(1);
+            synthetic_image(2 + i as u64, size, size, Some((at, size / 3, size / 8)))
+        })
+        .collect();
+    let images: Vec<_> = queries.iter().collect();
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters.max(1) + 1 {
         let t = Instant::now();

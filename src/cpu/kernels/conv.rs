@@ -440,6 +440,10 @@ unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
     for v in 0..NV {
         bias[v] = L::load(job.bias.as_ptr().add(co0 + v * LANES));
     }
+    if valid == MR && co0 + NV * LANES <= cout {
+        store_full_tile::<L, MR, NV>(job, co0, tile, t0, &bias);
+        return;
+    }
     for m in 0..MR {
         // Constant trip count with an early exit keeps `acc` indexable by constants (in registers).
         if m >= valid {
@@ -470,6 +474,40 @@ unsafe fn store_outputs<L: Level, const MR: usize, const NV: usize>(
                 }
                 std::ptr::copy_nonoverlapping(vals.as_ptr(), out, lanes);
             }
+        }
+    }
+}
+
+/// [`store_outputs`] of a tile whose rows and vectors are all in the output: constant trip
+/// counts, so the `MR x NV` activations (swish: an exp and a reciprocal each, ~20
+/// dependent operations) are independent chains the core overlaps, not one after another
+/// behind per-vector bounds checks. Same operations per value, so the same values.
+///
+/// # Safety
+/// As `store_outputs`, with all `MR` rows valid and `co0 + NV * 16 <= cout`.
+#[inline(always)]
+unsafe fn store_full_tile<L: Level, const MR: usize, const NV: usize>(
+    job: &ConvJob<'_>,
+    co0: usize,
+    tile: &[f32; STAGED_LEN],
+    t0: usize,
+    bias: &[L::V; NV],
+) {
+    let cout = job.g.cout;
+    debug_assert!((t0 + MR) * cout <= job.y_len);
+    for m in 0..MR {
+        let base = (t0 + m) * cout + co0;
+        let mut vals = [L::zero(); NV];
+        for v in 0..NV {
+            let acc = L::load(tile.as_ptr().add((m * NV + v) * LANES));
+            vals[v] = activate::<L>(job.act, L::add(acc, bias[v]));
+        }
+        for v in 0..NV {
+            let mut val = vals[v];
+            if let Some(res) = job.residual {
+                val = L::add(val, L::load(res.as_ptr().add(base + v * LANES)));
+            }
+            L::store(job.y.0.add(base + v * LANES), val);
         }
     }
 }
