@@ -379,6 +379,46 @@ fn batched_queries_match_one_by_one() {
     }
 }
 
+/// The CPU backend's maps do not depend on how many threads run it: every kernel splits
+/// its reductions by shape alone (a replica with 16 cores gives a 2-core replica's bits).
+/// At 128 the early maps are large enough for the parallel channel means and the late ones
+/// small enough for the blocked squeeze-excite.
+#[test]
+fn cpu_maps_do_not_depend_on_the_thread_count() {
+    use metauas::model::Engine;
+    use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
+    let recipe = WeightRecipe {
+        gain_alignment: 14.0,
+        gain_decoder: 1.5,
+        gain_head: 4.0,
+        ..WeightRecipe::unit(8)
+    };
+    let weights = synthetic_weights(&recipe);
+    let engine = Engine::with_options(&weights, 128, Default::default()).unwrap();
+    let prompt_image = synthetic_image(3, 128, 128, None);
+    let query = synthetic_image(4, 120, 136, Some((40, 60, 16)));
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let prompt = engine.encode_prompt(&prompt_image).unwrap();
+            let map = engine.segment(&prompt, &query).unwrap();
+            (prompt.tensors, map.data)
+        })
+    };
+    let one = on(1);
+    for threads in [2, 3, 5] {
+        let other = on(threads);
+        assert!(
+            one.0 == other.0,
+            "prompt features differ on {threads} threads"
+        );
+        assert!(one.1 == other.1, "map differs on {threads} threads");
+    }
+}
+
 /// `segment_pair` (on the CPU: both encoders at once; on the GPU: one submission) gives the prompt features and map that
 /// `encode_prompt` then `segment` give, bit for bit, on both backends, also when the arenas
 /// were left dirty by other runs in between.

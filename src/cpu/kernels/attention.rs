@@ -20,6 +20,8 @@ use super::{Activation, Scse, SqueezeExcite};
 
 /// Pixels summed in f32 before the sum joins the f64 total.
 const SUM_ROWS: usize = 256;
+/// Pixel chunks of a channel mean (summed apart, then joined in order).
+const MEAN_CHUNKS: usize = 8;
 /// Elements below which a pass runs on the calling thread.
 const SERIAL_ELEMENTS: usize = 1 << 16;
 
@@ -120,8 +122,10 @@ impl SharedOut {
     }
 }
 
-/// Channel blocks per thread (for balance) in the small-map squeeze-excite.
-const BLOCKS_PER_THREAD: usize = 2;
+/// Channel blocks of the small-map squeeze-excite: a fixed count, not one per thread, so
+/// that the reduce layer's block sums (and so the values) do not depend on the machine's
+/// thread count.
+const SE_BLOCKS: usize = 8;
 /// Smallest channel block worth a task of its own in the small-map squeeze-excite.
 const MIN_BLOCK_CHANNELS: usize = 64;
 
@@ -136,7 +140,7 @@ fn squeeze_excite_by_channels(
     let c = se.channels;
     let threads = rayon::current_num_threads();
     let block = c
-        .div_ceil(BLOCKS_PER_THREAD * threads)
+        .div_ceil(SE_BLOCKS)
         .next_multiple_of(LANES)
         .max(MIN_BLOCK_CHANNELS);
     let blocks: Vec<(usize, usize)> = (0..c)
@@ -295,18 +299,17 @@ fn channel_means(isa: Isa, x: &[f32], pixels: usize, c: usize) -> Vec<f32> {
         }
         total
     };
-    let totals = if threads <= 1 || x.len() < SERIAL_ELEMENTS {
-        sum_chunk(x)
+    // Chunks by shape alone, joined in order: the same sums on any number of threads.
+    let chunk = pixels.div_ceil(MEAN_CHUNKS).next_multiple_of(SUM_ROWS) * c;
+    let parts: Vec<Vec<f64>> = if threads <= 1 || x.len() < SERIAL_ELEMENTS {
+        x.chunks(chunk).map(sum_chunk).collect()
     } else {
-        let chunk = pixels.div_ceil(4 * threads).next_multiple_of(SUM_ROWS) * c;
-        x.par_chunks(chunk).map(sum_chunk).reduce(
-            || vec![0.0; c],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(s, v)| *s += v);
-                a
-            },
-        )
+        x.par_chunks(chunk).map(sum_chunk).collect()
     };
+    let mut totals = vec![0.0f64; c];
+    for part in &parts {
+        totals.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+    }
     totals.iter().map(|&s| (s / pixels as f64) as f32).collect()
 }
 
