@@ -127,13 +127,12 @@ fn tile_blocks(
     let coutp = padded_width(&w.groups);
     let weights = POS * cin * coutp;
     let inputs = POS * tiles * cin;
+    // A unit split by column group holds one group's columns: the widest group's, which
+    // depends on the ISA's tiles (3 vectors on AVX-512, 1 on AVX2).
+    let widest = w.groups.iter().map(|g| g.nv).max().unwrap_or(1) * LANES;
     // (cost, tile blocks, split by column group)
     let option = |split: bool| {
-        let (cols, splits) = if split {
-            (3 * LANES, ngroups)
-        } else {
-            (coutp, 1)
-        };
+        let (cols, splits) = if split { (widest, ngroups) } else { (coutp, 1) };
         let fit = (SCRATCH_FLOATS / (POS * (kcs + cols))).max(1);
         let blocks = tiles.div_ceil(fit).max(wanted.div_ceil(splits)).min(tiles);
         (blocks * weights + splits * inputs, blocks, split)
