@@ -403,6 +403,9 @@ fn profile(
         );
         println!("{}", line.trim_end());
     }
+    let ms: Vec<f64> = total.iter().map(|t| t / iters as f64 * 1e3).collect();
+    let how = |i: usize| engine.describe_query_node(i).unwrap_or_default();
+    super::floors::print_family_floors(g, &ms, how, peak);
     Ok(())
 }
 

@@ -4,6 +4,7 @@ mod bank;
 mod bench;
 mod compare;
 mod eval;
+mod floors;
 mod info;
 mod inputs;
 mod progress;

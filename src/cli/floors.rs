@@ -1,0 +1,151 @@
+//! `bench --profile`'s summary by op family: the time each family takes, its floor on this
+//! machine, and the gap between them.
+//!
+//! A family's floor is the larger of two lower bounds:
+//! - compute: the multiply-adds it must do at the FMA peak of the selected ISA on every
+//!   thread (a Winograd F(4x4, 3x3) conv needs 36 of the direct conv's 144 per 16 outputs);
+//! - memory: every input and output value read or written once, plus the weights, at the
+//!   copy bandwidth measured here (all threads copying 8 MB, which stays in a 32 MB L3: a
+//!   lower bound also for values that stream from DRAM).
+//!
+//! Folded ops (done inside their reader) count in their reader's time.
+
+use std::time::Instant;
+
+use metauas::graph::{Graph, Op};
+use rayon::prelude::*;
+
+/// One family's sums.
+#[derive(Default)]
+struct Family {
+    ms: f64,
+    flops: f64,
+    bytes: f64,
+}
+
+/// The family of node `i` (`how`: the backend's description of how it runs).
+fn family(op: &Op, how: &str) -> &'static str {
+    match op {
+        Op::Conv {
+            depthwise: true, ..
+        } => "depthwise",
+        Op::Conv { geometry, .. } if geometry.kernel == 1 => "1x1 convs",
+        Op::Conv { .. } if how.contains("winograd") => "3x3 convs, Winograd",
+        Op::Conv { .. } => "other convs (stem)",
+        Op::Align { .. } => "alignment",
+        Op::SqueezeExcite { .. } | Op::Scse { .. } => "squeeze-excite + scSE",
+        Op::UpsampleConcat { .. } => "upsample + concat",
+    }
+}
+
+/// Floats of weights node `op` reads (0 for the small squeeze-excite layers).
+fn weight_floats(op: &Op, winograd: bool) -> f64 {
+    match op {
+        Op::Conv {
+            geometry: g,
+            depthwise: true,
+            ..
+        } => (g.cin * g.kernel * g.kernel) as f64,
+        // The transformed weights: 36 per input and output channel.
+        Op::Conv { geometry: g, .. } if winograd => (36 * g.cin * g.cout) as f64,
+        Op::Conv { geometry: g, .. } => (g.cin * g.cout * g.kernel * g.kernel) as f64,
+        _ => 0.0,
+    }
+}
+
+/// Copy bandwidth in GB/s (bytes read plus bytes written), all threads, best of 5.
+pub fn copy_bandwidth_gbs() -> f64 {
+    const LEN: usize = 8 << 20;
+    let src = vec![1u8; LEN];
+    let mut dst = vec![0u8; LEN];
+    let chunk = LEN / (4 * rayon::current_num_threads());
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * LEN as f64 / best / 1e9
+}
+
+/// Prints the family table: `ms[i]` is node `i`'s mean time, `how(i)` how it runs,
+/// `peak` the FMA peak of all threads in GFLOP/s.
+pub fn print_family_floors(g: &Graph, ms: &[f64], how: impl Fn(usize) -> String, peak: f64) {
+    let bandwidth = copy_bandwidth_gbs();
+    let mut families: Vec<(&'static str, Family)> = Vec::new();
+    for (i, node) in g.nodes.iter().enumerate() {
+        let how = how(i);
+        if how.contains("folded into its reader") {
+            continue;
+        }
+        let name = family(&node.op, &how);
+        let winograd = how.contains("winograd");
+        let mut flops = 2.0 * node.op.macs(g.values[node.output].shape, &g.values) as f64;
+        if winograd {
+            flops *= 36.0 / 144.0;
+        }
+        let maps: usize = node
+            .op
+            .inputs()
+            .iter()
+            .map(|&v| g.values[v].shape.len())
+            .sum();
+        let bytes = 4.0 * (maps + g.values[node.output].shape.len()) as f64
+            + 4.0 * weight_floats(&node.op, winograd);
+        let at = match families.iter().position(|(n, _)| *n == name) {
+            Some(at) => at,
+            None => {
+                families.push((name, Family::default()));
+                families.len() - 1
+            }
+        };
+        let f = &mut families[at].1;
+        f.ms += ms[i];
+        f.flops += flops;
+        f.bytes += bytes;
+    }
+    println!(
+        "\nby family: floor = max(multiply-adds at {peak:.0} GFLOP/s, bytes at {bandwidth:.1} GB/s copy bandwidth)"
+    );
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "family", "ms", "GFLOP", "MB", "floor ms", "bound", "gap"
+    );
+    let (mut total, mut floor_total) = (0.0, 0.0);
+    for (name, f) in &families {
+        let compute = f.flops / (peak * 1e9) * 1e3;
+        let memory = f.bytes / (bandwidth * 1e9) * 1e3;
+        let floor = compute.max(memory);
+        let bound = if compute >= memory {
+            "compute"
+        } else {
+            "memory"
+        };
+        let gap = if floor > 0.0 { f.ms / floor } else { 0.0 };
+        total += f.ms;
+        floor_total += floor;
+        println!(
+            "{:<24} {:>9.3} {:>9.3} {:>9.1} {:>9.3} {:>9} {:>5.1}x",
+            name,
+            f.ms,
+            f.flops / 1e9,
+            f.bytes / 1e6,
+            floor,
+            bound,
+            gap
+        );
+    }
+    println!(
+        "{:<24} {:>9.3} {:>9} {:>9} {:>9.3} {:>9} {:>5.1}x",
+        "all",
+        total,
+        "",
+        "",
+        floor_total,
+        "",
+        total / floor_total.max(f64::MIN_POSITIVE)
+    );
+}
