@@ -496,6 +496,67 @@ fn bench_json_keys_and_batch_throughput() {
     assert_eq!(refused.status.code(), Some(2));
 }
 
+/// `bench --profile` on the CPU ends with a table by op family: every family of the query
+/// graph once, each with a positive floor, and the families' times adding up to the
+/// per-op table's (no node lost or counted twice).
+#[test]
+fn cpu_profile_sums_families_with_floors() {
+    let out = metauas(&[
+        "bench",
+        "--size",
+        "64",
+        "--backend",
+        "cpu",
+        "--iters",
+        "1",
+        "--profile",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (ops, families) = text.split_once("\nby family:").expect("a family table");
+    let per_op: f64 = ops
+        .lines()
+        .skip_while(|l| !l.starts_with("node "))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok())
+        .sum();
+    let names: Vec<String> = families
+        .lines()
+        .skip(2)
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("all "))
+        .map(|l| l[..24].trim().to_string())
+        .collect();
+    for want in ["1x1 convs", "depthwise", "3x3 convs, Winograd", "alignment"] {
+        assert_eq!(
+            names.iter().filter(|n| *n == want).count(),
+            1,
+            "{want}: {families}"
+        );
+    }
+    let mut family_ms = 0.0;
+    for line in families.lines().skip(2).filter(|l| !l.trim().is_empty()) {
+        let cols: Vec<&str> = line[24..].split_whitespace().collect();
+        let ms: f64 = cols[0].parse().unwrap();
+        if line.starts_with("all ") {
+            assert!((ms - family_ms).abs() < 0.01, "{families}");
+            assert!(
+                (ms - per_op).abs() < 0.01 + 1e-3 * per_op,
+                "{ms} vs {per_op}"
+            );
+        } else {
+            family_ms += ms;
+            let floor: f64 = cols[3].parse().unwrap();
+            assert!(floor > 0.0, "{line}");
+            assert!(cols[4] == "compute" || cols[4] == "memory", "{line}");
+        }
+    }
+    assert!(family_ms > 0.0);
+}
+
 /// On the GPU, `bench --json` describes the work's shape (issue 21): every conv dispatch
 /// under two waves of a 132-SM GPU has a short serial loop (split-K cut the long ones), and
 /// the gpu-info report names the adapter.
