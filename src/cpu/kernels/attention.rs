@@ -300,7 +300,8 @@ fn channel_means(isa: Isa, x: &[f32], pixels: usize, c: usize) -> Vec<f32> {
         total
     };
     // Chunks by shape alone, joined in order: the same sums on any number of threads.
-    let chunk = pixels.div_ceil(MEAN_CHUNKS).next_multiple_of(SUM_ROWS) * c;
+    // (At least 1: an empty map gives no chunks, not a zero-length chunk size.)
+    let chunk = (pixels.div_ceil(MEAN_CHUNKS).next_multiple_of(SUM_ROWS) * c).max(1);
     let parts: Vec<Vec<f64>> = if threads <= 1 || x.len() < SERIAL_ELEMENTS {
         x.chunks(chunk).map(sum_chunk).collect()
     } else {
