@@ -573,3 +573,42 @@ fn matvec_rows<L: Level>(rows: &[f32], x: &[f32], out: &mut [f32]) {
         *o = dot::<L>(row, x);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The channel means join their chunks' f64 sums left to right on any thread count. The
+    /// chunk sums 1, 1, 2^60, -2^60 make the order show: left to right gives 0 (the 2 is
+    /// lost next to 2^60), a tree join ((1 + 1) + (2^60 - 2^60)) gives 2.
+    #[test]
+    fn channel_means_join_in_order_on_any_thread_count() {
+        let (pixels, c) = (8 * SUM_ROWS, 32);
+        let mut x = vec![0.0f32; pixels * c];
+        let per_pixel = [
+            1.0 / SUM_ROWS as f32,
+            1.0 / SUM_ROWS as f32,
+            2f32.powi(52),
+            -2f32.powi(52),
+        ];
+        for (chunk, &v) in per_pixel.iter().enumerate() {
+            x[chunk * SUM_ROWS * c..(chunk + 1) * SUM_ROWS * c].fill(v);
+        }
+        assert!(
+            x.len() >= SERIAL_ELEMENTS,
+            "large enough for the parallel path"
+        );
+        for threads in [1, 2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let means = pool.install(|| channel_means(Isa::detected(), &x, pixels, c));
+            assert!(
+                means.iter().all(|&m| m == 0.0),
+                "{threads} threads: {:?}",
+                &means[..4]
+            );
+        }
+    }
+}
