@@ -317,20 +317,25 @@ fn align_with_several_rows_per_workgroup_matches_cpu() {
     }
 }
 
+/// The synthetic weights of the engine-level tests: sharp alignment, a decoder and head
+/// with gains that keep the map away from saturation (queries differ visibly).
+fn engine_recipe(seed: u64) -> metauas::synth::WeightRecipe {
+    metauas::synth::WeightRecipe {
+        gain_alignment: 14.0,
+        gain_decoder: 1.5,
+        gain_head: 4.0,
+        ..metauas::synth::WeightRecipe::unit(seed)
+    }
+}
+
 /// `segment_batch` (one submission for several queries on the GPU; two queries at a time on
 /// the CPU, five here so the odd one out runs alone) gives each query the map `segment`
 /// gives it, bit for bit, on both backends; queries differ so a mix-up would show.
 #[test]
 fn batched_queries_match_one_by_one() {
     use metauas::model::Engine;
-    use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
-    let recipe = WeightRecipe {
-        gain_alignment: 14.0,
-        gain_decoder: 1.5,
-        gain_head: 4.0,
-        ..WeightRecipe::unit(5)
-    };
-    let weights = synthetic_weights(&recipe);
+    use metauas::synth::{synthetic_image, synthetic_weights};
+    let weights = synthetic_weights(&engine_recipe(5));
     let prompt_image = synthetic_image(1, 70, 64, None);
     // Five: on the CPU two pairs (two runs at a time) and one alone; on the GPU one batch.
     let queries: Vec<_> = (0..5)
@@ -389,14 +394,8 @@ fn batched_queries_match_one_by_one() {
 #[test]
 fn cpu_maps_do_not_depend_on_the_thread_count() {
     use metauas::model::Engine;
-    use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
-    let recipe = WeightRecipe {
-        gain_alignment: 14.0,
-        gain_decoder: 1.5,
-        gain_head: 4.0,
-        ..WeightRecipe::unit(8)
-    };
-    let weights = synthetic_weights(&recipe);
+    use metauas::synth::{synthetic_image, synthetic_weights};
+    let weights = synthetic_weights(&engine_recipe(8));
     let engine = Engine::with_options(&weights, 128, Default::default()).unwrap();
     let prompt_image = synthetic_image(3, 128, 128, None);
     let query = synthetic_image(4, 120, 136, Some((40, 60, 16)));
@@ -428,14 +427,8 @@ fn cpu_maps_do_not_depend_on_the_thread_count() {
 #[test]
 fn paired_prompt_and_query_match_separate_calls() {
     use metauas::model::Engine;
-    use metauas::synth::{synthetic_image, synthetic_weights, WeightRecipe};
-    let recipe = WeightRecipe {
-        gain_alignment: 14.0,
-        gain_decoder: 1.5,
-        gain_head: 4.0,
-        ..WeightRecipe::unit(6)
-    };
-    let weights = synthetic_weights(&recipe);
+    use metauas::synth::{synthetic_image, synthetic_weights};
+    let weights = synthetic_weights(&engine_recipe(6));
     let prompts = [
         synthetic_image(1, 70, 64, None),
         synthetic_image(3, 64, 64, None),
