@@ -7,7 +7,7 @@ use std::cell::Cell;
 
 use super::input::transform_inputs;
 use super::output::{transform_outputs, OutputTiles};
-use super::schedule::{multiply_rows, Product, PIXEL_ALIGN};
+use super::schedule::{multiply_rows, position_stride, Product, PIXEL_ALIGN};
 use super::{WinoJob, POS, TILE};
 use crate::cpu::kernels::isa::{dispatch_isa, dispatch_tile, Isa};
 use crate::cpu::kernels::partition::{for_each_unit, padded_width, OutPtr};
@@ -19,12 +19,14 @@ thread_local! {
 }
 
 /// The buffers of the by-position schedule: `V[pos][row = tile][ldv]` (all input
-/// channels) and `M[pos][row = tile][coutp]`, `rows` rows per position.
+/// channels) and `M[pos][row = tile][coutp]`, positions `v_stride` and `m_stride` floats
+/// apart (see `position_stride`).
 struct Shared {
     v: OutPtr,
     m: OutPtr,
     tiles: usize,
-    rows: usize,
+    v_stride: usize,
+    m_stride: usize,
     ldv: usize,
     coutp: usize,
 }
@@ -37,7 +39,8 @@ pub(super) fn run(isa: Isa, job: &WinoJob<'_>) {
     let rows = tiles.next_multiple_of(PIXEL_ALIGN);
     let ldv = g.cin.next_multiple_of(LANES);
     let coutp = padded_width(&job.w.groups);
-    let (v_len, m_len) = (POS * rows * ldv, POS * rows * coutp);
+    let (v_stride, m_stride) = (position_stride(rows, ldv), position_stride(rows, coutp));
+    let (v_len, m_len) = (POS * v_stride, POS * m_stride);
     let mut buf = SHARED.with(|cell| cell.take());
     if buf.len() < v_len + m_len {
         buf.resize(v_len + m_len, 0.0);
@@ -47,7 +50,8 @@ pub(super) fn run(isa: Isa, job: &WinoJob<'_>) {
         v: OutPtr(v.as_mut_ptr()),
         m: OutPtr(m.as_mut_ptr()),
         tiles,
-        rows,
+        v_stride,
+        m_stride,
         ldv,
         coutp,
     };
@@ -92,7 +96,7 @@ fn inputs<L: Level>(job: &WinoJob<'_>, s: &Shared, ty: usize, ci: usize) {
     // position; units write disjoint (tile, channel) ranges.
     unsafe {
         let v = s.v.0.add(t0 * s.ldv + c0);
-        transform_inputs::<L>(job, t0, t0 + tiles_w, c0, c1, v, s.rows, s.ldv);
+        transform_inputs::<L>(job, t0, t0 + tiles_w, c0, c1, v, s.v_stride, s.ldv);
     }
 }
 
@@ -117,11 +121,11 @@ fn products<L: Level>(job: &WinoJob<'_>, s: &Shared, pos: usize, gi: usize) {
                 job.w.weights(group, pos, c0)
             };
             let product = Product {
-                v: s.v.0.add(pos * s.rows * s.ldv + c0),
+                v: s.v.0.add(pos * s.v_stride + c0),
                 ldv: s.ldv,
                 b: job.w.weights(group, pos, c0),
                 kc: c1 - c0,
-                m: s.m.0.add(pos * s.rows * s.coutp + group.co0),
+                m: s.m.0.add(pos * s.m_stride + group.co0),
                 ldm: s.coutp,
                 nt: s.tiles,
                 add_earlier: ci > 0,
@@ -141,8 +145,8 @@ fn outputs<L: Level>(job: &WinoJob<'_>, s: &Shared, ty: usize) {
         t1: t0 + job.plan.tiles_w,
         col0: 0,
         cols: s.coutp,
-        rows: s.rows,
+        pos_stride: s.m_stride,
     };
-    // SAFETY: `M` holds `POS * rows * coutp` floats; units store disjoint output pixels.
+    // SAFETY: `M` holds `POS * m_stride` floats; units store disjoint output pixels.
     unsafe { transform_outputs::<L>(job, &tiles, s.m.0.add(t0 * s.coutp)) }
 }

@@ -91,7 +91,7 @@ fn patch_pixels(job: &WinoJob<'_>, t: usize) -> [Option<(usize, usize)>; POS] {
     inside
 }
 
-/// `v[(pos * rows + t - t0) * kcs + c - c0] = (B^T d B)[pos]` for tiles `t0..t1` and
+/// `v[pos * pos_stride + (t - t0) * kcs + c - c0] = (B^T d B)[pos]` for tiles `t0..t1` and
 /// channels `c0..c1` (written in whole vectors of 16).
 ///
 /// # Safety
@@ -106,16 +106,16 @@ pub(super) unsafe fn transform_inputs<L: Level>(
     c0: usize,
     c1: usize,
     v: *mut f32,
-    rows: usize,
+    pos_stride: usize,
     kcs: usize,
 ) {
     for t in t0..t1 {
         let inside = patch_pixels(job, t);
         let dst = v.add((t - t0) * kcs);
         if let InputLayout::GatedConcat(cat) = &job.layout {
-            transform_gated_concat::<L>(job, cat, &inside, c0, c1, dst, rows, kcs);
+            transform_gated_concat::<L>(job, cat, &inside, c0, c1, dst, pos_stride);
         } else {
-            transform_plain::<L>(job, &inside, c0, c1, dst, rows, kcs);
+            transform_plain::<L>(job, &inside, c0, c1, dst, pos_stride);
         }
     }
 }
@@ -132,8 +132,7 @@ unsafe fn transform_plain<L: Level>(
     c0: usize,
     c1: usize,
     dst: *mut f32,
-    rows: usize,
-    kcs: usize,
+    stride: usize,
 ) {
     let g = &job.g;
     let mut src = [job.zeros.as_ptr(); POS];
@@ -147,7 +146,6 @@ unsafe fn transform_plain<L: Level>(
             *s = job.x.as_ptr().add(pixel * g.cin);
         }
     }
-    let stride = rows * kcs;
     let mut c = c0;
     while c < c1 {
         let out = dst.add(c - c0);
@@ -203,8 +201,7 @@ unsafe fn transform_gated_concat<L: Level>(
     c0: usize,
     c1: usize,
     dst: *mut f32,
-    rows: usize,
-    kcs: usize,
+    stride: usize,
 ) {
     let g = &job.g;
     let (ca, cs) = (cat.x_channels, g.cin - cat.x_channels);
@@ -219,7 +216,6 @@ unsafe fn transform_gated_concat<L: Level>(
             spatial[i] = L::splat(cat.spatial_gate[pixel]);
         }
     }
-    let stride = rows * kcs;
     let mut c = c0;
     while c < c1 {
         // `ca` is a multiple of 16: a vector never straddles the two parts.

@@ -9,19 +9,19 @@ use super::{WinoJob, TILE};
 use crate::cpu::kernels::simd::{activate, Level, LANES};
 
 /// Tiles `t0..t1` and output channels `col0..col0 + cols` of a products buffer laid out
-/// `[pos][rows][cols]` (tile `t` in row `t - t0`).
+/// `[pos][row][cols]` (tile `t` in row `t - t0`), positions `pos_stride` floats apart.
 pub(super) struct OutputTiles {
     pub(super) t0: usize,
     pub(super) t1: usize,
     pub(super) col0: usize,
     pub(super) cols: usize,
-    pub(super) rows: usize,
+    pub(super) pos_stride: usize,
 }
 
 /// Output transform, bias, activation, residual and store of some tiles.
 ///
 /// # Safety
-/// `m` must hold `POS * unit.rows * unit.cols` floats; the job's lengths must have been
+/// `m` must hold `POS * unit.pos_stride` floats; the job's lengths must have been
 /// checked.
 #[inline(always)]
 pub(super) unsafe fn transform_outputs<L: Level>(
@@ -30,7 +30,6 @@ pub(super) unsafe fn transform_outputs<L: Level>(
     m: *const f32,
 ) {
     let g = &job.g;
-    let rows = unit.rows;
     let cout = g.cout;
     for t in unit.t0..unit.t1 {
         let (ty, tx) = (t / job.plan.tiles_w, t % job.plan.tiles_w);
@@ -41,7 +40,7 @@ pub(super) unsafe fn transform_outputs<L: Level>(
             let co = unit.col0 + col;
             let lanes = LANES.min(cout - co);
             let first = m.add((t - unit.t0) * unit.cols + col);
-            let out = output_tile_from::<L>(first, rows * unit.cols);
+            let out = output_tile_from::<L>(first, unit.pos_stride);
             let bias = L::load(job.bias.as_ptr().add(co));
             for r in 0..TILE {
                 if r >= hv {

@@ -51,6 +51,20 @@ impl Schedule {
     }
 }
 
+/// Floats between two positions' blocks of `rows` rows of `width` floats (`width` a multiple
+/// of 16): `rows * width`, plus one cache line when that would be an even number of lines.
+/// An input or output transform touches all 36 positions of a tile at once; at an even
+/// line stride (a multiple of 4 KiB for most tile counts) those 36 lines fall into a few L1
+/// sets and evict each other, at an odd one into 36 different sets.
+pub(super) fn position_stride(rows: usize, width: usize) -> usize {
+    let floats = rows * width;
+    if (floats / LANES).is_multiple_of(2) {
+        floats + LANES
+    } else {
+        floats
+    }
+}
+
 /// One work unit of the tile-block schedule: tiles `t0..t1` (raster order) for column
 /// groups `g0..g1`, whose output channels are `col0..col0 + cols` (padded to whole vectors).
 #[derive(Clone, Copy, Debug)]
@@ -228,5 +242,28 @@ pub(super) unsafe fn multiply_rows<L: Level, const MR: usize, const NV: usize>(p
         }
         store_tile::<L, MR, NV>(out, p.ldm, &acc);
         r += MR;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each position's block starts an odd number of cache lines after the previous one
+    /// (36 consecutive positions then fall into 36 different L1 sets of 64), and never
+    /// overlaps it.
+    #[test]
+    fn position_blocks_are_an_odd_number_of_lines_apart() {
+        for rows in [1, 2, 24, 48, 72, 96, 168, 4104] {
+            for width in [16, 32, 48, 64, 144, 256, 1216] {
+                let stride = position_stride(rows, width);
+                assert!(stride >= rows * width && stride <= rows * width + LANES);
+                assert!(stride.is_multiple_of(LANES));
+                assert_eq!((stride / LANES) % 2, 1, "rows {rows} width {width}");
+                let sets: std::collections::HashSet<usize> =
+                    (0..POS).map(|pos| (pos * stride / LANES) % 64).collect();
+                assert_eq!(sets.len(), POS, "rows {rows} width {width}");
+            }
+        }
     }
 }

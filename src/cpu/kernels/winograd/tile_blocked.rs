@@ -7,7 +7,7 @@ use std::cell::Cell;
 
 use super::input::transform_inputs;
 use super::output::{transform_outputs, OutputTiles};
-use super::schedule::{multiply_rows, Product, Unit};
+use super::schedule::{multiply_rows, position_stride, Product, Unit};
 use super::{WinoJob, POS};
 use crate::cpu::kernels::isa::{dispatch_isa, dispatch_tile, Isa};
 use crate::cpu::kernels::partition::for_each_unit;
@@ -33,8 +33,9 @@ thread_local! {
 #[inline(always)]
 fn wino_unit<L: Level>(job: &WinoJob<'_>, unit: &Unit) {
     let plan = job.plan;
-    let v_len = POS * plan.rows * plan.kcs;
-    let m_len = POS * plan.rows * unit.cols;
+    let v_stride = position_stride(plan.rows, plan.kcs);
+    let m_stride = position_stride(plan.rows, unit.cols);
+    let (v_len, m_len) = (POS * v_stride, POS * m_stride);
     // Taken out of the cell, not used inside a closure: closures are not compiled with the
     // caller's target features.
     let mut scratch = SCRATCH.with(|cell| cell.take());
@@ -42,21 +43,22 @@ fn wino_unit<L: Level>(job: &WinoJob<'_>, unit: &Unit) {
         scratch.resize(v_len + m_len, 0.0);
     }
     let (v, m) = scratch.split_at_mut(v_len);
-    // SAFETY: `winograd` checked the lengths; `v` and `m` hold `POS * rows` rows of `kcs`
-    // and `unit.cols` floats.
+    // SAFETY: `winograd` checked the lengths; `v` and `m` hold `POS` blocks of `rows` rows
+    // of `kcs` and `unit.cols` floats, `v_stride` and `m_stride` apart.
     unsafe {
-        let (rows, kcs) = (plan.rows, plan.kcs);
+        let kcs = plan.kcs;
         for (ci, &(c0, c1)) in plan.chunks.iter().enumerate() {
-            transform_inputs::<L>(job, unit.t0, unit.t1, c0, c1, v.as_mut_ptr(), rows, kcs);
+            let vp = v.as_mut_ptr();
+            transform_inputs::<L>(job, unit.t0, unit.t1, c0, c1, vp, v_stride, kcs);
             for pos in 0..POS {
                 for group in &job.w.groups[unit.g0..unit.g1] {
                     let mp = m.as_mut_ptr();
                     let product = Product {
-                        v: v.as_ptr().add(pos * rows * kcs),
+                        v: v.as_ptr().add(pos * v_stride),
                         ldv: kcs,
                         b: job.w.weights(group, pos, c0),
                         kc: c1 - c0,
-                        m: mp.add(pos * rows * unit.cols + group.co0 - unit.col0),
+                        m: mp.add(pos * m_stride + group.co0 - unit.col0),
                         ldm: unit.cols,
                         nt: unit.t1 - unit.t0,
                         add_earlier: ci > 0,
@@ -71,7 +73,7 @@ fn wino_unit<L: Level>(job: &WinoJob<'_>, unit: &Unit) {
             t1: unit.t1,
             col0: unit.col0,
             cols: unit.cols,
-            rows,
+            pos_stride: m_stride,
         };
         transform_outputs::<L>(job, &out, m.as_ptr());
     }
