@@ -227,6 +227,26 @@ def test_accepted_and_refused_images(files, engine):
         engine.segment(prompt, rgb, multi="mean")
 
 
+def test_camera_frames_decode_as_pillow_decodes_them(files, engine, tmp_path):
+    """5-megapixel JPEGs (which the decoder cuts into two row bands decoded at once) give
+    the map of Pillow's pixels of the same file, bit for bit: 4:2:0, 4:2:2 and 4:4:4, one
+    with restart markers."""
+    d, weights, paths = files
+    prompt = engine.encode_prompt(paths["prompt"])
+    rng = np.random.default_rng(11)
+    y, x = np.mgrid[0:2048, 0:2448].astype(np.float32)
+    frame = np.stack([120 + 80 * np.sin(x / 97) * np.cos(y / 61), 110 + 60 * np.cos((x - y) / 143),
+                      90 + 70 * np.sin((x + y) / 211)], axis=-1)
+    frame = np.clip(frame + rng.normal(0, 5, frame.shape), 0, 255).astype(np.uint8)
+    for name, opts in [("q90_420", dict(quality=90)), ("q95_422", dict(quality=95, subsampling=1)),
+                       ("q85_444_restart", dict(quality=85, subsampling=0, restart_marker_rows=2))]:
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(frame).save(path, **opts)
+        pillow = np.asarray(Image.open(path).convert("RGB"))
+        ours = engine.segment(prompt, path).map
+        assert np.array_equal(ours, engine.segment(prompt, pillow).map), name
+
+
 def test_threads_get_their_own_maps(files, engine):
     d, weights, paths = files
     prompt = engine.encode_prompt(paths["prompt"])

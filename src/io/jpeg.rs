@@ -33,6 +33,10 @@ pub fn is_jpeg(head: &[u8]) -> bool {
 /// drop.
 struct TurboJpeg(tj::tjhandle);
 
+// SAFETY: a TurboJPEG instance has no thread affinity (no thread-local state); it is only
+// used through `&mut`, so by one thread at a time.
+unsafe impl Send for TurboJpeg {}
+
 impl Drop for TurboJpeg {
     fn drop(&mut self) {
         // SAFETY: the handle came from tj3Init and is destroyed once.
@@ -147,17 +151,40 @@ fn read_header(dec: &mut TurboJpeg, bytes: &[u8]) -> Result<Header, JpegProblem>
     Ok(header)
 }
 
+/// Images from this many pixels up are decoded in two row bands at once (a 5-megapixel
+/// camera frame takes ~12 ms on one core; below a megapixel a second decoder's start costs
+/// more than it saves).
+const SPLIT_MIN_PIXELS: usize = 1 << 20;
+/// Share of the rows the top band takes. The bottom band's decoder must still entropy-decode
+/// the rows above it (libjpeg skips only their IDCT, upsampling and colour conversion), so
+/// the top band is made the larger one to finish at about the same time.
+const SPLIT_TOP_SHARE: f64 = 0.6;
+
 /// Decode a JPEG held in memory to RGB the way Pillow does (see the module comment). The
 /// size is checked against `limits` from the header, before the pixel buffer exists.
+///
+/// A large sequential (baseline or extended, not progressive or lossless) image is decoded
+/// in two row bands at once, each by its own decoder: libjpeg-turbo's partial decode
+/// (`jpeg_skip_scanlines`) gives the same pixels as the whole-image decode, which
+/// `tests/image_corpus.rs` checks against Pillow and against the one-band decode.
 pub fn decode_jpeg(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage8, JpegProblem> {
-    let mut dec = TurboJpeg::decompressor()?;
-    dec.set(tj::TJPARAM_TJPARAM_STOPONWARNING, 0)?;
-    dec.set(tj::TJPARAM_TJPARAM_SCANLIMIT, MAX_SCANS)?;
-    let max_pixels = c_int::try_from(limits.max_pixels).unwrap_or(c_int::MAX);
-    dec.set(tj::TJPARAM_TJPARAM_MAXPIXELS, max_pixels)?;
-    let max_memory_mb = c_int::try_from(limits.max_alloc() >> 20).unwrap_or(c_int::MAX);
-    dec.set(tj::TJPARAM_TJPARAM_MAXMEMORY, max_memory_mb)?;
+    let two_bands = |dec: &mut TurboJpeg, width: usize, height: usize| {
+        let sequential = dec.get(tj::TJPARAM_TJPARAM_PROGRESSIVE) == 0
+            && dec.get(tj::TJPARAM_TJPARAM_LOSSLESS) == 0;
+        let large = width * height >= SPLIT_MIN_PIXELS;
+        (sequential && large && rayon::current_num_threads() > 1).then_some(SPLIT_TOP_SHARE)
+    };
+    decode_jpeg_in_bands(bytes, limits, two_bands)
+}
 
+/// [`decode_jpeg`], in two row bands when `split` (given the decoder with its header read,
+/// and the size) says which share of the rows the top band takes.
+fn decode_jpeg_in_bands(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    split: impl Fn(&mut TurboJpeg, usize, usize) -> Option<f64>,
+) -> Result<RgbImage8, JpegProblem> {
+    let mut dec = configured_decompressor(limits)?;
     let header = read_header(&mut dec, bytes)?;
     limits
         .check(header.width, header.height)
@@ -169,23 +196,27 @@ pub fn decode_jpeg(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage8, Jpeg
     };
     let (width, height) = (header.width as usize, header.height as usize);
     let mut pixels = vec![0u8; width * height * channels];
-    // SAFETY: `pixels` holds width * height * channels bytes, the packed (pitch 0) layout of
-    // `format` at the header's size, which is what tj3Decompress8 writes.
-    let status = unsafe {
-        tj::tj3Decompress8(
-            dec.0,
-            bytes.as_ptr(),
-            bytes.len() as _,
-            pixels.as_mut_ptr(),
-            0,
-            format as c_int,
-        )
+    let band = Band {
+        format,
+        row_bytes: width * channels,
+        height,
     };
-    if status != 0 {
-        let problem = dec.problem();
-        if !dec.only_warned() || matches!(problem, JpegProblem::Truncated) {
-            return Err(problem);
-        }
+    let share = split(&mut dec, width, height).filter(|_| height > 1);
+    if let Some(share) = share {
+        let top_rows = ((height as f64 * share) as usize).clamp(1, height - 1);
+        let (top, bottom) = pixels.split_at_mut(top_rows * band.row_bytes);
+        let (a, b) = rayon::join(
+            || band.decode(&mut dec, bytes, 0, top),
+            || {
+                let mut second = configured_decompressor(limits)?;
+                read_header(&mut second, bytes)?;
+                band.decode(&mut second, bytes, top_rows, bottom)
+            },
+        );
+        a?;
+        b?;
+    } else {
+        band.decode(&mut dec, bytes, 0, &mut pixels)?;
     }
     // libjpeg reports only its first warning: a file with an earlier warning could hide the
     // one that says its data ran out. The EOI marker tells.
@@ -205,6 +236,72 @@ pub fn decode_jpeg(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage8, Jpeg
         height,
         data,
     })
+}
+
+/// A decompressor with our limits and Pillow's tolerance of warnings.
+fn configured_decompressor(limits: &ImageLimits) -> Result<TurboJpeg, JpegProblem> {
+    let mut dec = TurboJpeg::decompressor()?;
+    dec.set(tj::TJPARAM_TJPARAM_STOPONWARNING, 0)?;
+    dec.set(tj::TJPARAM_TJPARAM_SCANLIMIT, MAX_SCANS)?;
+    let max_pixels = c_int::try_from(limits.max_pixels).unwrap_or(c_int::MAX);
+    dec.set(tj::TJPARAM_TJPARAM_MAXPIXELS, max_pixels)?;
+    let max_memory_mb = c_int::try_from(limits.max_alloc() >> 20).unwrap_or(c_int::MAX);
+    dec.set(tj::TJPARAM_TJPARAM_MAXMEMORY, max_memory_mb)?;
+    Ok(dec)
+}
+
+/// The output layout rows are decoded into.
+struct Band {
+    format: tj::TJPF,
+    row_bytes: usize,
+    /// The image's rows.
+    height: usize,
+}
+
+impl Band {
+    /// Decodes rows `y0 ..` into `out` (whole rows, as many as it holds) with `dec`, whose
+    /// header is read; warnings are ignored, as Pillow ignores them.
+    fn decode(
+        &self,
+        dec: &mut TurboJpeg,
+        bytes: &[u8],
+        y0: usize,
+        out: &mut [u8],
+    ) -> Result<(), JpegProblem> {
+        let rows = out.len() / self.row_bytes;
+        assert!(out.len() == rows * self.row_bytes && y0 + rows <= self.height);
+        if rows < self.height {
+            let region = tj::tjregion {
+                x: 0,
+                y: y0 as c_int,
+                w: 0,
+                h: rows as c_int,
+            };
+            // SAFETY: valid handle with its header read; the region lies inside the image.
+            if unsafe { tj::tj3SetCroppingRegion(dec.0, region) } != 0 {
+                return Err(dec.problem());
+            }
+        }
+        // SAFETY: `out` holds `rows` rows of `row_bytes`, the packed (pitch 0) layout of
+        // `format` at the image's width, which is what tj3Decompress8 writes for the region.
+        let status = unsafe {
+            tj::tj3Decompress8(
+                dec.0,
+                bytes.as_ptr(),
+                bytes.len() as _,
+                out.as_mut_ptr(),
+                0,
+                self.format as c_int,
+            )
+        };
+        if status != 0 {
+            let problem = dec.problem();
+            if !dec.only_warned() || matches!(problem, JpegProblem::Truncated) {
+                return Err(problem);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Encode 8-bit RGB as a baseline 4:2:0 JPEG at `quality` (1-100), the way cameras and
@@ -288,6 +385,74 @@ fn inverted_cmyk_to_rgb(raw: &[u8]) -> [u8; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every JPEG of the decoder corpus (whose whole-image decodes equal Pillow's, see
+    /// `tests/image_corpus.rs`: subsamplings, restart intervals, arithmetic coding,
+    /// progressive, grayscale, CMYK, YCCK, corrupt data) decodes to the same pixels, or the
+    /// same refusal, in two bands split anywhere.
+    #[test]
+    fn two_bands_decode_the_corpus_as_one_does() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+        let limits = ImageLimits::default();
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if !is_jpeg(&bytes) {
+                continue;
+            }
+            let whole = decode_jpeg_in_bands(&bytes, &limits, |_, _, _| None);
+            for share in [0.0, 0.01, 0.3, 0.5, 0.6, 0.77, 0.999] {
+                let banded = decode_jpeg_in_bands(&bytes, &limits, |_, _, _| Some(share));
+                let name = path.display();
+                match (&whole, &banded) {
+                    (Ok(a), Ok(b)) => assert!(a.data == b.data, "{name} split at {share}"),
+                    (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{name}"),
+                    _ => panic!(
+                        "{name} split at {share}: {:?} vs {:?}",
+                        whole.as_ref().err(),
+                        banded.as_ref().err()
+                    ),
+                }
+            }
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} corpus JPEGs");
+    }
+
+    /// A 2448x2048 frame takes the two-band path on a 2-thread pool and gives the
+    /// pixels of the one-band decode that a 1-thread pool takes.
+    #[test]
+    fn a_camera_frame_decodes_the_same_on_one_and_two_threads() {
+        // Gradients, stripes and a hash-noise texture: entropy data in every block.
+        let (width, height) = (2448, 2048);
+        let mut data = Vec::with_capacity(width * height * 3);
+        for y in 0..height {
+            for x in 0..width {
+                let noise = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729)) % 23;
+                data.push((x * 255 / width) as u8 ^ noise as u8);
+                data.push((y * 255 / height) as u8 + ((x / 16 + y / 16) % 2 * 40) as u8);
+                data.push(((x + y) % 256) as u8 / 2 + noise as u8);
+            }
+        }
+        let frame = RgbImage8 {
+            width,
+            height,
+            data,
+        };
+        let bytes = encode_jpeg(&frame, 90).unwrap();
+        let limits = ImageLimits::default();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| decode_jpeg(&bytes, &limits).unwrap())
+        };
+        let (one, two) = (on(1), on(2));
+        assert_eq!((two.width, two.height), (2448, 2048));
+        assert!(one.data == two.data, "two bands differ from one");
+    }
 
     #[test]
     fn cmyk_white_black_and_primaries() {
