@@ -9,7 +9,7 @@ use metauas::model::ModelWeights;
 use metauas::synth::{synthetic_weights, WeightRecipe};
 
 /// Node i runs at step i + 1: what it reads and writes must be alive then, and the inputs of
-/// an upsample it may be folded into (its input's producer) as well.
+/// an upsample or expand conv it may be folded into (its input's producer) as well.
 fn assert_alive_when_read(name: &str, g: &Graph, plan: &MemoryPlan) {
     let producer = |v| g.nodes.iter().find(|n| n.output == v);
     for (i, node) in g.nodes.iter().enumerate() {
@@ -19,6 +19,24 @@ fn assert_alive_when_read(name: &str, g: &Graph, plan: &MemoryPlan) {
             let Some(p) = producer(v) else { continue };
             match p.op {
                 Op::UpsampleConcat { .. } => read.extend(p.op.inputs()),
+                // A 1x1 expand read only by a depthwise conv may be folded into it.
+                Op::Conv {
+                    geometry,
+                    residual: None,
+                    ..
+                } if geometry.kernel == 1 => {
+                    let readers = g.nodes.iter().filter(|r| r.op.inputs().contains(&v));
+                    let depthwise = matches!(
+                        node.op,
+                        Op::Conv {
+                            depthwise: true,
+                            ..
+                        }
+                    );
+                    if depthwise && readers.count() == 1 {
+                        read.extend(p.op.inputs());
+                    }
+                }
                 Op::Scse { input, .. } => {
                     if let Some(up) = producer(input) {
                         if matches!(up.op, Op::UpsampleConcat { .. }) {

@@ -14,7 +14,8 @@
 //! over the encoder, against ~108 MB of maps at 256), the input of a conv that reads a
 //! folded value (it reads the half-resolution map and skip in place, not the full value),
 //! and the output of an scSE that only computes gates. Folded ops count in their reader's
-//! time.
+//! time; an expand conv folded into its depthwise reader counts in the family
+//! "1x1 expand + depthwise" with its reader, with its multiply-adds, input and weights.
 
 use std::time::Instant;
 
@@ -32,6 +33,7 @@ struct Family {
 /// The family of node `i` (`how`: the backend's description of how it runs).
 fn family(op: &Op, how: &str) -> &'static str {
     match op {
+        Op::Conv { .. } if how.contains("expand folded in") => "1x1 expand + depthwise",
         Op::Conv {
             depthwise: true, ..
         } => "depthwise",
@@ -89,26 +91,38 @@ pub fn print_family_floors(g: &Graph, ms: &[f64], how: impl Fn(usize) -> String,
         }
         let name = family(&node.op, &how);
         let winograd = how.contains("winograd");
-        let mut flops = 2.0 * node.op.macs(g.values[node.output].shape, &g.values) as f64;
+        let macs = |n: &metauas::graph::Node| n.op.macs(g.values[n.output].shape, &g.values);
+        let mut flops = 2.0 * macs(node) as f64;
         if winograd {
             flops *= 36.0 / 144.0;
         }
         let folded_input = how.contains("upsampled input") || how.contains("gated-concat input");
+        let map_len = |n: &metauas::graph::Node| -> usize {
+            n.op.inputs().iter().map(|&v| g.values[v].shape.len()).sum()
+        };
+        let mut weights = weight_floats(&node.op, winograd);
         let maps: usize = if folded_input {
             0
-        } else {
-            node.op
-                .inputs()
+        } else if how.contains("expand folded in") {
+            // It runs its input's producer, the expand conv, too: reads that one's input.
+            let input = node.op.inputs()[0];
+            let expand = g
+                .nodes
                 .iter()
-                .map(|&v| g.values[v].shape.len())
-                .sum()
+                .find(|n| n.output == input)
+                .expect("expand node");
+            flops += 2.0 * macs(expand) as f64;
+            weights += weight_floats(&expand.op, false);
+            map_len(expand)
+        } else {
+            map_len(node)
         };
         let output = if how.starts_with("gates only") {
             0
         } else {
             g.values[node.output].shape.len()
         };
-        let bytes = 4.0 * (maps + output) as f64 + 4.0 * weight_floats(&node.op, winograd);
+        let bytes = 4.0 * (maps + output) as f64 + 4.0 * weights;
         let at = match families.iter().position(|(n, _)| *n == name) {
             Some(at) => at,
             None => {

@@ -1,10 +1,17 @@
 //! Ops the CPU backend folds into the op that reads them, so their big output is never
 //! written: the decoder's 2x upsample (+ concat + the first scSE), read in place by the
-//! Winograd input transform of the next 3x3 conv. The graph (and the GPU backend) keep the
-//! ops; this backend's memory plan keeps an upsample's and an scSE's inputs alive as long as
-//! their outputs (`extend_lifetimes`), so a folded op's inputs are intact when its reader runs.
+//! Winograd input transform of the next 3x3 conv; an MBConv block's 1x1 expand conv, run by
+//! row bands inside the depthwise conv that reads it. The graph (and the GPU backend) keep
+//! the ops; this backend's memory plan keeps a folded op's inputs alive as long as its
+//! output (`extend_lifetimes`), so they are intact when its reader runs.
 
 use crate::graph::{Graph, Lifetime, Op, ValueId};
+
+/// Expanded maps from this size up are folded into their depthwise reader. Smaller ones
+/// stay in the L2 and L3 between the two convs anyway, and the bands' extra work (the rows
+/// tasks share, smaller GEMM runs) made blocks 7-9 at 512 (3-5 MB maps) 10% slower; block2
+/// at 512 (37.7 MB) and blocks 3-5 (12.6 MB) stream from DRAM unfolded.
+const EXPAND_FOLD_MIN_BYTES: usize = 8 << 20;
 
 /// How a value is produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +26,9 @@ pub(super) enum Fold {
     /// conv: only its gates are computed (channel gates, then one spatial gate per pixel),
     /// into the start of its own place.
     GatedConcat { half: ValueId, skip: ValueId },
+    /// Not at all: the output of the 1x1 expand conv node `node`, computed band by band by
+    /// its only reader, a depthwise conv (see `kernels::depthwise_over_expand_nhwc`).
+    Expanded { node: usize },
 }
 
 impl Fold {
@@ -29,25 +39,54 @@ impl Fold {
 
 /// Extends `life` (the graph's lifetimes) for folding: a folded upsample (+ concat), or an
 /// scSE over one, is read through by the op that reads it, which then reads the upsample's
-/// inputs: those live as long as the upsample's output, or the scSE's over it. Done for
-/// every upsample, folded or not, so the plan does not depend on the Winograd choices.
+/// inputs: those live as long as the upsample's output, or the scSE's over it. Likewise an
+/// expand conv's input lives as long as its output, which its depthwise reader expands
+/// again. Done for every candidate, folded or not, so the plan does not depend on the
+/// Winograd choices.
 pub(super) fn extend_lifetimes(graph: &Graph, life: &mut [Lifetime]) {
     let nodes = &graph.nodes;
     let producer = |v: ValueId| nodes.iter().find(|n| n.output == v);
-    for node in nodes.iter().rev() {
-        let upsample = match node.op {
+    for (i, node) in nodes.iter().enumerate().rev() {
+        let folded = match node.op {
             Op::UpsampleConcat { .. } => Some(node),
             Op::Scse { input, .. } => {
                 producer(input).filter(|p| matches!(p.op, Op::UpsampleConcat { .. }))
             }
+            _ if expand_read_by_depthwise(graph, i) => Some(node),
             _ => None,
         };
-        if let Some(up) = upsample {
+        if let Some(up) = folded {
             for v in up.op.inputs() {
                 life[v].1 = life[v].1.max(life[node.output].1);
             }
         }
     }
+}
+
+/// Whether node `n` is a 1x1 expand conv (stride 1, no padding, no residual) whose output
+/// only a depthwise conv reads: the fold `Fold::Expanded`.
+pub(super) fn expand_read_by_depthwise(graph: &Graph, n: usize) -> bool {
+    let node = &graph.nodes[n];
+    let Op::Conv {
+        geometry: g,
+        depthwise: false,
+        residual: None,
+        ..
+    } = node.op
+    else {
+        return false;
+    };
+    let pointwise = g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0;
+    let v = node.output;
+    let mut readers = graph.nodes.iter().filter(|r| r.op.inputs().contains(&v));
+    let depthwise_reader = match (readers.next(), readers.next()) {
+        (Some(r), None) => matches!(
+            r.op,
+            Op::Conv { input, depthwise: true, residual: None, .. } if input == v
+        ),
+        _ => false,
+    };
+    pointwise && depthwise_reader && !graph.outputs.contains(&v)
 }
 
 /// Decides the folds of `graph`; `winograd(node)` says whether that conv node runs by
@@ -64,7 +103,12 @@ pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec
         matches!(graph.nodes[n].op, Op::Conv { input, residual: None, .. } if input == v)
             && winograd(n)
     };
-    for node in &graph.nodes {
+    for (n, node) in graph.nodes.iter().enumerate() {
+        let large = graph.values[node.output].shape.len() * 4 >= EXPAND_FOLD_MIN_BYTES;
+        if large && expand_read_by_depthwise(graph, n) {
+            folds[node.output] = Fold::Expanded { node: n };
+            continue;
+        }
         let Op::UpsampleConcat { input, skip } = node.op else {
             continue;
         };

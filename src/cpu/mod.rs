@@ -18,7 +18,9 @@ use crate::graph::{
 };
 use crate::util::sync::lock;
 use fold::Fold;
-use kernels::{Activation, ConvGeometry, GatedConcat, InputLayout, PackedWinograd};
+use kernels::{
+    Activation, ConvGeometry, GatedConcat, InputLayout, PackedDepthwise, PackedWinograd,
+};
 use kernels::{Scse, SqueezeExcite};
 pub use plan::CpuPlan;
 use strategy::PackedWeights;
@@ -254,6 +256,9 @@ impl CpuGraph {
                     (ConvStrategy::Depthwise, PackedWeights::Depthwise(w)) => {
                         kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)
                     }
+                    (ConvStrategy::DepthwiseOverExpand { expand }, PackedWeights::Depthwise(w)) => {
+                        self.depthwise_over_expand(a, expand, geometry, w, bias, act, y)
+                    }
                     (_, PackedWeights::Dense3x3(wino, _)) if strategy.schedule().is_some() => {
                         let r = residual.map(|r| unsafe { a.slice(r) });
                         let conv = WinogradConv {
@@ -315,6 +320,48 @@ impl CpuGraph {
                 kernels::upsample2x_concat_nhwc(x, s.h, s.w, s.c, skip, cs, y)
             }
         }
+    }
+}
+
+impl CpuGraph {
+    /// A depthwise conv of geometry `g` over the output of the expand conv node `expand`
+    /// (folded: see `Fold::Expanded`), from that node's input.
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise_over_expand(
+        &self,
+        a: &Arena,
+        expand: usize,
+        g: &ConvGeometry,
+        w: &PackedDepthwise,
+        bias: &[f32],
+        act: Activation,
+        y: &mut [f32],
+    ) {
+        let Op::Conv {
+            input,
+            conv,
+            act: expand_act,
+            ..
+        } = a.graph.nodes[expand].op
+        else {
+            unreachable!("an expand fold is a conv node")
+        };
+        let (PackedWeights::Dense(expand_w), expand_bias) = &self.packed.convs[conv] else {
+            unreachable!("a 1x1 conv is packed dense")
+        };
+        // SAFETY: the memory plan keeps an expand's input alive until its reader.
+        let x = unsafe { a.slice(input) };
+        kernels::depthwise_over_expand_nhwc(
+            x,
+            expand_w,
+            expand_bias,
+            expand_act,
+            g,
+            w,
+            bias,
+            act,
+            y,
+        )
     }
 }
 

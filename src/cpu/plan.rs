@@ -46,6 +46,7 @@ impl CpuPlan {
     /// into its reader; empty for the other ops, which run as the graph says.
     pub fn describe(&self, graph: &Graph, node: usize) -> String {
         match (self.convs[node], self.folds[graph.nodes[node].output]) {
+            (_, Fold::Expanded { .. }) => "folded into its reader".into(),
             (Some(strategy), _) => strategy.to_string(),
             (None, Fold::Computed) => String::new(),
             (None, Fold::GatedConcat { .. }) => "gates only, rest read by its conv".into(),

@@ -60,6 +60,9 @@ pub enum ConvStrategy {
     Direct,
     /// One kxk filter per channel: depthwise convs, and only they.
     Depthwise,
+    /// A depthwise conv on the output of the 1x1 expand conv node `expand`, which it
+    /// computes by row bands itself (`Fold::Expanded`).
+    DepthwiseOverExpand { expand: usize },
 }
 
 /// How a conv reads its input value.
@@ -102,6 +105,7 @@ impl ConvStrategy {
             (ConvStrategy::WinogradTileBlocked(_), PackedWeights::Dense3x3(..)) => g.stride == 1,
             (ConvStrategy::Direct, PackedWeights::Dense(_) | PackedWeights::Dense3x3(..)) => true,
             (ConvStrategy::Depthwise, PackedWeights::Depthwise(_)) => true,
+            // Only ever given by `reading` an expanded input.
             _ => false,
         }
     }
@@ -111,7 +115,9 @@ impl ConvStrategy {
         match self {
             ConvStrategy::WinogradByPosition(_) => Some(Schedule::ByPosition),
             ConvStrategy::WinogradTileBlocked(_) => Some(Schedule::TileBlocked),
-            ConvStrategy::Direct | ConvStrategy::Depthwise => None,
+            ConvStrategy::Direct
+            | ConvStrategy::Depthwise
+            | ConvStrategy::DepthwiseOverExpand { .. } => None,
         }
     }
 
@@ -121,23 +127,36 @@ impl ConvStrategy {
             ConvStrategy::WinogradByPosition(input) | ConvStrategy::WinogradTileBlocked(input) => {
                 input
             }
-            ConvStrategy::Direct | ConvStrategy::Depthwise => ConvInput::Plain,
+            ConvStrategy::Direct
+            | ConvStrategy::Depthwise
+            | ConvStrategy::DepthwiseOverExpand { .. } => ConvInput::Plain,
         }
     }
 
-    /// This strategy reading an input produced as `fold` says; `fold` must be one Winograd
-    /// reads, if it folds anything (`fold::plan_folds` only folds into Winograd readers).
+    /// This strategy reading an input produced as `fold` says; `fold` must be one this
+    /// strategy reads (`fold::plan_folds` folds upsamples only into Winograd readers and
+    /// expand convs only into depthwise ones).
     pub(super) fn reading(self, fold: Fold) -> ConvStrategy {
         let input = match fold {
             Fold::Computed | Fold::Skipped => return self,
+            Fold::Expanded { node } => {
+                assert_eq!(
+                    self,
+                    ConvStrategy::Depthwise,
+                    "an expand is only read by depthwise"
+                );
+                return ConvStrategy::DepthwiseOverExpand { expand: node };
+            }
             Fold::Upsampled { half } => ConvInput::Upsampled { half },
             Fold::GatedConcat { half, skip } => ConvInput::GatedConcat { half, skip },
         };
         match self {
             ConvStrategy::WinogradByPosition(_) => ConvStrategy::WinogradByPosition(input),
             ConvStrategy::WinogradTileBlocked(_) => ConvStrategy::WinogradTileBlocked(input),
-            ConvStrategy::Direct | ConvStrategy::Depthwise => {
-                unreachable!("a folded input is only read by Winograd")
+            ConvStrategy::Direct
+            | ConvStrategy::Depthwise
+            | ConvStrategy::DepthwiseOverExpand { .. } => {
+                unreachable!("a folded upsample is only read by Winograd")
             }
         }
     }
@@ -151,6 +170,7 @@ impl fmt::Display for ConvStrategy {
             ConvStrategy::WinogradTileBlocked(_) => "winograd tile-blocked",
             ConvStrategy::Direct => "direct",
             ConvStrategy::Depthwise => "depthwise",
+            ConvStrategy::DepthwiseOverExpand { .. } => "depthwise, expand folded in",
         };
         match self.input() {
             ConvInput::Plain => write!(f, "{name}"),

@@ -273,6 +273,80 @@ pub(crate) fn conv2d_nhwc_isa(
     });
 }
 
+/// A 1x1 conv (stride 1, no padding, no residual) run on many runs of pixels, on the
+/// calling thread, with its per-call parts made once: the fused MBConv front expands a
+/// band of rows at a time with it. The same values as [`conv2d_nhwc_isa`].
+pub(crate) struct PointwiseRuns<'a> {
+    w: &'a PackedConv,
+    bias: Vec<f32>,
+    zeros: Vec<f32>,
+    kblocks: Vec<KBlock>,
+    act: Activation,
+}
+
+impl<'a> PointwiseRuns<'a> {
+    pub(crate) fn new(w: &'a PackedConv, bias: &[f32], act: Activation) -> Self {
+        assert_eq!(w.kernel, 1, "a pointwise conv is 1x1");
+        assert_eq!(bias.len(), w.cout, "conv bias length");
+        let mut padded = vec![0.0; w.cout.next_multiple_of(LANES)];
+        padded[..w.cout].copy_from_slice(bias);
+        PointwiseRuns {
+            w,
+            bias: padded,
+            zeros: vec![0.0; w.cin],
+            kblocks: reduction_blocks(1, w.cin),
+            act,
+        }
+    }
+
+    /// `y = act(x w + bias)` for the `x.len() / cin` pixels of `x`.
+    pub(crate) fn run(&self, isa: Isa, x: &[f32], y: &mut [f32]) {
+        let (cin, cout) = (self.w.cin, self.w.cout);
+        let pixels = x.len() / cin;
+        assert!(
+            x.len() == pixels * cin && y.len() == pixels * cout,
+            "pointwise lengths"
+        );
+        if pixels == 0 {
+            return;
+        }
+        let job = ConvJob {
+            x,
+            g: ConvGeometry {
+                in_h: 1,
+                in_w: pixels,
+                cin,
+                cout,
+                kernel: 1,
+                stride: 1,
+                pad_top: 0,
+                pad_left: 0,
+                out_h: 1,
+                out_w: pixels,
+            },
+            w: self.w,
+            bias: &self.bias,
+            act: self.act,
+            residual: None,
+            y: OutPtr(y.as_mut_ptr()),
+            y_len: y.len(),
+            zeros: &self.zeros,
+            kblocks: &self.kblocks,
+        };
+        let groups = self.w.groups.len();
+        for p0 in (0..pixels).step_by(MAX_PIXEL_BLOCK) {
+            let p1 = (p0 + MAX_PIXEL_BLOCK).min(pixels);
+            let unit = Unit {
+                p0,
+                p1,
+                g0: 0,
+                g1: groups,
+            };
+            conv_unit_isa(isa, &job, &unit);
+        }
+    }
+}
+
 dispatch_isa! {
     fn conv_unit_isa(job: &ConvJob<'_>, unit: &Unit) => conv_unit;
 }

@@ -58,15 +58,22 @@ impl PackedDepthwise {
     pub fn kernel(&self) -> usize {
         self.kernel
     }
+
+    /// `bias` padded with zeros to the packed channel stride.
+    pub(super) fn padded_bias(&self, bias: &[f32]) -> Vec<f32> {
+        let mut padded = vec![0.0; self.stride_c];
+        padded[..bias.len()].copy_from_slice(bias);
+        padded
+    }
 }
 
-struct DwJob<'a> {
-    x: &'a [f32],
-    g: ConvGeometry,
-    w: &'a PackedDepthwise,
+pub(super) struct DwJob<'a> {
+    pub(super) x: &'a [f32],
+    pub(super) g: ConvGeometry,
+    pub(super) w: &'a PackedDepthwise,
     /// Bias padded to `w.stride_c`.
-    bias: &'a [f32],
-    act: Activation,
+    pub(super) bias: &'a [f32],
+    pub(super) act: Activation,
 }
 
 pub(crate) fn depthwise_conv2d_nhwc_isa(
@@ -89,8 +96,7 @@ pub(crate) fn depthwise_conv2d_nhwc_isa(
     if y.is_empty() {
         return;
     }
-    let mut padded_bias = vec![0.0; w.stride_c];
-    padded_bias[..bias.len()].copy_from_slice(bias);
+    let padded_bias = w.padded_bias(bias);
     let job = DwJob {
         x,
         g: *g,
@@ -112,7 +118,7 @@ pub(crate) fn depthwise_conv2d_nhwc_isa(
 }
 
 dispatch_isa! {
-    fn dw_rows_isa(job: &DwJob<'_>, oy0: usize, out: &mut [f32]) => dw_rows;
+    pub(super) fn dw_rows_isa(job: &DwJob<'_>, oy0: usize, out: &mut [f32]) => dw_rows;
 }
 
 /// Output rows starting at `oy0`; `out` holds whole rows.

@@ -267,3 +267,165 @@ fn gated_concat_with_cancelling_outputs() {
     };
     problem.check().unwrap();
 }
+
+/// An MBConv front: a 1x1 expand conv of an `h x w x cx` map to `ce` channels and the
+/// `k x k` depthwise conv (stride `s`) that reads it.
+#[derive(Clone, Debug)]
+struct ExpandDepthwise {
+    h: usize,
+    w: usize,
+    cx: usize,
+    ce: usize,
+    k: usize,
+    s: usize,
+    /// (top, left, bottom, right) padding of the depthwise conv.
+    pad: (usize, usize, usize, usize),
+    expand_act: Activation,
+    act: Activation,
+    x: Vec<f32>,
+    expand_w: Vec<f32>,
+    expand_b: Vec<f32>,
+    dw_w: Vec<f32>,
+    dw_b: Vec<f32>,
+}
+
+impl ExpandDepthwise {
+    fn geometry(&self) -> ConvGeometry {
+        let (pt, pl, pb, pr) = self.pad;
+        ConvGeometry {
+            in_h: self.h,
+            in_w: self.w,
+            cin: self.ce,
+            cout: self.ce,
+            kernel: self.k,
+            stride: self.s,
+            pad_top: pt,
+            pad_left: pl,
+            out_h: (self.h + pt + pb - self.k) / self.s + 1,
+            out_w: (self.w + pl + pr - self.k) / self.s + 1,
+        }
+    }
+
+    /// The fused kernel against the expand conv then the depthwise conv, bit for bit, for
+    /// every ISA and on 1, 2 and 3 threads (other task and band cuts).
+    fn check(&self) -> Result<(), String> {
+        let g = self.geometry();
+        let ew = PackedConv::pack(&self.expand_w, self.ce, self.cx, 1);
+        let dw = PackedDepthwise::pack(&self.dw_w, self.ce, self.k);
+        let eg = ConvGeometry {
+            in_h: self.h,
+            in_w: self.w,
+            cin: self.cx,
+            cout: self.ce,
+            kernel: 1,
+            stride: 1,
+            pad_top: 0,
+            pad_left: 0,
+            out_h: self.h,
+            out_w: self.w,
+        };
+        for isa in Isa::available() {
+            let mut expanded = vec![f32::NAN; eg.output_len()];
+            let ea = self.expand_act;
+            conv::conv2d_nhwc_isa(
+                isa,
+                &self.x,
+                &eg,
+                &ew,
+                &self.expand_b,
+                ea,
+                None,
+                &mut expanded,
+            );
+            let mut plain = vec![f32::NAN; g.output_len()];
+            depthwise::depthwise_conv2d_nhwc_isa(
+                isa, &expanded, &g, &dw, &self.dw_b, self.act, &mut plain,
+            );
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut fused = vec![f32::NAN; g.output_len()];
+                let expand = mbconv::Expand {
+                    w: &ew,
+                    bias: &self.expand_b,
+                    act: ea,
+                };
+                pool.install(|| {
+                    mbconv::depthwise_over_expand_isa(
+                        isa, &self.x, &expand, &g, &dw, &self.dw_b, self.act, &mut fused,
+                    )
+                });
+                if fused
+                    .iter()
+                    .zip(&plain)
+                    .any(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    return Err(format!(
+                        "{isa:?} on {threads} threads: fused expand + depthwise differs"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn expand_depthwise_strategy() -> impl Strategy<Value = ExpandDepthwise> {
+    (
+        // Wide rows so that a band holds few of them (the buffer fits ~96K floats).
+        (1usize..40, prop_oneof![1usize..12, 300usize..700]),
+        prop_oneof![prop::sample::select(vec![1usize, 16, 24]), 1usize..40],
+        prop_oneof![prop::sample::select(vec![16usize, 144, 192]), 1usize..50],
+        prop::sample::select(vec![
+            (3usize, 1usize),
+            (3, 2),
+            (5, 1),
+            (5, 2),
+            (1, 1),
+            (4, 3),
+        ]),
+        (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+        prop::sample::select(vec![Activation::Swish, Activation::Identity]),
+    )
+        .prop_filter(
+            "kernel larger than the padded map",
+            |((h, w), _, _, (k, _), p, _)| h + p.0 + p.2 >= *k && w + p.1 + p.3 >= *k,
+        )
+        .prop_flat_map(|((h, w), cx, ce, (k, s), pad, act)| {
+            let data = |n: usize| prop::collection::vec(-1.0f32..1.0, n);
+            (
+                data(h * w * cx),
+                data(ce * cx),
+                data(ce),
+                data(ce * k * k),
+                data(ce),
+            )
+                .prop_map(move |(x, expand_w, expand_b, dw_w, dw_b)| ExpandDepthwise {
+                    h,
+                    w,
+                    cx,
+                    ce,
+                    k,
+                    s,
+                    pad,
+                    expand_act: Activation::Swish,
+                    act,
+                    x,
+                    expand_w,
+                    expand_b,
+                    dw_w,
+                    dw_b,
+                })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn depthwise_over_expand_is_expand_then_depthwise(problem in expand_depthwise_strategy()) {
+        problem.check().map_err(TestCaseError::fail)?;
+    }
+}

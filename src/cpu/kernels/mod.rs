@@ -37,6 +37,7 @@ mod conv;
 mod depthwise;
 mod gemm;
 mod isa;
+mod mbconv;
 // AVX-512 (`target_feature(enable = "avx512f")` and its intrinsics) is stable since Rust
 // 1.89, so the crate's `rust-version` must be at least that.
 mod partition;
@@ -209,6 +210,29 @@ pub fn depthwise_conv2d_nhwc(
     y: &mut [f32],
 ) {
     depthwise::depthwise_conv2d_nhwc_isa(Isa::selected(), x, g, w, bias, act, y)
+}
+
+/// `y = depthwise(act_e(x w_e + bias_e))`: a 1x1 expand conv (stride 1, no padding, no
+/// residual) and the depthwise conv of geometry `g` that reads its output, fused by row
+/// bands so that the expanded map is never written (the same values as the two convs).
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_over_expand_nhwc(
+    x: &[f32],
+    expand_w: &PackedConv,
+    expand_bias: &[f32],
+    expand_act: Activation,
+    g: &ConvGeometry,
+    w: &PackedDepthwise,
+    bias: &[f32],
+    act: Activation,
+    y: &mut [f32],
+) {
+    let expand = mbconv::Expand {
+        w: expand_w,
+        bias: expand_bias,
+        act: expand_act,
+    };
+    mbconv::depthwise_over_expand_isa(Isa::selected(), x, &expand, g, w, bias, act, y)
 }
 
 /// Squeeze-excite: the formula is on [`SqueezeExcite`].
