@@ -9,7 +9,8 @@ use metauas::model::ModelWeights;
 use metauas::synth::{synthetic_weights, WeightRecipe};
 
 /// Node i runs at step i + 1: what it reads and writes must be alive then, and the inputs of
-/// an upsample or expand conv it may be folded into (its input's producer) as well.
+/// an upsample, expand conv or squeeze-excite it may be folded into (its input's producer)
+/// as well.
 fn assert_alive_when_read(name: &str, g: &Graph, plan: &MemoryPlan) {
     let producer = |v| g.nodes.iter().find(|n| n.output == v);
     for (i, node) in g.nodes.iter().enumerate() {
@@ -34,6 +35,17 @@ fn assert_alive_when_read(name: &str, g: &Graph, plan: &MemoryPlan) {
                         }
                     );
                     if depthwise && readers.count() == 1 {
+                        read.extend(p.op.inputs());
+                    }
+                }
+                // A squeeze-excite read only by a 1x1 conv may be read through by it.
+                Op::SqueezeExcite { .. } => {
+                    let readers = g.nodes.iter().filter(|r| r.op.inputs().contains(&v));
+                    let pointwise = matches!(
+                        node.op,
+                        Op::Conv { geometry, depthwise: false, .. } if geometry.kernel == 1
+                    );
+                    if pointwise && readers.count() == 1 {
                         read.extend(p.op.inputs());
                     }
                 }

@@ -13,6 +13,11 @@ use crate::graph::{Graph, Lifetime, Op, ValueId};
 /// at 512 (37.7 MB) and blocks 3-5 (12.6 MB) stream from DRAM unfolded.
 const EXPAND_FOLD_MIN_BYTES: usize = 8 << 20;
 
+/// Squeeze-excite outputs from this size up are read through by their 1x1 reader: at 512
+/// (blocks 0 and 2-5, 9-13 MB) the squeeze-excites and their readers took 6.8 ms and take 5.6
+/// per encoder pass; at 256, with the same rule from 2 MB, the difference was in the noise.
+const GATES_FOLD_MIN_BYTES: usize = 8 << 20;
+
 /// How a value is produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Fold {
@@ -29,11 +34,18 @@ pub(super) enum Fold {
     /// Not at all: the output of the 1x1 expand conv node `node`, computed band by band by
     /// its only reader, a depthwise conv (see `kernels::depthwise_over_expand_nhwc`).
     Expanded { node: usize },
+    /// A squeeze-excite of `input` read by one 1x1 conv, which scales its input itself
+    /// (`kernels::conv2d_gated_nhwc`): only the channel gates are computed, into the start
+    /// of this value's place.
+    ChannelGates { input: ValueId },
 }
 
 impl Fold {
     pub(super) fn runs_op(self) -> bool {
-        matches!(self, Fold::Computed | Fold::GatedConcat { .. })
+        matches!(
+            self,
+            Fold::Computed | Fold::GatedConcat { .. } | Fold::ChannelGates { .. }
+        )
     }
 }
 
@@ -52,7 +64,7 @@ pub(super) fn extend_lifetimes(graph: &Graph, life: &mut [Lifetime]) {
             Op::Scse { input, .. } => {
                 producer(input).filter(|p| matches!(p.op, Op::UpsampleConcat { .. }))
             }
-            _ if expand_read_by_depthwise(graph, i) => Some(node),
+            _ if expand_read_by_depthwise(graph, i) || se_read_by_pointwise(graph, i) => Some(node),
             _ => None,
         };
         if let Some(up) = folded {
@@ -61,6 +73,33 @@ pub(super) fn extend_lifetimes(graph: &Graph, life: &mut [Lifetime]) {
             }
         }
     }
+}
+
+/// The only reader of value `v` (not a graph output), if it has one.
+fn only_reader(graph: &Graph, v: ValueId) -> Option<&crate::graph::Node> {
+    let mut readers = graph.nodes.iter().filter(|r| r.op.inputs().contains(&v));
+    match (readers.next(), readers.next()) {
+        (Some(r), None) if !graph.outputs.contains(&v) => Some(r),
+        _ => None,
+    }
+}
+
+/// Whether node `n` is a squeeze-excite whose output only a 1x1 conv (stride 1, no padding)
+/// reads, as its input: `Fold::ChannelGates`, on maps large enough for its gates alone.
+pub(super) fn se_read_by_pointwise(graph: &Graph, n: usize) -> bool {
+    let node = &graph.nodes[n];
+    let Op::SqueezeExcite { .. } = node.op else {
+        return false;
+    };
+    let v = node.output;
+    let reader_is_pointwise = only_reader(graph, v).is_some_and(|r| {
+        matches!(
+            r.op,
+            Op::Conv { input: i, geometry: g, depthwise: false, .. }
+                if i == v && g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0
+        )
+    });
+    reader_is_pointwise
 }
 
 /// Whether node `n` is a 1x1 expand conv (stride 1, no padding, no residual) whose output
@@ -78,15 +117,13 @@ pub(super) fn expand_read_by_depthwise(graph: &Graph, n: usize) -> bool {
     };
     let pointwise = g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0;
     let v = node.output;
-    let mut readers = graph.nodes.iter().filter(|r| r.op.inputs().contains(&v));
-    let depthwise_reader = match (readers.next(), readers.next()) {
-        (Some(r), None) => matches!(
+    let depthwise_reader = only_reader(graph, v).is_some_and(|r| {
+        matches!(
             r.op,
             Op::Conv { input, depthwise: true, residual: None, .. } if input == v
-        ),
-        _ => false,
-    };
-    pointwise && depthwise_reader && !graph.outputs.contains(&v)
+        )
+    });
+    pointwise && depthwise_reader
 }
 
 /// Decides the folds of `graph`; `winograd(node)` says whether that conv node runs by
@@ -104,9 +141,17 @@ pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec
             && winograd(n)
     };
     for (n, node) in graph.nodes.iter().enumerate() {
-        let large = graph.values[node.output].shape.len() * 4 >= EXPAND_FOLD_MIN_BYTES;
-        if large && expand_read_by_depthwise(graph, n) {
+        let bytes = graph.values[node.output].shape.len() * 4;
+        if bytes >= EXPAND_FOLD_MIN_BYTES && expand_read_by_depthwise(graph, n) {
             folds[node.output] = Fold::Expanded { node: n };
+            continue;
+        }
+        if let Op::SqueezeExcite { input, .. } = node.op {
+            let pixels = graph.values[input].shape.pixels();
+            let gates_alone = crate::cpu::kernels::squeeze_excite_gates_apply(pixels);
+            if bytes >= GATES_FOLD_MIN_BYTES && gates_alone && se_read_by_pointwise(graph, n) {
+                folds[node.output] = Fold::ChannelGates { input };
+            }
             continue;
         }
         let Op::UpsampleConcat { input, skip } = node.op else {

@@ -253,6 +253,17 @@ impl CpuGraph {
                         let r = residual.map(|r| unsafe { a.slice(r) });
                         kernels::conv2d_nhwc(x, geometry, w, bias, act, r, y)
                     }
+                    (
+                        ConvStrategy::DirectGated { x: source },
+                        PackedWeights::Dense(w) | PackedWeights::Dense3x3(_, w),
+                    ) => {
+                        // The folded squeeze-excite left its gates at the start of its place.
+                        let gate = &x[..geometry.cin];
+                        let r = residual.map(|r| unsafe { a.slice(r) });
+                        // SAFETY: the memory plan keeps a folded squeeze-excite's input alive.
+                        let source = unsafe { a.slice(source) };
+                        kernels::conv2d_gated_nhwc(source, gate, geometry, w, bias, act, r, y)
+                    }
                     (ConvStrategy::Depthwise, PackedWeights::Depthwise(w)) => {
                         kernels::depthwise_conv2d_nhwc(x, geometry, w, bias, act, y)
                     }
@@ -275,12 +286,14 @@ impl CpuGraph {
             }
             Op::SqueezeExcite { input, se } => {
                 let x = unsafe { a.slice(input) };
-                kernels::squeeze_excite_nhwc(
-                    x,
-                    a.graph.values[input].shape.pixels(),
-                    &self.packed.se[se],
-                    y,
-                )
+                let pixels = a.graph.values[input].shape.pixels();
+                let se = &self.packed.se[se];
+                if let Fold::ChannelGates { .. } = a.plan.folds[out] {
+                    // Only the gates, at the start of this value's (otherwise unused) place.
+                    kernels::squeeze_excite_gates(x, pixels, se, &mut y[..se.channels])
+                } else {
+                    kernels::squeeze_excite_nhwc(x, pixels, se, y)
+                }
             }
             Op::Scse { input, scse } => match a.plan.folds[out] {
                 Fold::GatedConcat { half, skip } => {

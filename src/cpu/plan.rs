@@ -49,7 +49,9 @@ impl CpuPlan {
             (_, Fold::Expanded { .. }) => "folded into its reader".into(),
             (Some(strategy), _) => strategy.to_string(),
             (None, Fold::Computed) => String::new(),
-            (None, Fold::GatedConcat { .. }) => "gates only, rest read by its conv".into(),
+            (None, Fold::GatedConcat { .. } | Fold::ChannelGates { .. }) => {
+                "gates only, rest read by its conv".into()
+            }
             (None, Fold::Skipped | Fold::Upsampled { .. }) => "folded into its reader".into(),
         }
     }

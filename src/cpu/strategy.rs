@@ -63,6 +63,9 @@ pub enum ConvStrategy {
     /// A depthwise conv on the output of the 1x1 expand conv node `expand`, which it
     /// computes by row bands itself (`Fold::Expanded`).
     DepthwiseOverExpand { expand: usize },
+    /// The direct conv (1x1) of a squeeze-excite of `x` whose gates alone were computed
+    /// (`Fold::ChannelGates`): it scales `x` by them as it reads it.
+    DirectGated { x: ValueId },
 }
 
 /// How a conv reads its input value.
@@ -116,6 +119,7 @@ impl ConvStrategy {
             ConvStrategy::WinogradByPosition(_) => Some(Schedule::ByPosition),
             ConvStrategy::WinogradTileBlocked(_) => Some(Schedule::TileBlocked),
             ConvStrategy::Direct
+            | ConvStrategy::DirectGated { .. }
             | ConvStrategy::Depthwise
             | ConvStrategy::DepthwiseOverExpand { .. } => None,
         }
@@ -128,6 +132,7 @@ impl ConvStrategy {
                 input
             }
             ConvStrategy::Direct
+            | ConvStrategy::DirectGated { .. }
             | ConvStrategy::Depthwise
             | ConvStrategy::DepthwiseOverExpand { .. } => ConvInput::Plain,
         }
@@ -139,6 +144,14 @@ impl ConvStrategy {
     pub(super) fn reading(self, fold: Fold) -> ConvStrategy {
         let input = match fold {
             Fold::Computed | Fold::Skipped => return self,
+            Fold::ChannelGates { input } => {
+                assert_eq!(
+                    self,
+                    ConvStrategy::Direct,
+                    "gates are only read by the direct conv"
+                );
+                return ConvStrategy::DirectGated { x: input };
+            }
             Fold::Expanded { node } => {
                 assert_eq!(
                     self,
@@ -154,6 +167,7 @@ impl ConvStrategy {
             ConvStrategy::WinogradByPosition(_) => ConvStrategy::WinogradByPosition(input),
             ConvStrategy::WinogradTileBlocked(_) => ConvStrategy::WinogradTileBlocked(input),
             ConvStrategy::Direct
+            | ConvStrategy::DirectGated { .. }
             | ConvStrategy::Depthwise
             | ConvStrategy::DepthwiseOverExpand { .. } => {
                 unreachable!("a folded upsample is only read by Winograd")
@@ -169,6 +183,7 @@ impl fmt::Display for ConvStrategy {
             ConvStrategy::WinogradByPosition(_) => "winograd by-position",
             ConvStrategy::WinogradTileBlocked(_) => "winograd tile-blocked",
             ConvStrategy::Direct => "direct",
+            ConvStrategy::DirectGated { .. } => "direct, squeeze-excite read through",
             ConvStrategy::Depthwise => "depthwise",
             ConvStrategy::DepthwiseOverExpand { .. } => "depthwise, expand folded in",
         };

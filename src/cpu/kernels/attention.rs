@@ -54,6 +54,32 @@ pub(crate) fn squeeze_excite_nhwc_isa(
         squeeze_excite_by_channels(isa, x, pixels, se, y);
         return;
     }
+    let mut gate = vec![0.0; c];
+    squeeze_excite_gates_isa(isa, x, pixels, se, &mut gate);
+    for_pixel_chunks(x, y, c, |xs, ys| scale_channels_isa(isa, xs, &gate, ys));
+}
+
+/// Whether [`squeeze_excite_gates_isa`] takes a map of `pixels` pixels.
+pub(crate) fn gates_alone_apply(pixels: usize) -> bool {
+    pixels > SUM_ROWS
+}
+
+/// The channel gates of a squeeze-excite over more than [`SUM_ROWS`] pixels, the same as
+/// [`squeeze_excite_nhwc_isa`] computes them, for a reader that scales its input itself.
+pub(crate) fn squeeze_excite_gates_isa(
+    isa: Isa,
+    x: &[f32],
+    pixels: usize,
+    se: &SqueezeExcite,
+    gate: &mut [f32],
+) {
+    let (c, sq) = (se.channels, se.squeeze);
+    assert!(
+        pixels > SUM_ROWS,
+        "gates alone only for maps of more than {SUM_ROWS} pixels"
+    );
+    assert_eq!(x.len(), pixels * c, "squeeze-excite input length");
+    assert_eq!(gate.len(), c, "squeeze-excite gate length");
     let means = channel_means(isa, x, pixels, c);
     let mut squeezed = vec![0.0; sq];
     matvec_isa(
@@ -64,16 +90,14 @@ pub(crate) fn squeeze_excite_nhwc_isa(
         Activation::Swish,
         &mut squeezed,
     );
-    let mut gate = vec![0.0; c];
     matvec_isa(
         isa,
         &se.expand_w,
         &se.expand_b,
         &squeezed,
         Activation::Sigmoid,
-        &mut gate,
+        gate,
     );
-    for_pixel_chunks(x, y, c, |xs, ys| scale_channels_isa(isa, xs, &gate, ys));
 }
 
 /// Channels `c0 .. c0 + len` of every pixel of an NHWC output, for the one channel block
@@ -429,7 +453,7 @@ fn dot<L: Level>(a: &[f32], b: &[f32]) -> f32 {
 }
 
 dispatch_isa! {
-    fn scale_channels_isa(x: &[f32], gate: &[f32], y: &mut [f32]) => scale_channels;
+    pub(super) fn scale_channels_isa(x: &[f32], gate: &[f32], y: &mut [f32]) => scale_channels;
 }
 
 /// `y[p, c] = x[p, c] * gate[c]`.

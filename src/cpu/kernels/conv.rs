@@ -218,6 +218,8 @@ struct ConvJob<'a> {
     y_len: usize,
     zeros: &'a [f32],
     kblocks: &'a [KBlock],
+    /// For a 1x1 conv: the input is `x[p, c] * input_gate[c]` (a squeeze-excite read through).
+    input_gate: Option<&'a [f32]>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -231,6 +233,33 @@ pub(crate) fn conv2d_nhwc_isa(
     residual: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    conv2d_gated_nhwc_isa(isa, x, None, g, w, bias, act, residual, y)
+}
+
+/// [`conv2d_nhwc_isa`] on the input `x[p, c] * gate[c]` when `gate` is given (1x1, stride
+/// 1, no padding only): a squeeze-excite's scaling read through, so that its scaled map is
+/// never written. Each work unit scales its own pixels into a buffer in L2, the same
+/// products the squeeze-excite would have stored, then runs the plain kernel on them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_gated_nhwc_isa(
+    isa: Isa,
+    x: &[f32],
+    gate: Option<&[f32]>,
+    g: &ConvGeometry,
+    w: &PackedConv,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    if let Some(gate) = gate {
+        let pointwise = g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0;
+        assert!(
+            pointwise,
+            "a gated input needs a 1x1 stride-1 conv without padding"
+        );
+        assert_eq!(gate.len(), g.cin, "input gate length");
+    }
     assert!(g.stride > 0, "conv stride must be positive");
     assert_eq!(
         (w.cin, w.cout, w.kernel),
@@ -247,7 +276,17 @@ pub(crate) fn conv2d_nhwc_isa(
     if pixels == 0 {
         return;
     }
-    if g.kernel == 1 && g.stride == 1 && g.cout == 1 && g.pad_top == 0 && g.pad_left == 0 {
+    let to_one = g.kernel == 1 && g.stride == 1 && g.cout == 1 && g.pad_top == 0 && g.pad_left == 0;
+    if let (true, Some(gate)) = (to_one, gate) {
+        // The dot-product kernel sums in its own order: give it the scaled input itself.
+        let scaled: Vec<f32> = x
+            .chunks_exact(g.cin)
+            .flat_map(|px| px.iter().zip(gate).map(|(&v, &gc)| v * gc))
+            .collect();
+        pointwise_to_one_channel(isa, &scaled, g, w, bias[0], act, residual, y);
+        return;
+    }
+    if to_one {
         pointwise_to_one_channel(isa, x, g, w, bias[0], act, residual, y);
         return;
     }
@@ -266,6 +305,7 @@ pub(crate) fn conv2d_nhwc_isa(
         y_len: y.len(),
         zeros: &zeros,
         kblocks: &kblocks,
+        input_gate: gate,
     };
     let plan = plan_units(pixels, w, x.len(), rayon::current_num_threads());
     for_each_unit(plan.parallel, &plan.units, |unit| {
@@ -332,6 +372,7 @@ impl<'a> PointwiseRuns<'a> {
             y_len: y.len(),
             zeros: &self.zeros,
             kblocks: &self.kblocks,
+            input_gate: None,
         };
         let groups = self.w.groups.len();
         for p0 in (0..pixels).step_by(MAX_PIXEL_BLOCK) {
@@ -353,10 +394,57 @@ dispatch_isa! {
 
 #[inline(always)]
 fn conv_unit<L: Level>(job: &ConvJob<'_>, unit: &Unit) {
+    if let Some(gate) = job.input_gate {
+        gated_unit::<L>(job, gate, unit);
+        return;
+    }
     for group in &job.w.groups[unit.g0..unit.g1] {
         // SAFETY: `conv2d_nhwc_isa` checked every length the tile loop relies on.
         unsafe { dispatch_tile!(L, group.nv, conv_group(job, group, unit.p0, unit.p1)) }
     }
+}
+
+/// A unit of a gated 1x1 conv: its pixels' inputs scaled into a buffer, then the plain
+/// kernel on the buffer as a one-row image whose outputs start at pixel `unit.p0`.
+#[inline(always)]
+fn gated_unit<L: Level>(job: &ConvJob<'_>, gate: &[f32], unit: &Unit) {
+    let (cin, cout) = (job.g.cin, job.g.cout);
+    let n = unit.p1 - unit.p0;
+    let mut scaled = GATED.with(|cell| cell.take());
+    scaled.resize(n * cin, 0.0);
+    let x = &job.x[unit.p0 * cin..unit.p1 * cin];
+    for (dst, src) in scaled.chunks_exact_mut(cin).zip(x.chunks_exact(cin)) {
+        // The squeeze-excite's own products: x * gate, rounded once.
+        for ((d, &v), &gc) in dst.iter_mut().zip(src).zip(gate) {
+            *d = v * gc;
+        }
+    }
+    let sub = ConvJob {
+        x: &scaled,
+        g: ConvGeometry {
+            in_h: 1,
+            in_w: n,
+            out_h: 1,
+            out_w: n,
+            ..job.g
+        },
+        // SAFETY: the unit's outputs are pixels p0..p1, inside the checked output.
+        y: OutPtr(unsafe { job.y.0.add(unit.p0 * cout) }),
+        y_len: n * cout,
+        residual: job.residual.map(|r| &r[unit.p0 * cout..unit.p1 * cout]),
+        input_gate: None,
+        ..*job
+    };
+    for group in &job.w.groups[unit.g0..unit.g1] {
+        // SAFETY: `sub` is a checked conv of its own: n input and output pixels.
+        unsafe { dispatch_tile!(L, group.nv, conv_group(&sub, group, 0, n)) }
+    }
+    GATED.with(|cell| cell.replace(scaled));
+}
+
+thread_local! {
+    /// A gated unit's scaled inputs.
+    static GATED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 thread_local! {

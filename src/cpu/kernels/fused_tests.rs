@@ -429,3 +429,124 @@ proptest! {
         problem.check().map_err(TestCaseError::fail)?;
     }
 }
+
+/// A squeeze-excite's scaling read through by the 1x1 conv after it: `h x w x cin` input,
+/// per-channel gates, `cout` outputs, maybe a residual.
+#[derive(Clone, Debug)]
+struct GatedPointwise {
+    pixels: usize,
+    cin: usize,
+    cout: usize,
+    residual: bool,
+    x: Vec<f32>,
+    gate: Vec<f32>,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl GatedPointwise {
+    /// The gated conv against scaling (the squeeze-excite's own kernel) then the conv, bit for
+    /// bit, for every ISA and on 1, 2 and 3 threads.
+    fn check(&self) -> Result<(), String> {
+        let g = ConvGeometry {
+            in_h: 1,
+            in_w: self.pixels,
+            cin: self.cin,
+            cout: self.cout,
+            kernel: 1,
+            stride: 1,
+            pad_top: 0,
+            pad_left: 0,
+            out_h: 1,
+            out_w: self.pixels,
+        };
+        let packed = PackedConv::pack(&self.weights, self.cout, self.cin, 1);
+        let residual: Option<Vec<f32>> = self
+            .residual
+            .then(|| (0..g.output_len()).map(|i| (i % 5) as f32 - 2.0).collect());
+        let r = residual.as_deref();
+        for isa in Isa::available() {
+            let mut scaled = vec![f32::NAN; self.x.len()];
+            attention::scale_channels_isa(isa, &self.x, &self.gate, &mut scaled);
+            let mut plain = vec![f32::NAN; g.output_len()];
+            conv::conv2d_nhwc_isa(
+                isa,
+                &scaled,
+                &g,
+                &packed,
+                &self.bias,
+                Activation::Identity,
+                r,
+                &mut plain,
+            );
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut gated = vec![f32::NAN; g.output_len()];
+                pool.install(|| {
+                    conv::conv2d_gated_nhwc_isa(
+                        isa,
+                        &self.x,
+                        Some(&self.gate),
+                        &g,
+                        &packed,
+                        &self.bias,
+                        Activation::Identity,
+                        r,
+                        &mut gated,
+                    )
+                });
+                if gated
+                    .iter()
+                    .zip(&plain)
+                    .any(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    return Err(format!("{isa:?} on {threads} threads: gated conv differs"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn gated_pointwise_strategy() -> impl Strategy<Value = GatedPointwise> {
+    (
+        prop_oneof![1usize..40, 380usize..1200],
+        prop_oneof![
+            prop::sample::select(vec![16usize, 144, 192, 300]),
+            1usize..40
+        ],
+        prop_oneof![prop::sample::select(vec![24usize, 32, 48]), 1usize..60],
+        any::<bool>(),
+    )
+        .prop_flat_map(|(pixels, cin, cout, residual)| {
+            let data = |n: usize| prop::collection::vec(-1.0f32..1.0, n);
+            (
+                data(pixels * cin),
+                prop::collection::vec(0.0f32..1.0, cin),
+                data(cout * cin),
+                data(cout),
+            )
+                .prop_map(move |(x, gate, weights, bias)| GatedPointwise {
+                    pixels,
+                    cin,
+                    cout,
+                    residual,
+                    x,
+                    gate,
+                    weights,
+                    bias,
+                })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn gated_pointwise_is_scale_then_conv(problem in gated_pointwise_strategy()) {
+        problem.check().map_err(TestCaseError::fail)?;
+    }
+}

@@ -240,6 +240,34 @@ pub fn squeeze_excite_nhwc(x: &[f32], pixels: usize, se: &SqueezeExcite, y: &mut
     attention::squeeze_excite_nhwc_isa(Isa::selected(), x, pixels, se, y)
 }
 
+/// The channel gates alone of a squeeze-excite (`gate[c]`, what [`squeeze_excite_nhwc`]
+/// scales channel `c` by), for maps where [`squeeze_excite_gates_apply`] says so.
+pub fn squeeze_excite_gates(x: &[f32], pixels: usize, se: &SqueezeExcite, gate: &mut [f32]) {
+    attention::squeeze_excite_gates_isa(Isa::selected(), x, pixels, se, gate)
+}
+
+/// Whether [`squeeze_excite_gates`] takes a map of `pixels` pixels (smaller maps compute the
+/// gates by channel blocks, fused with the scaling).
+pub fn squeeze_excite_gates_apply(pixels: usize) -> bool {
+    attention::gates_alone_apply(pixels)
+}
+
+/// [`conv2d_nhwc`] of a 1x1 stride-1 conv without padding on the input
+/// `x[p, c] * gate[c]` (a squeeze-excite read through: the same values as scaling first).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_gated_nhwc(
+    x: &[f32],
+    gate: &[f32],
+    g: &ConvGeometry,
+    w: &PackedConv,
+    bias: &[f32],
+    act: Activation,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    conv::conv2d_gated_nhwc_isa(Isa::selected(), x, Some(gate), g, w, bias, act, residual, y)
+}
+
 /// scSE: the formula is on [`Scse`].
 pub fn scse_nhwc(x: &[f32], pixels: usize, w: &Scse, y: &mut [f32]) {
     attention::scse_nhwc_isa(Isa::selected(), x, pixels, w, y)
