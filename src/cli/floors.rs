@@ -13,7 +13,7 @@
 //! Left out, so that the floor stays a lower bound: the squeeze-excite weights (12.6 MB
 //! over the encoder, against ~108 MB of maps at 256), the input of a conv that reads a
 //! folded value (it reads the half-resolution map and skip in place, not the full value),
-//! and the output of an scSE that only computes gates. Folded ops count in their reader's
+//! and the output of an scSE or squeeze-excite that only computes gates. Folded ops count in their reader's
 //! time; an expand conv folded into its depthwise reader counts in the family
 //! "1x1 expand + depthwise" with its reader, with its multiply-adds, input and weights.
 

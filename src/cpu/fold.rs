@@ -92,11 +92,14 @@ pub(super) fn se_read_by_pointwise(graph: &Graph, n: usize) -> bool {
         return false;
     };
     let v = node.output;
+    // Not as a residual too (that read would find only gates), not to one channel (whose
+    // kernel would need the scaled map whole).
     let reader_is_pointwise = only_reader(graph, v).is_some_and(|r| {
         matches!(
             r.op,
-            Op::Conv { input: i, geometry: g, depthwise: false, .. }
-                if i == v && g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0
+            Op::Conv { input: i, geometry: g, depthwise: false, residual, .. }
+                if i == v && residual != Some(v) && g.kernel == 1 && g.stride == 1
+                    && g.pad_top == 0 && g.pad_left == 0 && g.cout > 1
         )
     });
     reader_is_pointwise
@@ -115,7 +118,9 @@ pub(super) fn expand_read_by_depthwise(graph: &Graph, n: usize) -> bool {
     else {
         return false;
     };
-    let pointwise = g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0;
+    // A conv to one channel sums in another order (`pointwise_to_one_channel`).
+    let pointwise =
+        g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0 && g.cout > 1;
     let v = node.output;
     let depthwise_reader = only_reader(graph, v).is_some_and(|r| {
         matches!(
@@ -142,6 +147,11 @@ pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec
     };
     for (n, node) in graph.nodes.iter().enumerate() {
         let bytes = graph.values[node.output].shape.len() * 4;
+        // Folds do not stack: a folded op reads its input whole, as computed.
+        let input_computed = node.op.inputs().iter().all(|&v| folds[v] == Fold::Computed);
+        if !input_computed {
+            continue;
+        }
         if bytes >= EXPAND_FOLD_MIN_BYTES && expand_read_by_depthwise(graph, n) {
             folds[node.output] = Fold::Expanded { node: n };
             continue;
@@ -182,8 +192,90 @@ pub(super) fn plan_folds(graph: &Graph, winograd: impl Fn(usize) -> bool) -> Vec
 
 #[cfg(test)]
 mod tests {
+    use super::{plan_folds, Fold};
     use crate::cpu::memory_plan;
-    use crate::graph::{GraphBuilder, ScseId, Shape, SqueezeExciteId};
+    use crate::graph::{Activation, ConvId, GraphBuilder, ScseId, Shape, SqueezeExciteId};
+
+    /// An MBConv chain on a large map: the project reads its squeeze-excite through, the
+    /// next expand runs inside its depthwise conv; but a squeeze-excite read by an expand that
+    /// is itself folded keeps its scaled map (folds never read a folded value), and one read
+    /// as a residual too is computed in full.
+    #[test]
+    fn folds_on_a_large_mbconv_chain_do_not_stack() {
+        let sw = Activation::Swish;
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", Shape::new(128, 128, 144)); // 9.4 MB
+        let se = g.squeeze_excite("se", x, SqueezeExciteId(0));
+        let project = g.conv(
+            "project",
+            se,
+            ConvId(0),
+            (24, 1, 1),
+            (0, 0),
+            false,
+            sw,
+            None,
+        );
+        let expand = g.conv(
+            "expand",
+            project,
+            ConvId(1),
+            (144, 1, 1),
+            (0, 0),
+            false,
+            sw,
+            None,
+        );
+        let dw = g.conv("dw", expand, ConvId(2), (144, 3, 1), (1, 1), true, sw, None);
+        // A squeeze-excite whose only reader is an expand that a depthwise conv reads.
+        let se2 = g.squeeze_excite("se2", dw, SqueezeExciteId(1));
+        let expand2 = g.conv(
+            "expand2",
+            se2,
+            ConvId(3),
+            (144, 1, 1),
+            (0, 0),
+            false,
+            sw,
+            None,
+        );
+        let dw2 = g.conv(
+            "dw2",
+            expand2,
+            ConvId(4),
+            (144, 3, 1),
+            (1, 1),
+            true,
+            sw,
+            None,
+        );
+        // A squeeze-excite read by a 1x1 conv as its input and as its residual.
+        let se3 = g.squeeze_excite("se3", dw2, SqueezeExciteId(2));
+        let twice = g.conv(
+            "twice",
+            se3,
+            ConvId(5),
+            (144, 1, 1),
+            (0, 0),
+            false,
+            sw,
+            Some(se3),
+        );
+        g.output(twice);
+        let graph = g.finish();
+        let folds = plan_folds(&graph, |_| false);
+        assert_eq!(folds[se], Fold::ChannelGates { input: x });
+        assert_eq!(folds[project], Fold::Computed);
+        assert_eq!(folds[expand], Fold::Expanded { node: 2 });
+        assert_eq!(folds[dw], Fold::Computed);
+        assert_eq!(folds[se2], Fold::ChannelGates { input: dw });
+        assert_eq!(folds[expand2], Fold::Computed, "an expand of gates only");
+        assert_eq!(
+            folds[se3],
+            Fold::Computed,
+            "a squeeze-excite read as a residual"
+        );
+    }
 
     /// A folded upsample's reader reads the upsample's input: that input must stay alive
     /// (apart from the reader's output) until then.

@@ -3,8 +3,9 @@
 //!
 //! A strategy knows whether it applies to a node (from the forms its weights were packed
 //! in, and the node's shape); a node gets the first, in order of preference, that applies.
-//! Only Winograd reads a folded input (see `fold`), so how the input is read is settled
-//! after the folds, which depend on which readers run Winograd.
+//! How a conv reads a folded input (see `fold`) is settled after the folds, which depend on
+//! which readers run Winograd (an upsample folds only into Winograd, an expand conv only
+//! into depthwise, a squeeze-excite only into the direct 1x1 conv).
 
 use std::fmt;
 
@@ -108,7 +109,7 @@ impl ConvStrategy {
             (ConvStrategy::WinogradTileBlocked(_), PackedWeights::Dense3x3(..)) => g.stride == 1,
             (ConvStrategy::Direct, PackedWeights::Dense(_) | PackedWeights::Dense3x3(..)) => true,
             (ConvStrategy::Depthwise, PackedWeights::Depthwise(_)) => true,
-            // Only ever given by `reading` an expanded input.
+            // The folded-input strategies are only ever given by `reading`.
             _ => false,
         }
     }

@@ -33,10 +33,6 @@ pub fn is_jpeg(head: &[u8]) -> bool {
 /// drop.
 struct TurboJpeg(tj::tjhandle);
 
-// SAFETY: a TurboJPEG instance has no thread affinity (no thread-local state); it is only
-// used through `&mut`, so by one thread at a time.
-unsafe impl Send for TurboJpeg {}
-
 impl Drop for TurboJpeg {
     fn drop(&mut self) {
         // SAFETY: the handle came from tj3Init and is destroyed once.
@@ -163,16 +159,20 @@ const SPLIT_TOP_SHARE: f64 = 0.6;
 /// Decode a JPEG held in memory to RGB the way Pillow does (see the module comment). The
 /// size is checked against `limits` from the header, before the pixel buffer exists.
 ///
-/// A large sequential (baseline or extended, not progressive or lossless) image is decoded
-/// in two row bands at once, each by its own decoder: libjpeg-turbo's partial decode
-/// (`jpeg_skip_scanlines`) gives the same pixels as the whole-image decode, which
-/// `tests/image_corpus.rs` checks against Pillow and against the one-band decode.
+/// A large sequential (baseline or extended, not progressive or lossless) image whose
+/// chroma subsampling TurboJPEG knows (its partial decode refuses the others, e.g. 4:1:0)
+/// is decoded in two row bands at once, each by its own decoder: libjpeg-turbo's partial
+/// decode (`jpeg_skip_scanlines`) gives the same pixels as the whole-image decode. The unit
+/// tests below check that on every corpus JPEG split anywhere and on a 5 MP frame;
+/// `python/tests` checks 5 MP frames against Pillow.
 pub fn decode_jpeg(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage8, JpegProblem> {
     let two_bands = |dec: &mut TurboJpeg, width: usize, height: usize| {
         let sequential = dec.get(tj::TJPARAM_TJPARAM_PROGRESSIVE) == 0
             && dec.get(tj::TJPARAM_TJPARAM_LOSSLESS) == 0;
+        let croppable = dec.get(tj::TJPARAM_TJPARAM_SUBSAMP) != tj::TJSAMP_TJSAMP_UNKNOWN;
         let large = width * height >= SPLIT_MIN_PIXELS;
-        (sequential && large && rayon::current_num_threads() > 1).then_some(SPLIT_TOP_SHARE)
+        let threads = rayon::current_num_threads() > 1;
+        (sequential && croppable && large && threads).then_some(SPLIT_TOP_SHARE)
     };
     decode_jpeg_in_bands(bytes, limits, two_bands)
 }
@@ -205,14 +205,14 @@ fn decode_jpeg_in_bands(
     if let Some(share) = share {
         let top_rows = ((height as f64 * share) as usize).clamp(1, height - 1);
         let (top, bottom) = pixels.split_at_mut(top_rows * band.row_bytes);
-        let (a, b) = rayon::join(
-            || band.decode(&mut dec, bytes, 0, top),
-            || {
-                let mut second = configured_decompressor(limits)?;
-                read_header(&mut second, bytes)?;
-                band.decode(&mut second, bytes, top_rows, bottom)
-            },
-        );
+        // Each band's decoder is made, reads the header and decodes on one thread: libjpeg
+        // keeps its messages in thread-local storage, written once per header read.
+        let decode_band = |y0: usize, out: &mut [u8]| {
+            let mut own = configured_decompressor(limits)?;
+            read_header(&mut own, bytes)?;
+            band.decode(&mut own, bytes, y0, out)
+        };
+        let (a, b) = rayon::join(|| decode_band(0, top), || decode_band(top_rows, bottom));
         a?;
         b?;
     } else {
@@ -418,6 +418,35 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 20, "only {checked} corpus JPEGs");
+    }
+
+    /// A 1280x1024 4:1:0 JPEG (cjpeg `-sample 4x2,1x1,1x1`; TurboJPEG's partial decode
+    /// refuses its subsampling) takes the one-band path on two threads and gives Pillow's
+    /// pixels (SHA-256 of `Image.open(f).convert('RGB')`, Pillow 13.0 with libjpeg-turbo 3.2).
+    #[test]
+    fn a_large_jpeg_of_unknown_subsampling_decodes_as_pillow_on_two_threads() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/jpeg_410_1280x1024.jpg"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let img = pool
+            .install(|| decode_jpeg(&bytes, &ImageLimits::default()))
+            .unwrap();
+        assert_eq!((img.width, img.height), (1280, 1024));
+        use sha2::{Digest, Sha256};
+        let hex: String = Sha256::digest(&img.data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            hex,
+            "083c16a86a8ddefebf3efaaf4a3eb179f554c10092871feb98158716a250f518"
+        );
     }
 
     /// A 2448x2048 frame takes the two-band path on a 2-thread pool and gives the

@@ -239,7 +239,9 @@ pub(crate) fn conv2d_nhwc_isa(
 /// [`conv2d_nhwc_isa`] on the input `x[p, c] * gate[c]` when `gate` is given (1x1, stride
 /// 1, no padding only): a squeeze-excite's scaling read through, so that its scaled map is
 /// never written. Each work unit scales its own pixels into a buffer in L2, the same
-/// products the squeeze-excite would have stored, then runs the plain kernel on them.
+/// products the squeeze-excite would have stored, then runs the plain kernel on them (a
+/// conv to one channel scales the whole map first: its dot-product kernel has no units;
+/// the CPU plan never folds a squeeze-excite into one).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d_gated_nhwc_isa(
     isa: Isa,
@@ -313,9 +315,10 @@ pub(crate) fn conv2d_gated_nhwc_isa(
     });
 }
 
-/// A 1x1 conv (stride 1, no padding, no residual) run on many runs of pixels, on the
-/// calling thread, with its per-call parts made once: the fused MBConv front expands a
-/// band of rows at a time with it. The same values as [`conv2d_nhwc_isa`].
+/// A 1x1 conv (stride 1, no padding, no residual) to 2 or more channels run on many runs of
+/// pixels, on the calling thread, with its per-call parts made once: the fused MBConv front
+/// expands a band of rows at a time with it. The same values as [`conv2d_nhwc_isa`] (which
+/// sums a conv to one channel in another order, see `pointwise_to_one_channel`).
 pub(crate) struct PointwiseRuns<'a> {
     w: &'a PackedConv,
     bias: Vec<f32>,
@@ -327,6 +330,7 @@ pub(crate) struct PointwiseRuns<'a> {
 impl<'a> PointwiseRuns<'a> {
     pub(crate) fn new(w: &'a PackedConv, bias: &[f32], act: Activation) -> Self {
         assert_eq!(w.kernel, 1, "a pointwise conv is 1x1");
+        assert!(w.cout > 1, "a conv to one channel sums in another order");
         assert_eq!(bias.len(), w.cout, "conv bias length");
         let mut padded = vec![0.0; w.cout.next_multiple_of(LANES)];
         padded[..w.cout].copy_from_slice(bias);

@@ -67,6 +67,10 @@ pub(crate) fn depthwise_over_expand_isa(
 ) {
     let ew = expand.w;
     assert!(ew.kernel() == 1, "the expand conv must be 1x1");
+    assert!(
+        ew.cout() > 1,
+        "an expand to one channel is not fused (another sum order)"
+    );
     assert_eq!(
         ew.cout(),
         g.cin,
