@@ -41,6 +41,7 @@ mod mbconv;
 // AVX-512 (`target_feature(enable = "avx512f")` and its intrinsics) is stable since Rust
 // 1.89, so the crate's `rust-version` must be at least that.
 mod partition;
+mod peak;
 #[clippy::msrv = "1.89"]
 mod simd;
 mod upsample;
@@ -67,6 +68,8 @@ pub fn isa_name() -> &'static str {
 pub fn fma_peak_gflops_per_core() -> f64 {
     isa::Isa::selected().fma_peak_gflops_per_core()
 }
+
+pub use peak::measured_fma_peak_gflops;
 
 /// The graph's parameter types, under the names the kernels use.
 pub use crate::graph::{
