@@ -92,17 +92,20 @@ pub(super) fn se_read_by_pointwise(graph: &Graph, n: usize) -> bool {
         return false;
     };
     let v = node.output;
-    // Not as a residual too (that read would find only gates), not to one channel (whose
-    // kernel would need the scaled map whole).
-    let reader_is_pointwise = only_reader(graph, v).is_some_and(|r| {
+    // Not as a residual too (that read would find only gates).
+    only_reader(graph, v).is_some_and(|r| {
         matches!(
             r.op,
             Op::Conv { input: i, geometry: g, depthwise: false, residual, .. }
-                if i == v && residual != Some(v) && g.kernel == 1 && g.stride == 1
-                    && g.pad_top == 0 && g.pad_left == 0 && g.cout > 1
+                if i == v && residual != Some(v) && pointwise_to_channels(&g)
         )
-    });
-    reader_is_pointwise
+    })
+}
+
+/// A 1x1 conv, stride 1, no padding, to 2 or more channels: the convs a fold runs by row
+/// or pixel runs (a conv to one channel sums in another order, `pointwise_to_one_channel`).
+fn pointwise_to_channels(g: &crate::graph::ConvGeometry) -> bool {
+    g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0 && g.cout > 1
 }
 
 /// Whether node `n` is a 1x1 expand conv (stride 1, no padding, no residual) whose output
@@ -118,9 +121,7 @@ pub(super) fn expand_read_by_depthwise(graph: &Graph, n: usize) -> bool {
     else {
         return false;
     };
-    // A conv to one channel sums in another order (`pointwise_to_one_channel`).
-    let pointwise =
-        g.kernel == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0 && g.cout > 1;
+    let pointwise = pointwise_to_channels(&g);
     let v = node.output;
     let depthwise_reader = only_reader(graph, v).is_some_and(|r| {
         matches!(
@@ -204,63 +205,25 @@ mod tests {
     fn folds_on_a_large_mbconv_chain_do_not_stack() {
         let sw = Activation::Swish;
         let mut g = GraphBuilder::new();
+        // 1x1 (cout, residual) and 3x3 depthwise convs, weights numbered in order.
+        let mut id = 0;
+        let mut conv = |g: &mut GraphBuilder, name: &str, x, cout, dw: bool, r| {
+            id += 1;
+            let (k, pad) = if dw { (3, 1) } else { (1, 0) };
+            g.conv(name, x, ConvId(id), (cout, k, 1), (pad, pad), dw, sw, r)
+        };
         let x = g.input("x", Shape::new(128, 128, 144)); // 9.4 MB
         let se = g.squeeze_excite("se", x, SqueezeExciteId(0));
-        let project = g.conv(
-            "project",
-            se,
-            ConvId(0),
-            (24, 1, 1),
-            (0, 0),
-            false,
-            sw,
-            None,
-        );
-        let expand = g.conv(
-            "expand",
-            project,
-            ConvId(1),
-            (144, 1, 1),
-            (0, 0),
-            false,
-            sw,
-            None,
-        );
-        let dw = g.conv("dw", expand, ConvId(2), (144, 3, 1), (1, 1), true, sw, None);
+        let project = conv(&mut g, "project", se, 24, false, None);
+        let expand = conv(&mut g, "expand", project, 144, false, None);
+        let dw = conv(&mut g, "dw", expand, 144, true, None);
         // A squeeze-excite whose only reader is an expand that a depthwise conv reads.
         let se2 = g.squeeze_excite("se2", dw, SqueezeExciteId(1));
-        let expand2 = g.conv(
-            "expand2",
-            se2,
-            ConvId(3),
-            (144, 1, 1),
-            (0, 0),
-            false,
-            sw,
-            None,
-        );
-        let dw2 = g.conv(
-            "dw2",
-            expand2,
-            ConvId(4),
-            (144, 3, 1),
-            (1, 1),
-            true,
-            sw,
-            None,
-        );
+        let expand2 = conv(&mut g, "expand2", se2, 144, false, None);
+        let dw2 = conv(&mut g, "dw2", expand2, 144, true, None);
         // A squeeze-excite read by a 1x1 conv as its input and as its residual.
         let se3 = g.squeeze_excite("se3", dw2, SqueezeExciteId(2));
-        let twice = g.conv(
-            "twice",
-            se3,
-            ConvId(5),
-            (144, 1, 1),
-            (0, 0),
-            false,
-            sw,
-            Some(se3),
-        );
+        let twice = conv(&mut g, "twice", se3, 144, false, Some(se3));
         g.output(twice);
         let graph = g.finish();
         let folds = plan_folds(&graph, |_| false);

@@ -239,9 +239,8 @@ pub(crate) fn conv2d_nhwc_isa(
 /// [`conv2d_nhwc_isa`] on the input `x[p, c] * gate[c]` when `gate` is given (1x1, stride
 /// 1, no padding only): a squeeze-excite's scaling read through, so that its scaled map is
 /// never written. Each work unit scales its own pixels into a buffer in L2, the same
-/// products the squeeze-excite would have stored, then runs the plain kernel on them (a
-/// conv to one channel scales the whole map first: its dot-product kernel has no units;
-/// the CPU plan never folds a squeeze-excite into one).
+/// products the squeeze-excite would have stored, then runs the plain kernel on them. Not
+/// for a conv to one channel, whose dot-product kernel sums in another order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d_gated_nhwc_isa(
     isa: Isa,
@@ -261,6 +260,7 @@ pub(crate) fn conv2d_gated_nhwc_isa(
             "a gated input needs a 1x1 stride-1 conv without padding"
         );
         assert_eq!(gate.len(), g.cin, "input gate length");
+        assert!(g.cout > 1, "a gated conv to one channel is not supported");
     }
     assert!(g.stride > 0, "conv stride must be positive");
     assert_eq!(
@@ -278,35 +278,22 @@ pub(crate) fn conv2d_gated_nhwc_isa(
     if pixels == 0 {
         return;
     }
-    let to_one = g.kernel == 1 && g.stride == 1 && g.cout == 1 && g.pad_top == 0 && g.pad_left == 0;
-    if let (true, Some(gate)) = (to_one, gate) {
-        // The dot-product kernel sums in its own order: give it the scaled input itself.
-        let scaled: Vec<f32> = x
-            .chunks_exact(g.cin)
-            .flat_map(|px| px.iter().zip(gate).map(|(&v, &gc)| v * gc))
-            .collect();
-        pointwise_to_one_channel(isa, &scaled, g, w, bias[0], act, residual, y);
-        return;
-    }
-    if to_one {
+    if g.kernel == 1 && g.stride == 1 && g.cout == 1 && g.pad_top == 0 && g.pad_left == 0 {
         pointwise_to_one_channel(isa, x, g, w, bias[0], act, residual, y);
         return;
     }
-    let zeros = vec![0.0; g.cin];
-    let mut padded_bias = vec![0.0; g.cout.next_multiple_of(LANES)];
-    padded_bias[..g.cout].copy_from_slice(bias);
-    let kblocks = reduction_blocks(g.kernel * g.kernel, g.cin);
+    let parts = ConvParts::new(w, bias);
     let job = ConvJob {
         x,
         g: *g,
         w,
-        bias: &padded_bias,
+        bias: &parts.bias,
         act,
         residual,
         y: OutPtr(y.as_mut_ptr()),
         y_len: y.len(),
-        zeros: &zeros,
-        kblocks: &kblocks,
+        zeros: &parts.zeros,
+        kblocks: &parts.kblocks,
         input_gate: gate,
     };
     let plan = plan_units(pixels, w, x.len(), rayon::current_num_threads());
@@ -315,15 +302,34 @@ pub(crate) fn conv2d_gated_nhwc_isa(
     });
 }
 
+/// What a conv's work units read besides the input and weights, made once per call (or once
+/// for many calls): the bias padded to the packed width, a zero pixel for padding taps, the
+/// reduction blocks.
+struct ConvParts {
+    bias: Vec<f32>,
+    zeros: Vec<f32>,
+    kblocks: Vec<KBlock>,
+}
+
+impl ConvParts {
+    fn new(w: &PackedConv, bias: &[f32]) -> Self {
+        let mut padded = vec![0.0; w.cout.next_multiple_of(LANES)];
+        padded[..w.cout].copy_from_slice(bias);
+        ConvParts {
+            bias: padded,
+            zeros: vec![0.0; w.cin],
+            kblocks: reduction_blocks(w.kernel * w.kernel, w.cin),
+        }
+    }
+}
+
 /// A 1x1 conv (stride 1, no padding, no residual) to 2 or more channels run on many runs of
 /// pixels, on the calling thread, with its per-call parts made once: the fused MBConv front
 /// expands a band of rows at a time with it. The same values as [`conv2d_nhwc_isa`] (which
 /// sums a conv to one channel in another order, see `pointwise_to_one_channel`).
 pub(crate) struct PointwiseRuns<'a> {
     w: &'a PackedConv,
-    bias: Vec<f32>,
-    zeros: Vec<f32>,
-    kblocks: Vec<KBlock>,
+    parts: ConvParts,
     act: Activation,
 }
 
@@ -332,13 +338,9 @@ impl<'a> PointwiseRuns<'a> {
         assert_eq!(w.kernel, 1, "a pointwise conv is 1x1");
         assert!(w.cout > 1, "a conv to one channel sums in another order");
         assert_eq!(bias.len(), w.cout, "conv bias length");
-        let mut padded = vec![0.0; w.cout.next_multiple_of(LANES)];
-        padded[..w.cout].copy_from_slice(bias);
         PointwiseRuns {
             w,
-            bias: padded,
-            zeros: vec![0.0; w.cin],
-            kblocks: reduction_blocks(1, w.cin),
+            parts: ConvParts::new(w, bias),
             act,
         }
     }
@@ -369,13 +371,13 @@ impl<'a> PointwiseRuns<'a> {
                 out_w: pixels,
             },
             w: self.w,
-            bias: &self.bias,
+            bias: &self.parts.bias,
             act: self.act,
             residual: None,
             y: OutPtr(y.as_mut_ptr()),
             y_len: y.len(),
-            zeros: &self.zeros,
-            kblocks: &self.kblocks,
+            zeros: &self.parts.zeros,
+            kblocks: &self.parts.kblocks,
             input_gate: None,
         };
         let groups = self.w.groups.len();

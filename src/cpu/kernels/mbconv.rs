@@ -35,6 +35,8 @@ pub(crate) struct Expand<'a> {
 struct FrontJob<'a> {
     /// The block input, `in_h x in_w x expand.w.cin()`.
     x: &'a [f32],
+    /// Floats per row of `x`.
+    x_row: usize,
     expand: PointwiseRuns<'a>,
     /// The depthwise conv's geometry (its input: the expanded map).
     g: ConvGeometry,
@@ -96,6 +98,7 @@ pub(crate) fn depthwise_over_expand_isa(
     let padded_bias = w.padded_bias(bias);
     let job = FrontJob {
         x,
+        x_row: g.in_w * ew.cin(),
         expand: PointwiseRuns::new(ew, expand.bias, expand.act),
         g: *g,
         w,
@@ -178,6 +181,6 @@ fn band_input_rows(g: &ConvGeometry, oy: usize, rows: usize) -> (usize, usize, u
 
 /// Expanded rows `r0 .. r1` of the map into `dst`, on this thread.
 fn expand_rows(isa: Isa, job: &FrontJob<'_>, r0: usize, r1: usize, dst: &mut [f32]) {
-    let row = job.g.in_w * job.x.len() / (job.g.in_h * job.g.in_w);
-    job.expand.run(isa, &job.x[r0 * row..r1 * row], dst);
+    job.expand
+        .run(isa, &job.x[r0 * job.x_row..r1 * job.x_row], dst);
 }
